@@ -1,0 +1,3 @@
+//! backstop-budget: not built yet (see the issue tracker).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]

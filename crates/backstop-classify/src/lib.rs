@@ -1,0 +1,24 @@
+//! # backstop-classify
+//!
+//! The classification layer: it sits closest to the transport, in the stack
+//! **fallback → breaker → budget → retry → attempt timeout → classify → transport**.
+//!
+//! For every outcome of the inner service it decides what kind of failure it is and
+//! attaches one typed verdict, a [`Classification`], that the outer layers act on.
+//!
+//! (The rules, the delay-hint parsers and the tower layer are being built; this page
+//! documents the shared vocabulary.)
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod classification;
+mod context;
+mod error;
+mod hint;
+
+pub use classification::{
+    Classification, Failure, FailureKind, FallbackRoute, ProviderError, Retryable,
+};
+pub use context::{Deadline, Idempotent, ModelRoute, is_idempotent};
+pub use error::{BoxError, ClassifiedError};
+pub use hint::{DelayHint, HintSource};
