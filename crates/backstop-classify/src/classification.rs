@@ -309,10 +309,12 @@ impl std::fmt::Display for Failure {
         if let Some(status) = self.status {
             write!(f, " (HTTP {})", status.as_u16())?;
         }
-        if let Some(pe) = &self.provider_error {
-            if let Some(code) = pe.code.as_deref().or(pe.error_type.as_deref()) {
-                write!(f, " [{code}]")?;
-            }
+        if let Some(code) = self
+            .provider_error
+            .as_ref()
+            .and_then(|pe| pe.code.as_deref().or(pe.error_type.as_deref()))
+        {
+            write!(f, " [{code}]")?;
         }
         if let Some(hint) = &self.hint {
             write!(f, ", retry after {:?} ({})", hint.delay, hint.source)?;
