@@ -60,3 +60,91 @@ pub fn is_idempotent<B>(request: &http::Request<B>) -> bool {
     request.extensions().get::<Idempotent>().is_some()
         || request.headers().contains_key("idempotency-key")
 }
+
+/// A retry budget shared by many requests, as the retry layer sees it.
+///
+/// The budget layer (outside the retry layer) deposits for every logical request and
+/// puts a [`RetryBudgetHandle`] in the request's extensions; the retry layer asks
+/// [`RetryBudget::try_withdraw`] before every retry and does not retry when refused.
+/// Without a handle the retry layer retries on its own caps alone.
+pub trait RetryBudget: Send + Sync + 'static {
+    /// Takes the right to make one retry; `false` means the retry must not be made.
+    fn try_withdraw(&self) -> bool;
+}
+
+/// The request extension through which the retry layer reaches the budget.
+#[derive(Clone)]
+pub struct RetryBudgetHandle(pub Arc<dyn RetryBudget>);
+
+impl std::fmt::Debug for RetryBudgetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetryBudgetHandle")
+    }
+}
+
+/// Why the retry layer stopped attempting a logical request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The attempt succeeded.
+    Succeeded,
+    /// The classification said a retry cannot help (or the request was not
+    /// idempotent for a post-send failure).
+    NotRetryable,
+    /// The maximum number of attempts was reached.
+    MaxAttempts,
+    /// The next wait would have crossed the deadline.
+    Deadline,
+    /// The provider's delay hint was longer than the configured maximum, or than the
+    /// time left: retrying now would be early, waiting is the caller's (or the
+    /// fallback layer's) decision.
+    HintTooLong,
+    /// The retry budget refused the retry.
+    BudgetExhausted,
+    /// The first SSE event of a stream was an error and no retry was allowed.
+    StreamFailed,
+}
+
+/// One attempt of a logical request, as the retry layer recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AttemptRecord {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// Its verdict.
+    pub classification: crate::Classification,
+    /// The HTTP status, when the provider answered.
+    pub status: Option<http::StatusCode>,
+    /// The provider's request id (`x-request-id` or `request-id`), when sent.
+    pub provider_request_id: Option<http::HeaderValue>,
+    /// How long the retry layer waited before starting this attempt.
+    pub waited: std::time::Duration,
+    /// The delay hint that set that wait, if one did.
+    pub hint_used: Option<crate::DelayHint>,
+}
+
+impl AttemptRecord {
+    /// A record of attempt `number` with `classification`.
+    pub fn new(number: u32, classification: crate::Classification) -> Self {
+        AttemptRecord {
+            number,
+            classification,
+            status: None,
+            provider_request_id: None,
+            waited: std::time::Duration::ZERO,
+            hint_used: None,
+        }
+    }
+}
+
+/// Every attempt of one logical request against one model, and why attempting
+/// stopped. The retry layer puts it in the extensions of the response it returns (and
+/// of the [`ClassifiedError`](crate::ClassifiedError)'s context via
+/// [`AttemptLog`] on error paths where it can); the fallback layer collects one per model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttemptLog {
+    /// The attempts, in order.
+    pub attempts: Vec<AttemptRecord>,
+    /// Why attempting stopped, once it has.
+    pub stop: Option<StopReason>,
+}

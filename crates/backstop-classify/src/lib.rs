@@ -11,14 +11,19 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod body;
 mod classification;
 mod context;
 mod error;
 mod hint;
 
+pub use body::ReplayBody;
 pub use classification::{
     Classification, Failure, FailureKind, FallbackRoute, ProviderError, Retryable,
 };
-pub use context::{Deadline, Idempotent, ModelRoute, is_idempotent};
+pub use context::{
+    AttemptLog, AttemptRecord, Deadline, Idempotent, ModelRoute, RetryBudget, RetryBudgetHandle,
+    StopReason, is_idempotent,
+};
 pub use error::{BoxError, ClassifiedError};
 pub use hint::{DelayHint, HintSource};
