@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::{Failure, FailureKind};
+use crate::{AttemptLog, Failure, FailureKind};
 
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -16,6 +16,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub struct ClassifiedError {
     failure: Failure,
     source: Option<BoxError>,
+    attempts: Option<Box<AttemptLog>>,
 }
 
 impl ClassifiedError {
@@ -24,6 +25,7 @@ impl ClassifiedError {
         ClassifiedError {
             failure,
             source: Some(source.into()),
+            attempts: None,
         }
     }
 
@@ -33,6 +35,7 @@ impl ClassifiedError {
         ClassifiedError {
             failure,
             source: None,
+            attempts: None,
         }
     }
 
@@ -44,6 +47,22 @@ impl ClassifiedError {
     /// The verdict, mutably (a layer may refine it, e.g. mark a retry refused).
     pub fn failure_mut(&mut self) -> &mut Failure {
         &mut self.failure
+    }
+
+    /// Attaches the retry layer's record of the attempts that led to this error.
+    pub fn with_attempt_log(mut self, log: AttemptLog) -> Self {
+        self.attempts = Some(Box::new(log));
+        self
+    }
+
+    /// The retry layer's record of the attempts, when one was attached.
+    pub fn attempt_log(&self) -> Option<&AttemptLog> {
+        self.attempts.as_deref()
+    }
+
+    /// Takes the attempt record out (the fallback layer collects them per model).
+    pub fn take_attempt_log(&mut self) -> Option<AttemptLog> {
+        self.attempts.take().map(|b| *b)
     }
 
     /// The failure kind.
@@ -67,6 +86,7 @@ impl fmt::Debug for ClassifiedError {
         f.debug_struct("ClassifiedError")
             .field("failure", &self.failure)
             .field("source", &self.source)
+            .field("attempts", &self.attempts)
             .finish()
     }
 }
