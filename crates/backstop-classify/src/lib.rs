@@ -14,8 +14,17 @@
 mod body;
 mod classification;
 mod context;
+mod duration_text;
+mod envelope;
 mod error;
+mod future;
 mod hint;
+mod layer;
+mod response_body;
+mod rules;
+mod service;
+mod trace;
+mod transport;
 
 pub use body::ReplayBody;
 pub use classification::{
@@ -26,4 +35,13 @@ pub use context::{
     StopReason, is_idempotent,
 };
 pub use error::{BoxError, ClassifiedError};
-pub use hint::{DelayHint, HintSource};
+pub use future::ResponseFuture;
+pub use hint::{DelayHint, HintSource, parse_delay_hint};
+pub use layer::ClassifyLayer;
+pub use response_body::ClassifiedBody;
+pub use rules::{
+    DEFAULT_MAX_ERROR_BODY, DEFAULT_QUOTA_WAIT_THRESHOLD, Profile, Rule, Rules, classify_status,
+};
+pub use service::Classify;
+pub use trace::BackstopClassifier;
+pub use transport::classify_transport_error;
