@@ -1,0 +1,398 @@
+//! The default model: deposits per request, withdrawals per retry, both expiring
+//! after a window (Finagle's `RetryBudget`, tower's `TpsBudget`).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use backstop_classify::RetryBudget;
+use tokio::time::Instant;
+
+use crate::model::{BudgetModel, BudgetSnapshot, ConfigError, check_range, check_window};
+use crate::window::{SlotRing, Ticker};
+
+/// Fixed-point scale: one retry costs this many milli-tokens, so ratios such as 15 %
+/// are exact (tower's `TpsBudget` rounds `1 / ratio` down to an integer: 15 % becomes
+/// one retry per 6 requests, 16.7 %).
+const RETRY_COST: i64 = 1000;
+
+const MAX_RETRY_RATIO: f64 = 10.0;
+const MAX_MIN_RETRIES_PER_SEC: f64 = 1_000_000.0;
+
+/// The parameters of a [`WindowedBudget`]. See the crate docs for why the defaults are
+/// what they are.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowedBudgetConfig {
+    /// How long a deposit (and a withdrawal) counts. Between 1 s and 1 h; expiry
+    /// happens in tenths of it. Default 10 s.
+    pub window: Duration,
+    /// Retries allowed per second whatever the traffic, so a process that sends few
+    /// requests can still retry now and then. Default 1.
+    pub min_retries_per_sec: f64,
+    /// Retries allowed per logical request, on top of the floor (0.1 = 10 %).
+    /// Between 0 and 10. Default 0.1.
+    pub retry_ratio: f64,
+}
+
+impl Default for WindowedBudgetConfig {
+    fn default() -> Self {
+        WindowedBudgetConfig {
+            window: Duration::from_secs(10),
+            min_retries_per_sec: 1.0,
+            retry_ratio: 0.1,
+        }
+    }
+}
+
+/// A retry budget with Finagle / tower `TpsBudget` semantics, lock-free.
+///
+/// Every logical request deposits `retry_ratio` of a retry; every retry withdraws one;
+/// deposits and withdrawals leave the balance `window` after they were made. On top, a
+/// constant reserve of `min_retries_per_sec × window` retries. So over any window,
+/// retries ≤ reserve + `retry_ratio` × requests.
+///
+/// A withdrawal is one compare-and-swap on the balance, so concurrent retries can
+/// never overdraw it (tower's `TpsBudget` checks and subtracts in two steps and can).
+/// Time is [`tokio::time::Instant`]: under a paused test clock the window runs in
+/// virtual time.
+///
+/// ```
+/// use backstop_budget::{BudgetModel, WindowedBudget, WindowedBudgetConfig};
+/// use backstop_classify::RetryBudget;
+/// use std::time::Duration;
+///
+/// let budget = WindowedBudget::new(WindowedBudgetConfig {
+///     window: Duration::from_secs(10),
+///     min_retries_per_sec: 0.0,
+///     retry_ratio: 0.5,
+/// })?;
+/// budget.deposit();
+/// budget.deposit();
+/// assert!(budget.try_withdraw(), "two requests at 50 % pay for one retry");
+/// assert!(!budget.try_withdraw());
+/// # Ok::<(), backstop_budget::ConfigError>(())
+/// ```
+#[derive(Debug)]
+pub struct WindowedBudget {
+    config: WindowedBudgetConfig,
+    ticker: Ticker,
+    ring: SlotRing,
+    /// Milli-tokens: reserve + the ring's sum, kept as one word so a withdrawal is
+    /// a single compare-and-swap.
+    balance: AtomicI64,
+    deposit_amount: i64,
+    deposits: AtomicU64,
+    retries_allowed: AtomicU64,
+    retries_refused: AtomicU64,
+}
+
+impl WindowedBudget {
+    /// A budget with `config`, its window starting now.
+    pub fn new(config: WindowedBudgetConfig) -> Result<Self, ConfigError> {
+        Self::starting_at(config, Instant::now())
+    }
+
+    /// A budget with `config` whose first window starts at `origin` (for simulations
+    /// driven through the `*_at` methods).
+    pub fn starting_at(config: WindowedBudgetConfig, origin: Instant) -> Result<Self, ConfigError> {
+        check_window(config.window)?;
+        check_range("retry_ratio", config.retry_ratio, 0.0, MAX_RETRY_RATIO)?;
+        check_range(
+            "min_retries_per_sec",
+            config.min_retries_per_sec,
+            0.0,
+            MAX_MIN_RETRIES_PER_SEC,
+        )?;
+        Ok(Self::checked(config, origin))
+    }
+
+    /// Builds from a config already known to be in range.
+    fn checked(config: WindowedBudgetConfig, origin: Instant) -> Self {
+        let reserve = (config.min_retries_per_sec * config.window.as_secs_f64() * RETRY_COST as f64)
+            .round() as i64;
+        WindowedBudget {
+            config,
+            ticker: Ticker::new(origin, config.window),
+            ring: SlotRing::new(),
+            balance: AtomicI64::new(reserve),
+            deposit_amount: (config.retry_ratio * RETRY_COST as f64).round() as i64,
+            deposits: AtomicU64::new(0),
+            retries_allowed: AtomicU64::new(0),
+            retries_refused: AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WindowedBudgetConfig {
+        &self.config
+    }
+
+    /// The retries the floor alone allows per window: `min_retries_per_sec × window`.
+    pub fn reserve(&self) -> f64 {
+        self.config.min_retries_per_sec * self.config.window.as_secs_f64()
+    }
+
+    /// Takes out of the balance what has left the window by `now`; returns the tick.
+    fn advance(&self, now: Instant) -> u64 {
+        let tick = self.ticker.tick(now);
+        let expired = self.ring.expire(tick);
+        if expired != 0 {
+            self.balance.fetch_sub(expired, Ordering::AcqRel);
+        }
+        tick
+    }
+
+    /// [`BudgetModel::deposit`] at `now`.
+    pub fn deposit_at(&self, now: Instant) {
+        let tick = self.advance(now);
+        self.deposits.fetch_add(1, Ordering::Relaxed);
+        if self.deposit_amount == 0 {
+            return;
+        }
+        let change = self.ring.add(tick, self.deposit_amount);
+        self.balance.fetch_add(change, Ordering::AcqRel);
+    }
+
+    /// [`RetryBudget::try_withdraw`] at `now`.
+    pub fn try_withdraw_at(&self, now: Instant) -> bool {
+        let tick = self.advance(now);
+        let taken = self
+            .balance
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |balance| {
+                (balance >= RETRY_COST).then_some(balance - RETRY_COST)
+            })
+            .is_ok();
+        if !taken {
+            self.retries_refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        // The balance already paid RETRY_COST; correct it by whatever the ring did
+        // differently (saturation, or a displaced stale value).
+        let change = self.ring.add(tick, -RETRY_COST);
+        if change != -RETRY_COST {
+            self.balance
+                .fetch_add(change + RETRY_COST, Ordering::AcqRel);
+        }
+        self.retries_allowed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// [`BudgetModel::snapshot`] at `now`.
+    pub fn snapshot_at(&self, now: Instant) -> BudgetSnapshot {
+        self.advance(now);
+        let balance = self.balance.load(Ordering::Acquire);
+        BudgetSnapshot {
+            model: "windowed",
+            balance: balance as f64 / RETRY_COST as f64,
+            retries_available: u64::try_from(balance / RETRY_COST).unwrap_or(0),
+            deposits: self.deposits.load(Ordering::Relaxed),
+            retries_allowed: self.retries_allowed.load(Ordering::Relaxed),
+            retries_refused: self.retries_refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Default for WindowedBudget {
+    /// 10 s window, 1 retry/s floor, 10 % ratio.
+    fn default() -> Self {
+        Self::checked(WindowedBudgetConfig::default(), Instant::now())
+    }
+}
+
+impl RetryBudget for WindowedBudget {
+    fn try_withdraw(&self) -> bool {
+        self.try_withdraw_at(Instant::now())
+    }
+}
+
+impl BudgetModel for WindowedBudget {
+    fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    fn snapshot(&self) -> BudgetSnapshot {
+        self.snapshot_at(Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(window_secs: u64, floor: f64, ratio: f64, origin: Instant) -> WindowedBudget {
+        WindowedBudget::starting_at(
+            WindowedBudgetConfig {
+                window: Duration::from_secs(window_secs),
+                min_retries_per_sec: floor,
+                retry_ratio: ratio,
+            },
+            origin,
+        )
+        .unwrap()
+    }
+
+    fn withdraw_all(b: &WindowedBudget, now: Instant) -> u32 {
+        let mut n = 0;
+        while b.try_withdraw_at(now) {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn an_empty_budget_refuses_the_first_retry() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 0.1, t0);
+        assert!(!b.try_withdraw_at(t0));
+        let s = b.snapshot_at(t0);
+        assert_eq!((s.retries_allowed, s.retries_refused), (0, 1));
+    }
+
+    #[test]
+    fn ten_requests_at_ten_percent_pay_for_exactly_one_retry() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 0.1, t0);
+        for _ in 0..9 {
+            b.deposit_at(t0);
+        }
+        assert!(!b.try_withdraw_at(t0), "nine deposits are 0.9 of a retry");
+        b.deposit_at(t0);
+        assert_eq!(withdraw_all(&b, t0), 1);
+    }
+
+    #[test]
+    fn fractional_ratios_are_exact() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 0.15, t0);
+        for _ in 0..100 {
+            b.deposit_at(t0);
+        }
+        assert_eq!(withdraw_all(&b, t0), 15);
+    }
+
+    #[test]
+    fn the_floor_grants_min_retries_per_sec_times_window() {
+        let t0 = Instant::now();
+        let b = budget(10, 2.0, 0.1, t0);
+        assert_eq!(b.reserve(), 20.0);
+        assert_eq!(withdraw_all(&b, t0), 20);
+        assert_eq!(b.snapshot_at(t0).retries_available, 0);
+    }
+
+    #[test]
+    fn deposits_expire_after_the_window() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 1.0, t0);
+        b.deposit_at(t0);
+        // Still in the window in its last slot…
+        assert_eq!(
+            b.snapshot_at(t0 + Duration::from_millis(9_999))
+                .retries_available,
+            1
+        );
+        // …gone once its slot is reused.
+        assert_eq!(
+            b.snapshot_at(t0 + Duration::from_secs(10))
+                .retries_available,
+            0
+        );
+        assert!(!b.try_withdraw_at(t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn withdrawals_expire_too_so_the_floor_refills_each_window() {
+        let t0 = Instant::now();
+        let b = budget(10, 1.0, 0.0, t0);
+        assert_eq!(withdraw_all(&b, t0), 10);
+        assert_eq!(withdraw_all(&b, t0 + Duration::from_secs(9)), 0);
+        assert_eq!(withdraw_all(&b, t0 + Duration::from_secs(10)), 10);
+    }
+
+    #[test]
+    fn balance_goes_negative_when_deposits_expire_before_their_withdrawals() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 1.0, t0);
+        for _ in 0..3 {
+            b.deposit_at(t0);
+        }
+        // Spent five seconds later: the withdrawals outlive the deposits by 5 s.
+        let t5 = t0 + Duration::from_secs(5);
+        assert_eq!(withdraw_all(&b, t5), 3);
+        let t10 = t0 + Duration::from_secs(10);
+        assert_eq!(b.snapshot_at(t10).balance, -3.0);
+        b.deposit_at(t10);
+        assert!(
+            !b.try_withdraw_at(t10),
+            "still paying off the expired deposits"
+        );
+        assert_eq!(b.snapshot_at(t0 + Duration::from_secs(15)).balance, 1.0);
+    }
+
+    #[test]
+    fn snapshot_counts_every_call() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 0.5, t0);
+        for _ in 0..4 {
+            b.deposit_at(t0);
+        }
+        assert_eq!(withdraw_all(&b, t0), 2);
+        assert!(!b.try_withdraw_at(t0));
+        assert_eq!(
+            b.snapshot_at(t0),
+            BudgetSnapshot {
+                model: "windowed",
+                balance: 0.0,
+                retries_available: 0,
+                deposits: 4,
+                retries_allowed: 2,
+                retries_refused: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_range_configs_are_refused() {
+        let bad = |c: WindowedBudgetConfig| WindowedBudget::new(c).unwrap_err();
+        let ok = WindowedBudgetConfig::default();
+        assert!(matches!(
+            bad(WindowedBudgetConfig {
+                window: Duration::ZERO,
+                ..ok
+            }),
+            ConfigError::Window { .. }
+        ));
+        assert!(matches!(
+            bad(WindowedBudgetConfig {
+                retry_ratio: f64::INFINITY,
+                ..ok
+            }),
+            ConfigError::OutOfRange {
+                parameter: "retry_ratio",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(WindowedBudgetConfig {
+                min_retries_per_sec: -1.0,
+                ..ok
+            }),
+            ConfigError::OutOfRange {
+                parameter: "min_retries_per_sec",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn default_is_ten_seconds_one_per_second_ten_percent() {
+        let b = WindowedBudget::default();
+        assert_eq!(
+            *b.config(),
+            WindowedBudgetConfig {
+                window: Duration::from_secs(10),
+                min_retries_per_sec: 1.0,
+                retry_ratio: 0.1,
+            }
+        );
+        assert_eq!(b.reserve(), 10.0);
+    }
+}
