@@ -1,0 +1,473 @@
+//! The retry configuration, its presets and its validation.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use crate::{Backoff, Jitter};
+
+/// A configuration the retry layer refuses, with what to change.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_attempts` was 0.
+    ZeroAttempts,
+    /// The backoff multiplier was not a finite number `>= 1`.
+    InvalidMultiplier {
+        /// The value given.
+        multiplier: f64,
+    },
+    /// The backoff's first delay was larger than its cap.
+    BaseAboveCap {
+        /// The first delay given.
+        base: Duration,
+        /// The cap given.
+        cap: Duration,
+    },
+    /// The per-attempt timeout was longer than the total deadline, so the deadline
+    /// would always cut the attempt first (the timeouts-multiply confusion).
+    AttemptTimeoutAboveDeadline {
+        /// The per-attempt timeout given.
+        attempt_timeout: Duration,
+        /// The total deadline.
+        deadline: Duration,
+    },
+    /// A zero duration where a positive one is needed.
+    ZeroDuration {
+        /// Which setting.
+        setting: &'static str,
+    },
+    /// The hint-jitter fraction was not a finite number in `[0, 1]`.
+    InvalidHintJitter {
+        /// The value given.
+        fraction: f64,
+    },
+    /// The first-event cap was 0 bytes.
+    ZeroFirstEventCap,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::ZeroAttempts => {
+                f.write_str("`max_attempts` must be at least 1 (1 means: never retry)")
+            }
+            ConfigError::InvalidMultiplier { multiplier } => write!(
+                f,
+                "backoff multiplier {multiplier} is invalid; use a finite number >= 1 (2 doubles each wait)"
+            ),
+            ConfigError::BaseAboveCap { base, cap } => write!(
+                f,
+                "backoff base {base:?} is larger than its cap {cap:?}; lower the base or raise the cap"
+            ),
+            ConfigError::AttemptTimeoutAboveDeadline {
+                attempt_timeout,
+                deadline,
+            } => write!(
+                f,
+                "`attempt_timeout` {attempt_timeout:?} is longer than the total `deadline` {deadline:?}; \
+                 the attempt timeout bounds one attempt and must fit inside the deadline"
+            ),
+            ConfigError::ZeroDuration { setting } => {
+                write!(f, "`{setting}` must be longer than zero")
+            }
+            ConfigError::InvalidHintJitter { fraction } => write!(
+                f,
+                "hint jitter fraction {fraction} is invalid; use a number between 0 and 1 (0.1 adds up to 10 %)"
+            ),
+            ConfigError::ZeroFirstEventCap => {
+                f.write_str("`first_event_cap` must be at least 1 byte")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// When the layer holds a streamed response back until its first SSE event, so an
+/// error sent as the first event can still be retried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HoldFirstEvent {
+    /// Hold `text/event-stream` responses to requests that ask for a stream: the
+    /// request carries the [`StreamRequest`](crate::StreamRequest) marker, or its
+    /// body (a [`ReplayBody`](backstop_classify::ReplayBody), `Bytes` or `String`)
+    /// contains `"stream": true` (a byte scan, not a JSON parse: see
+    /// [`stream_requested`](crate::stream_requested)).
+    #[default]
+    Auto,
+    /// Hold every `text/event-stream` response.
+    Always,
+    /// Hand every response on as soon as its head arrives.
+    Never,
+}
+
+/// The extra random wait added on top of a provider's delay hint, so clients that got
+/// the same hint do not all come back in the same millisecond.
+///
+/// The extra is uniform in `[0, min(hint × fraction, max)]`. Default: 10 %, at most
+/// 1 s. The wait is therefore never shorter than the hint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HintJitter {
+    fraction: f64,
+    max: Duration,
+}
+
+impl HintJitter {
+    /// Up to `fraction` of the hint (in `[0, 1]`), at most `max`.
+    pub fn new(fraction: f64, max: Duration) -> Result<Self, ConfigError> {
+        if !fraction.is_finite() || !(0.0..=1.0).contains(&fraction) {
+            return Err(ConfigError::InvalidHintJitter { fraction });
+        }
+        Ok(HintJitter { fraction, max })
+    }
+
+    /// No extra: wait exactly the hint.
+    pub fn none() -> Self {
+        HintJitter {
+            fraction: 0.0,
+            max: Duration::ZERO,
+        }
+    }
+
+    /// The largest extra for a hint of `hint`.
+    pub fn max_extra(&self, hint: Duration) -> Duration {
+        hint.mul_f64(self.fraction).min(self.max)
+    }
+}
+
+impl Default for HintJitter {
+    fn default() -> Self {
+        HintJitter {
+            fraction: 0.1,
+            max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything the retry layer needs to know, validated on construction: a
+/// `RetryConfig` that exists is one the layer can run.
+///
+/// Start from a preset ([`RetryConfig::interactive`], [`RetryConfig::batch`]) and
+/// change what you need; setters that could break an invariant return a
+/// [`ConfigError`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryConfig {
+    pub(crate) backoff: Backoff,
+    pub(crate) max_attempts: u32,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) max_hint: Duration,
+    pub(crate) hint_jitter: HintJitter,
+    pub(crate) idempotency_key: bool,
+    pub(crate) attempt_header: Option<HeaderName>,
+    pub(crate) hold_first_event: HoldFirstEvent,
+    pub(crate) first_event_cap: usize,
+}
+
+/// The default maximum delay hint the layer will wait on (openai-python's window).
+pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(120);
+
+/// The default cap on bytes held while waiting for a stream's first event.
+pub const DEFAULT_FIRST_EVENT_CAP: usize = 64 * 1024;
+
+impl RetryConfig {
+    /// For a user waiting on the answer (openai-python-like): 3 attempts, waits of
+    /// 0.5 s doubling to at most 8 s with [`Jitter::Equal`] (each wait in `[t/2, t]`:
+    /// spread out, yet never an immediate hammering of a rate-limited provider), no
+    /// total deadline and no attempt timeout of its own (set them for your latency
+    /// budget).
+    pub fn interactive() -> Self {
+        let backoff = Backoff::preset(
+            Duration::from_millis(500),
+            2.0,
+            Duration::from_secs(8),
+            Jitter::Equal,
+        );
+        RetryConfig {
+            backoff,
+            max_attempts: 3,
+            deadline: None,
+            attempt_timeout: None,
+            max_hint: DEFAULT_MAX_HINT,
+            hint_jitter: HintJitter::default(),
+            idempotency_key: false,
+            attempt_header: None,
+            hold_first_event: HoldFirstEvent::Auto,
+            first_event_cap: DEFAULT_FIRST_EVENT_CAP,
+        }
+    }
+
+    /// For background work (the common tenacity pattern, without its SDK-under-it
+    /// multiplication): 4 attempts, waits 2, 4, 8 s (the sequence continues 16, 30,
+    /// 30 … if you raise `max_attempts`), no jitter (as tenacity; provider hints still
+    /// get [`HintJitter`]), at most 60 s in all.
+    pub fn batch() -> Self {
+        let backoff = Backoff::preset(
+            Duration::from_secs(2),
+            2.0,
+            Duration::from_secs(30),
+            Jitter::None,
+        );
+        RetryConfig {
+            backoff,
+            max_attempts: 4,
+            deadline: Some(Duration::from_secs(60)),
+            ..RetryConfig::interactive()
+        }
+    }
+
+    /// Replaces the backoff.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Changes only the backoff's jitter kind.
+    pub fn with_jitter(mut self, jitter: Jitter) -> Self {
+        self.backoff = self.backoff.with_jitter(jitter);
+        self
+    }
+
+    /// The most attempts per logical request, the first included (1: never retry).
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Result<Self, ConfigError> {
+        if max_attempts == 0 {
+            return Err(ConfigError::ZeroAttempts);
+        }
+        self.max_attempts = max_attempts;
+        Ok(self)
+    }
+
+    /// The total time for all attempts and waits of one logical request, or `None`
+    /// for no deadline of the layer's own (a [`backstop_classify::Deadline`] in the
+    /// request still applies).
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Result<Self, ConfigError> {
+        if deadline == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroDuration {
+                setting: "deadline",
+            });
+        }
+        self.deadline = deadline;
+        self.check_timeouts()?;
+        Ok(self)
+    }
+
+    /// The time one attempt may take to produce a response head (and, for a held
+    /// stream, its first event), or `None` for no limit of its own.
+    pub fn with_attempt_timeout(
+        mut self,
+        attempt_timeout: Option<Duration>,
+    ) -> Result<Self, ConfigError> {
+        if attempt_timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroDuration {
+                setting: "attempt_timeout",
+            });
+        }
+        self.attempt_timeout = attempt_timeout;
+        self.check_timeouts()?;
+        Ok(self)
+    }
+
+    /// The longest delay hint the layer will wait on; a longer one stops retrying at
+    /// once ([`StopReason::HintTooLong`](backstop_classify::StopReason)).
+    pub fn with_max_hint(mut self, max_hint: Duration) -> Self {
+        self.max_hint = max_hint;
+        self
+    }
+
+    /// The extra random wait added to delay hints.
+    pub fn with_hint_jitter(mut self, hint_jitter: HintJitter) -> Self {
+        self.hint_jitter = hint_jitter;
+        self
+    }
+
+    /// Whether the layer adds one stable `Idempotency-Key` header to every attempt of
+    /// a logical request that has none (a key the caller set is always kept). With a
+    /// key, a timeout or reset after the request was written may be retried: turn it
+    /// on only for providers that de-duplicate on that header.
+    pub fn with_idempotency_key(mut self, on: bool) -> Self {
+        self.idempotency_key = on;
+        self
+    }
+
+    /// A request header set to the attempt number (1, 2, …) on every attempt.
+    pub fn with_attempt_header(mut self, name: Option<HeaderName>) -> Self {
+        self.attempt_header = name;
+        self
+    }
+
+    /// When to hold a streamed response until its first SSE event.
+    pub fn with_hold_first_event(mut self, hold: HoldFirstEvent) -> Self {
+        self.hold_first_event = hold;
+        self
+    }
+
+    /// The most bytes held while waiting for a stream's first event; past it the
+    /// stream is handed on as it is.
+    pub fn with_first_event_cap(mut self, bytes: usize) -> Result<Self, ConfigError> {
+        if bytes == 0 {
+            return Err(ConfigError::ZeroFirstEventCap);
+        }
+        self.first_event_cap = bytes;
+        Ok(self)
+    }
+
+    fn check_timeouts(&self) -> Result<(), ConfigError> {
+        if let (Some(attempt_timeout), Some(deadline)) = (self.attempt_timeout, self.deadline)
+            && attempt_timeout > deadline
+        {
+            return Err(ConfigError::AttemptTimeoutAboveDeadline {
+                attempt_timeout,
+                deadline,
+            });
+        }
+        Ok(())
+    }
+
+    /// The backoff.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// The most attempts, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The total deadline, if any.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// The per-attempt timeout, if any.
+    pub fn attempt_timeout(&self) -> Option<Duration> {
+        self.attempt_timeout
+    }
+
+    /// The longest delay hint waited on.
+    pub fn max_hint(&self) -> Duration {
+        self.max_hint
+    }
+
+    /// The extra random wait on hints.
+    pub fn hint_jitter(&self) -> HintJitter {
+        self.hint_jitter
+    }
+
+    /// Whether the layer adds an `Idempotency-Key`.
+    pub fn idempotency_key(&self) -> bool {
+        self.idempotency_key
+    }
+
+    /// The attempt-number header, if set.
+    pub fn attempt_header(&self) -> Option<&HeaderName> {
+        self.attempt_header.as_ref()
+    }
+
+    /// When streams are held until their first event.
+    pub fn hold_first_event(&self) -> HoldFirstEvent {
+        self.hold_first_event
+    }
+
+    /// The cap on bytes held for a first event.
+    pub fn first_event_cap(&self) -> usize {
+        self.first_event_cap
+    }
+}
+
+impl Default for RetryConfig {
+    /// [`RetryConfig::interactive`].
+    fn default() -> Self {
+        RetryConfig::interactive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_timeout_longer_than_deadline_is_refused() {
+        let err = RetryConfig::batch()
+            .with_attempt_timeout(Some(Duration::from_secs(61)))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::AttemptTimeoutAboveDeadline {
+                attempt_timeout: Duration::from_secs(61),
+                deadline: Duration::from_secs(60)
+            }
+        );
+        assert!(err.to_string().contains("attempt_timeout"));
+        // Setting the deadline second is checked too.
+        let err = RetryConfig::interactive()
+            .with_attempt_timeout(Some(Duration::from_secs(30)))
+            .unwrap()
+            .with_deadline(Some(Duration::from_secs(10)))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::AttemptTimeoutAboveDeadline { .. }
+        ));
+    }
+
+    #[test]
+    fn zero_attempts_and_zero_durations_are_refused() {
+        assert_eq!(
+            RetryConfig::interactive().with_max_attempts(0),
+            Err(ConfigError::ZeroAttempts)
+        );
+        assert_eq!(
+            RetryConfig::interactive().with_deadline(Some(Duration::ZERO)),
+            Err(ConfigError::ZeroDuration {
+                setting: "deadline"
+            })
+        );
+        assert_eq!(
+            RetryConfig::interactive().with_first_event_cap(0),
+            Err(ConfigError::ZeroFirstEventCap)
+        );
+        assert!(HintJitter::new(1.5, Duration::from_secs(1)).is_err());
+        assert!(HintJitter::new(f64::NAN, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn presets_have_the_documented_values() {
+        let i = RetryConfig::interactive();
+        assert_eq!(i.max_attempts(), 3);
+        assert_eq!(i.backoff().base(), Duration::from_millis(500));
+        assert_eq!(i.backoff().cap(), Duration::from_secs(8));
+        assert_eq!(i.backoff().jitter(), Jitter::Equal);
+        assert_eq!(i.deadline(), None);
+        assert_eq!(i.max_hint(), Duration::from_secs(120));
+        let b = RetryConfig::batch();
+        assert_eq!(b.max_attempts(), 4);
+        assert_eq!(b.backoff().base(), Duration::from_secs(2));
+        assert_eq!(b.backoff().cap(), Duration::from_secs(30));
+        assert_eq!(b.backoff().jitter(), Jitter::None);
+        assert_eq!(b.deadline(), Some(Duration::from_secs(60)));
+        // The presets' constants pass the same validation as user input.
+        for p in [i, b] {
+            let bo = p.backoff();
+            assert_eq!(
+                Backoff::new(bo.base(), bo.multiplier(), bo.cap())
+                    .map(|n| n.with_jitter(bo.jitter())),
+                Ok(*bo)
+            );
+        }
+    }
+
+    #[test]
+    fn hint_jitter_extra_is_capped_by_fraction_and_max() {
+        let j = HintJitter::default();
+        assert_eq!(
+            j.max_extra(Duration::from_secs(2)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(j.max_extra(Duration::from_secs(60)), Duration::from_secs(1));
+        assert_eq!(
+            HintJitter::none().max_extra(Duration::from_secs(60)),
+            Duration::ZERO
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! An incremental reader of server-sent events (the WHATWG `text/event-stream`
+//! format), just enough to find where each event ends and whether it is an error.
+//!
+//! Pure and bounded: it is fed chunks as they arrive (an event, a line, even a
+//! `\r\n` pair may be split across chunks), accepts `\n`, `\r\n` and `\r` line ends,
+//! ignores comments (`: keep-alive`) and unknown fields, and never holds more than
+//! its cap: a longer line or data field is cut and the event marked `truncated`.
+
+/// One dispatched event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, when one was sent (Anthropic: `message_start`, `ping`,
+    /// `error`, …; OpenAI sends none).
+    pub event: Option<Vec<u8>>,
+    /// The `data:` lines joined with `\n`.
+    pub data: Vec<u8>,
+    /// A line or the data was longer than the cap and was cut.
+    pub truncated: bool,
+}
+
+impl SseEvent {
+    /// An error event: Anthropic's `event: error`, or a `data:` JSON object whose
+    /// first key is `"error"` (OpenAI and compatible servers: `{"error": {...}}`) or
+    /// that starts with `"type": "error"` (Anthropic's payload without an `event:`
+    /// line). A byte scan of the object's opening, not a parse: an ordinary chunk
+    /// that mentions "error" in its text is never mistaken for one.
+    pub fn is_error(&self) -> bool {
+        if self.event.as_deref() == Some(b"error") {
+            return true;
+        }
+        let mut s = JsonScan::new(&self.data);
+        if !s.eat(b'{') {
+            return false;
+        }
+        match s.string() {
+            Some(b"error") => true,
+            Some(b"type") => s.eat(b':') && s.string() == Some(b"error"),
+            _ => false,
+        }
+    }
+
+    /// A keep-alive (Anthropic's `event: ping`), which says nothing about the stream.
+    pub fn is_keepalive(&self) -> bool {
+        self.event.as_deref() == Some(b"ping")
+    }
+}
+
+/// What one call to [`SseReader::feed`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fed {
+    /// Bytes of the chunk consumed; when an event was dispatched, it ended exactly
+    /// there (after its blank line).
+    pub consumed: usize,
+    /// The event dispatched, if the consumed bytes completed one.
+    pub event: Option<SseEvent>,
+}
+
+/// The incremental reader. See the module docs.
+#[derive(Debug)]
+pub struct SseReader {
+    cap: usize,
+    /// The current line when it spans chunks (kept to at most `cap` bytes).
+    line: Vec<u8>,
+    line_truncated: bool,
+    /// The previous chunk ended in `\r`: a `\n` that starts this one is part of it.
+    after_cr: bool,
+    event: Option<Vec<u8>>,
+    data: Vec<u8>,
+    has_data: bool,
+    truncated: bool,
+}
+
+impl SseReader {
+    /// A reader that holds at most `cap` bytes of one line and of one event's data.
+    pub fn new(cap: usize) -> Self {
+        SseReader {
+            cap,
+            line: Vec::new(),
+            line_truncated: false,
+            after_cr: false,
+            event: None,
+            data: Vec::new(),
+            has_data: false,
+            truncated: false,
+        }
+    }
+
+    /// Reads `chunk` until an event is dispatched or the chunk is used up. Call again
+    /// with `&chunk[fed.consumed..]` for the rest.
+    pub fn feed(&mut self, chunk: &[u8]) -> Fed {
+        let mut pos = 0;
+        if self.after_cr && !chunk.is_empty() {
+            self.after_cr = false;
+            if chunk.first() == Some(&b'\n') {
+                pos = 1;
+            }
+        }
+        while pos < chunk.len() {
+            let rest = &chunk[pos..];
+            let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
+                self.push_partial(rest);
+                return Fed {
+                    consumed: chunk.len(),
+                    event: None,
+                };
+            };
+            let mut next = pos + end + 1;
+            if rest[end] == b'\r' {
+                match chunk.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            let event = if self.line.is_empty() && !self.line_truncated {
+                self.line_ended(&rest[..end], false)
+            } else {
+                self.push_partial(&rest[..end]);
+                let line = std::mem::take(&mut self.line);
+                let truncated = std::mem::take(&mut self.line_truncated);
+                let event = self.line_ended(&line, truncated);
+                // Keep the allocation for the next long line.
+                self.line = line;
+                self.line.clear();
+                event
+            };
+            pos = next;
+            if event.is_some() {
+                return Fed {
+                    consumed: pos,
+                    event,
+                };
+            }
+        }
+        Fed {
+            consumed: chunk.len(),
+            event: None,
+        }
+    }
+
+    fn push_partial(&mut self, bytes: &[u8]) {
+        let room = self.cap.saturating_sub(self.line.len());
+        if bytes.len() > room {
+            self.line_truncated = true;
+        }
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn line_ended(&mut self, line: &[u8], truncated: bool) -> Option<SseEvent> {
+        self.truncated |= truncated;
+        if line.is_empty() {
+            return self.dispatch();
+        }
+        if line[0] == b':' {
+            return None;
+        }
+        let (field, value) = match line.iter().position(|b| *b == b':') {
+            Some(i) => {
+                let value = &line[i + 1..];
+                (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => self.event = Some(value.to_vec()),
+            b"data" => {
+                if self.has_data {
+                    self.append_data(b"\n");
+                }
+                self.has_data = true;
+                self.append_data(value);
+            }
+            // `id`, `retry` and unknown fields do not matter for finding errors.
+            _ => {}
+        }
+        None
+    }
+
+    fn append_data(&mut self, bytes: &[u8]) {
+        let room = self.cap.saturating_sub(self.data.len());
+        if bytes.len() > room {
+            self.truncated = true;
+        }
+        self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn dispatch(&mut self) -> Option<SseEvent> {
+        let event = self.event.take();
+        let truncated = std::mem::take(&mut self.truncated);
+        if !std::mem::take(&mut self.has_data) {
+            // The spec: a block without data dispatches nothing (comments-only
+            // blocks, a stray blank line).
+            self.data.clear();
+            return None;
+        }
+        Some(SseEvent {
+            event,
+            data: std::mem::take(&mut self.data),
+            truncated,
+        })
+    }
+}
+
+/// Just enough of a JSON tokenizer to read the opening of an object.
+struct JsonScan<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> JsonScan<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        JsonScan { bytes, pos: 0 }
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.bytes.get(self.pos), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        self.skip_ws();
+        if self.bytes.get(self.pos) == Some(&byte) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A string without escapes (keys and the values compared here have none).
+    fn string(&mut self) -> Option<&'a [u8]> {
+        if !self.eat(b'"') {
+            return None;
+        }
+        let start = self.pos;
+        let len = self.bytes[start..]
+            .iter()
+            .position(|b| *b == b'"' || *b == b'\\')?;
+        if self.bytes[start + len] == b'\\' {
+            return None;
+        }
+        self.pos = start + len + 1;
+        Some(&self.bytes[start..start + len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every event in `input` fed as the given chunks, with the stream offset where
+    /// each ended.
+    fn events(chunks: &[&[u8]], cap: usize) -> Vec<(usize, SseEvent)> {
+        let mut reader = SseReader::new(cap);
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for chunk in chunks {
+            let mut rest = *chunk;
+            loop {
+                let fed = reader.feed(rest);
+                offset += fed.consumed;
+                rest = &rest[fed.consumed..];
+                match fed.event {
+                    Some(e) => out.push((offset, e)),
+                    None => break,
+                }
+            }
+            assert!(rest.is_empty());
+        }
+        out
+    }
+
+    fn data(e: &SseEvent) -> &str {
+        std::str::from_utf8(&e.data).unwrap()
+    }
+
+    #[test]
+    fn openai_chunks_and_done_are_three_events_ending_at_blank_lines() {
+        let s = b"data: {\"id\":1}\n\ndata: {\"id\":2}\n\ndata: [DONE]\n\n";
+        let ev = events(&[s], 1024);
+        assert_eq!(ev.len(), 3);
+        assert_eq!(ev[0].0, 16);
+        assert_eq!(data(&ev[0].1), "{\"id\":1}");
+        assert_eq!(data(&ev[2].1), "[DONE]");
+        assert_eq!(ev[2].0, s.len());
+    }
+
+    #[test]
+    fn crlf_and_lone_cr_line_ends_are_accepted() {
+        let ev = events(&[b"data: a\r\n\r\ndata: b\r\rdata: c\n\n"], 1024);
+        let got: Vec<_> = ev.iter().map(|(_, e)| data(e).to_owned()).collect();
+        assert_eq!(got, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_line_end() {
+        // "\r" ends one chunk, "\n" starts the next: one line end, not a blank line.
+        let ev = events(&[b"data: a\r", b"\ndata: b\r\n\r\n"], 1024);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(data(&ev[0].1), "a\nb");
+    }
+
+    #[test]
+    fn event_split_byte_by_byte_reads_the_same() {
+        let s: &[u8] = b"event: error\ndata: {\"type\":\"error\"}\n\n";
+        let chunks: Vec<&[u8]> = s.chunks(1).collect();
+        let ev = events(&chunks, 1024);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].0, s.len());
+        assert_eq!(ev[0].1.event.as_deref(), Some(&b"error"[..]));
+        assert!(ev[0].1.is_error());
+    }
+
+    #[test]
+    fn comments_and_data_less_blocks_dispatch_nothing() {
+        let ev = events(&[b": keep-alive\n\n\nid: 3\n\ndata: x\n\n"], 1024);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(data(&ev[0].1), "x");
+    }
+
+    #[test]
+    fn anthropic_ping_is_a_keepalive_not_an_error() {
+        let ev = events(&[b"event: ping\ndata: {\"type\": \"ping\"}\n\n"], 1024);
+        assert!(ev[0].1.is_keepalive());
+        assert!(!ev[0].1.is_error());
+    }
+
+    #[test]
+    fn error_events_from_each_provider_are_recognised() {
+        let openai =
+            b"data: {\"error\": {\"message\": \"overloaded\", \"type\": \"server_error\"}}\n\n";
+        let anthropic = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        let bare = b"data: { \"type\" : \"error\", \"error\": {}}\n\n";
+        for s in [&openai[..], &anthropic[..], &bare[..]] {
+            assert!(
+                events(&[s], 1024)[0].1.is_error(),
+                "{}",
+                String::from_utf8_lossy(s)
+            );
+        }
+    }
+
+    #[test]
+    fn content_mentioning_error_is_not_an_error_event() {
+        let s = b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"{\\\"error\\\": 1}\"}}]}\n\n";
+        assert!(!events(&[s], 1024)[0].1.is_error());
+        assert!(!events(&[b"data: [DONE]\n\n"], 1024)[0].1.is_error());
+    }
+
+    #[test]
+    fn an_over_long_line_is_cut_to_the_cap_and_marked() {
+        let mut s = b"data: ".to_vec();
+        s.extend(std::iter::repeat_n(b'x', 10_000));
+        s.extend_from_slice(b"\n\n");
+        let chunks: Vec<&[u8]> = s.chunks(333).collect();
+        let ev = events(&chunks, 100);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].1.truncated);
+        assert!(ev[0].1.data.len() <= 100);
+        assert_eq!(ev[0].0, s.len());
+    }
+
+    #[test]
+    fn data_lines_beyond_the_cap_are_cut() {
+        let line = b"data: 0123456789\n";
+        let mut s = line.repeat(50);
+        s.push(b'\n');
+        let ev = events(&[&s], 64);
+        assert!(ev[0].1.truncated);
+        assert!(ev[0].1.data.len() <= 64);
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_events(
+            payloads in proptest::collection::vec("[a-z{}\": ]{0,20}", 1..6),
+            crlf in any::<bool>(),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let mut s = String::new();
+            for p in &payloads {
+                s.push_str(&format!(": c{nl}data: {p}{nl}{nl}"));
+            }
+            let bytes = s.as_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            points.sort();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&bytes[last..p]);
+                last = p;
+            }
+            chunks.push(&bytes[last..]);
+            let whole = events(&[bytes], 1024);
+            let split = events(&chunks, 1024);
+            prop_assert_eq!(whole.len(), payloads.len());
+            prop_assert_eq!(split.len(), whole.len());
+            for ((wo, we), (so, se)) in whole.iter().zip(&split) {
+                prop_assert_eq!(we, se);
+                // A "\r\n" cut between its two bytes: the event is dispatched at the
+                // "\r", and the "\n" counts towards the next one.
+                prop_assert!(*wo == *so || (crlf && *wo == *so + 1), "{wo} vs {so}");
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_stay_within_the_cap(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16),
+        ) {
+            let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+            for (_, e) in events(&refs, 32) {
+                prop_assert!(e.data.len() <= 32);
+            }
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The retry layer against a scripted fake provider, in virtual time.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use backstop_classify::{
+    AttemptLog, Classification, ClassifiedError, Deadline, Failure, FailureKind, RetryBudget,
+    RetryBudgetHandle, Retryable, StopReason,
+};
+use backstop_retry::{
+    Backoff, HintJitter, Jitter, RetryConfig, RetryError, RetryLayer, StandardPolicy,
+};
+use common::{Fake, Step, read_body, request, secs};
+use http::StatusCode;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+fn log_of<B>(response: &http::Response<B>) -> &AttemptLog {
+    response
+        .extensions()
+        .get::<AttemptLog>()
+        .expect("attempt log")
+}
+
+/// The waits a seeded layer draws for `n` retries: the layer derives one generator per
+/// request from its seeded source and calls the backoff once per decision.
+fn seeded_waits(seed: u64, backoff: Backoff, n: u32) -> Vec<Duration> {
+    let mut layer_rng = SmallRng::seed_from_u64(seed);
+    let mut rng = SmallRng::from_rng(&mut layer_rng);
+    let mut previous = None;
+    (1..=n)
+        .map(|retry| {
+            let d = backoff.delay(retry, previous, &mut rng);
+            // The layer rounds waits up to whole milliseconds (the timer's tick).
+            let d = Duration::from_millis(d.as_nanos().div_ceil(1_000_000) as u64);
+            previous = Some(d);
+            d
+        })
+        .collect()
+}
+
+/// Attempt start times from the waits between them (the fake answers at once).
+fn starts_from(waits: &[Duration]) -> Vec<Duration> {
+    let mut at = Duration::ZERO;
+    let mut starts = vec![at];
+    for w in waits {
+        at += *w;
+        starts.push(at);
+    }
+    starts
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_preset_waits_two_four_eight_then_returns_the_last_500() {
+    let fake = Fake::new((0..4).map(|_| Step::status(500)).collect());
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(fake.attempts(), 4);
+    assert_eq!(
+        fake.starts(start),
+        [0.0, 2.0, 4.0 + 2.0, 8.0 + 6.0].map(secs)
+    );
+    let log = log_of(&response);
+    assert_eq!(log.stop, Some(StopReason::MaxAttempts));
+    let waited: Vec<_> = log.attempts.iter().map(|a| a.waited).collect();
+    assert_eq!(waited, [0.0, 2.0, 4.0, 8.0].map(secs));
+    assert_eq!(start.elapsed(), secs(14.0));
+    // The provider's body reaches the caller unchanged.
+    let (bytes, error) = read_body(response.into_body()).await;
+    assert_eq!(bytes, b"{\"error\":{}}");
+    assert!(error.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn interactive_preset_draws_equal_jitter_from_the_seed() {
+    let fake = Fake::new((0..3).map(|_| Step::status(503)).collect());
+    let config = RetryConfig::interactive();
+    let svc = RetryLayer::new(config.clone())
+        .with_rng_seed(7)
+        .layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(fake.attempts(), 3);
+    let expected = seeded_waits(7, *config.backoff(), 2);
+    // Equal jitter: each wait in [t/2, t] of 0.5 s, 1 s.
+    assert!(expected[0] >= secs(0.25) && expected[0] <= secs(0.5));
+    assert!(expected[1] >= secs(0.5) && expected[1] <= secs(1.0));
+    assert_eq!(fake.starts(start), starts_from(&expected));
+    assert_eq!(log_of(&response).stop, Some(StopReason::MaxAttempts));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_jitter_kind_gives_the_seeded_wait_sequence() {
+    for jitter in [
+        Jitter::None,
+        Jitter::Full,
+        Jitter::Equal,
+        Jitter::Decorrelated,
+    ] {
+        let backoff = Backoff::new(secs(1.0), 2.0, secs(10.0))
+            .unwrap()
+            .with_jitter(jitter);
+        let config = RetryConfig::interactive()
+            .with_backoff(backoff)
+            .with_max_attempts(5)
+            .unwrap();
+        let fake = Fake::new((0..5).map(|_| Step::status(500)).collect());
+        let svc = RetryLayer::new(config)
+            .with_rng_seed(99)
+            .layer(fake.clone());
+        let start = Instant::now();
+        svc.oneshot(request("{}")).await.unwrap();
+        let expected = seeded_waits(99, backoff, 4);
+        assert_eq!(fake.starts(start), starts_from(&expected), "{jitter:?}");
+        if jitter == Jitter::None {
+            assert_eq!(expected, [1.0, 2.0, 4.0, 8.0].map(secs));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_non_retryable_kind_is_attempted_exactly_once() {
+    let kinds: Vec<_> = FailureKind::ALL
+        .into_iter()
+        .filter(|k| k.default_retryable() == Retryable::No)
+        .collect();
+    assert!(kinds.contains(&FailureKind::QuotaExhausted));
+    for kind in kinds {
+        let fake = Fake::new(vec![Step::failure(400, Failure::new(kind)), Step::ok("{}")]);
+        let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+        let start = Instant::now();
+        let response = svc.oneshot(request("{}")).await.unwrap();
+        assert_eq!(fake.attempts(), 1, "{kind}");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(log_of(&response).stop, Some(StopReason::NotRetryable));
+        let classification = response.extensions().get::<Classification>().unwrap();
+        assert_eq!(classification.failure().unwrap().kind, kind);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_429_is_never_retried() {
+    let fake = Fake::new(vec![Step::failure(
+        429,
+        Failure::new(FailureKind::QuotaExhausted),
+    )]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_exactly_without_hint_jitter() {
+    let fake = Fake::new(vec![Step::rate_limited(secs(3.0)), Step::ok("{\"ok\":1}")]);
+    let config = RetryConfig::batch().with_hint_jitter(HintJitter::none());
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fake.starts(start), [0.0, 3.0].map(secs));
+    let log = log_of(&response);
+    assert_eq!(log.stop, Some(StopReason::Succeeded));
+    assert_eq!(log.attempts[1].waited, secs(3.0));
+    assert_eq!(log.attempts[1].hint_used.unwrap().delay, secs(3.0));
+    assert_eq!(
+        log.attempts[0].provider_request_id.as_ref().unwrap(),
+        "req_failed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_gets_at_most_ten_percent_of_jitter_on_top() {
+    let fake = Fake::new(vec![Step::rate_limited(secs(2.0)), Step::ok("{}")]);
+    let svc = RetryLayer::new(RetryConfig::batch())
+        .with_rng_seed(1)
+        .layer(fake.clone());
+    let start = Instant::now();
+    svc.oneshot(request("{}")).await.unwrap();
+    let second = fake.starts(start)[1];
+    assert!(second >= secs(2.0) && second <= secs(2.2), "{second:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_max_hint_gives_up_immediately_with_the_providers_response() {
+    // The SDK that slept on `retry-after: 198300`.
+    let fake = Fake::new(vec![Step::rate_limited(secs(198_300.0)), Step::ok("{}")]);
+    let svc = RetryLayer::new(RetryConfig::interactive()).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(log_of(&response).stop, Some(StopReason::HintTooLong));
+    // The hint is preserved for the caller or the fallback layer.
+    let failure = response
+        .extensions()
+        .get::<Classification>()
+        .unwrap()
+        .failure()
+        .unwrap()
+        .clone();
+    assert_eq!(failure.hint.unwrap().delay, secs(198_300.0));
+    let (bytes, _) = read_body(response.into_body()).await;
+    assert_eq!(bytes, b"{\"error\":{\"type\":\"scripted\"}}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_deadline_gives_up_immediately() {
+    let fake = Fake::new(vec![Step::rate_limited(secs(45.0)), Step::ok("{}")]);
+    let config = RetryConfig::interactive()
+        .with_deadline(Some(secs(30.0)))
+        .unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(log_of(&response).stop, Some(StopReason::HintTooLong));
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_that_would_cross_the_deadline_stops_without_sleeping() {
+    // Batch: waits 2, 4, 8; attempts take 5 s each; deadline 20 s. After attempt 2
+    // (ends at 12 s) the 4 s wait fits (16 < 20); attempt 3 ends at 21 s: past the
+    // deadline it is cut at 20 s by the deadline-bounded attempt timeout.
+    let fake = Fake::new(
+        (0..4)
+            .map(|_| Step::Delay(secs(5.0), Box::new(Step::status(502))))
+            .collect(),
+    );
+    let config = RetryConfig::batch()
+        .with_deadline(Some(secs(20.0)))
+        .unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let result = svc.oneshot(request("{}")).await;
+    assert_eq!(fake.starts(start), [0.0, 7.0, 16.0].map(secs));
+    assert_eq!(start.elapsed(), secs(20.0));
+    let error = result.unwrap_err();
+    assert_eq!(error.kind(), FailureKind::TimedOut);
+    assert_eq!(error.attempt_log().unwrap().attempts.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn next_wait_crossing_the_deadline_returns_the_last_response_at_once() {
+    let fake = Fake::new(
+        (0..4)
+            .map(|_| Step::Delay(secs(1.0), Box::new(Step::status(500))))
+            .collect(),
+    );
+    // Attempt 1 ends at 1 s, waits 2 s; attempt 2 ends at 4 s; a 4 s wait would end
+    // at 8 s, past the 7 s deadline: stop at 4 s with the second 500.
+    let config = RetryConfig::batch().with_deadline(Some(secs(7.0))).unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(start.elapsed(), secs(4.0));
+    assert_eq!(fake.attempts(), 2);
+    assert_eq!(log_of(&response).stop, Some(StopReason::Deadline));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_from_the_request_is_respected_when_sooner() {
+    let fake = Fake::new((0..4).map(|_| Step::status(500)).collect());
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let start = Instant::now();
+    let mut req = request("{}");
+    req.extensions_mut().insert(Deadline(start + secs(5.0)));
+    let response = svc.oneshot(req).await.unwrap();
+    // Waits 2 (ok: 2 < 5) then 4 (2 + 4 = 6 > 5: stop).
+    assert_eq!(fake.attempts(), 2);
+    assert_eq!(start.elapsed(), secs(2.0));
+    assert_eq!(log_of(&response).stop, Some(StopReason::Deadline));
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_after_send_is_not_retried_without_an_idempotency_key() {
+    let fake = Fake::new(vec![Step::Fail(FailureKind::TimedOut), Step::ok("{}")]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let error = svc.oneshot(request("{}")).await.unwrap_err();
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(error.kind(), FailureKind::TimedOut);
+    assert_eq!(
+        error.attempt_log().unwrap().stop,
+        Some(StopReason::NotRetryable)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_after_send_is_retried_with_the_callers_idempotency_key_kept() {
+    let fake = Fake::new(vec![
+        Step::Fail(FailureKind::ConnectionLost),
+        Step::ok("{}"),
+    ]);
+    let svc = RetryLayer::new(RetryConfig::batch().with_idempotency_key(true)).layer(fake.clone());
+    let mut req = request("{}");
+    req.headers_mut()
+        .insert("idempotency-key", "caller-key-1".parse().unwrap());
+    let response = svc.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = fake.seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    for s in seen.iter() {
+        assert_eq!(s.headers["idempotency-key"], "caller-key-1");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn layer_adds_one_stable_idempotency_key_across_attempts() {
+    let fake = Fake::new(vec![
+        Step::Fail(FailureKind::TimedOut),
+        Step::Fail(FailureKind::TimedOut),
+        Step::ok("{}"),
+    ]);
+    let svc = RetryLayer::new(RetryConfig::batch().with_idempotency_key(true))
+        .with_rng_seed(3)
+        .layer(fake.clone());
+    svc.oneshot(request("{}")).await.unwrap();
+    let seen = fake.seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    let key = seen[0].headers["idempotency-key"].clone();
+    assert!(key.to_str().unwrap().starts_with("backstop-"));
+    assert!(seen.iter().all(|s| s.headers["idempotency-key"] == key));
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_failures_are_always_retried() {
+    let fake = Fake::new(vec![
+        Step::Fail(FailureKind::ConnectFailed),
+        Step::Fail(FailureKind::ConnectFailed),
+        Step::ok("{}"),
+    ]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fake.attempts(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_cuts_a_hanging_attempt_and_retries_only_idempotent_requests() {
+    let config = RetryConfig::batch()
+        .with_attempt_timeout(Some(secs(10.0)))
+        .unwrap();
+    let fake = Fake::new(vec![Step::Hang, Step::ok("{}")]);
+    let svc = RetryLayer::new(config.clone()).layer(fake.clone());
+    let start = Instant::now();
+    let error = svc.oneshot(request("{}")).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(10.0));
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(error.kind(), FailureKind::TimedOut);
+    let cause = error.cause().unwrap().downcast_ref::<RetryError>().unwrap();
+    assert_eq!(cause, &RetryError::AttemptTimedOut { after: secs(10.0) });
+
+    let fake = Fake::new(vec![Step::Hang, Step::ok("{}")]);
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let mut req = request("{}");
+    req.extensions_mut().insert(backstop_classify::Idempotent);
+    let start = Instant::now();
+    let response = svc.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fake.starts(start), [0.0, 12.0].map(secs));
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_number_header_counts_attempts() {
+    let fake = Fake::new(vec![Step::status(500), Step::status(500), Step::ok("{}")]);
+    let config = RetryConfig::batch()
+        .with_attempt_header(Some(http::HeaderName::from_static("x-backstop-attempt")));
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    svc.oneshot(request("{}")).await.unwrap();
+    let numbers: Vec<_> = fake
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.headers["x-backstop-attempt"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(numbers, ["1", "2", "3"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_carries_the_same_body_bytes() {
+    let fake = Fake::new(vec![Step::status(500), Step::ok("{}")]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    svc.oneshot(request("{\"model\":\"gpt-4o\"}"))
+        .await
+        .unwrap();
+    let seen = fake.seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .all(|s| &s.body[..] == b"{\"model\":\"gpt-4o\"}")
+    );
+    // The same allocation, not a copy.
+    assert_eq!(seen[0].body.as_ptr(), seen[1].body.as_ptr());
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_carries_a_one_attempt_log() {
+    let fake = Fake::new(vec![Step::ok("{\"id\":1}")]);
+    let svc = RetryLayer::new(RetryConfig::interactive()).layer(fake.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    let log = log_of(&response);
+    assert_eq!(log.attempts.len(), 1);
+    assert_eq!(log.stop, Some(StopReason::Succeeded));
+    assert_eq!(log.attempts[0].status, Some(StatusCode::OK));
+    assert_eq!(
+        log.attempts[0].provider_request_id.as_ref().unwrap(),
+        "req_ok"
+    );
+    let (bytes, _) = read_body(response.into_body()).await;
+    assert_eq!(bytes, b"{\"id\":1}");
+}
+
+/// A budget with a fixed number of retries.
+struct Tokens(AtomicU32);
+
+impl RetryBudget for Tokens {
+    fn try_withdraw(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_refusal_returns_the_last_response_with_its_classification() {
+    let fake = Fake::new((0..4).map(|_| Step::status(503)).collect());
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let budget = Arc::new(Tokens(AtomicU32::new(1)));
+    let mut req = request("{}");
+    req.extensions_mut()
+        .insert(RetryBudgetHandle(budget.clone()));
+    let start = Instant::now();
+    let response = svc.oneshot(req).await.unwrap();
+    assert_eq!(fake.attempts(), 2);
+    assert_eq!(start.elapsed(), secs(2.0));
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(log_of(&response).stop, Some(StopReason::BudgetExhausted));
+    let kind = response
+        .extensions()
+        .get::<Classification>()
+        .unwrap()
+        .failure()
+        .unwrap()
+        .kind;
+    assert_eq!(kind, FailureKind::Overloaded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_is_not_asked_for_non_retryable_failures() {
+    let fake = Fake::new(vec![Step::status(401)]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let budget = Arc::new(Tokens(AtomicU32::new(5)));
+    let mut req = request("{}");
+    req.extensions_mut()
+        .insert(RetryBudgetHandle(budget.clone()));
+    svc.oneshot(req).await.unwrap();
+    assert_eq!(budget.0.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_future_during_a_wait_makes_no_further_attempt() {
+    let fake = Fake::new(vec![Step::status(500), Step::ok("{}")]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let call = svc.oneshot(request("{}"));
+    let outcome = tokio::time::timeout(secs(1.0), call).await;
+    assert!(outcome.is_err(), "still waiting its 2 s backoff");
+    tokio::time::sleep(secs(60.0)).await;
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_policy_decides_but_the_layer_caps_attempts() {
+    use backstop_retry::{Decision, FailedAttempt, RetryPolicy};
+    struct Always;
+    impl RetryPolicy for Always {
+        fn decide(&self, _: &FailedAttempt<'_>, _: &mut dyn rand::RngCore) -> Decision {
+            Decision::RetryAfter(secs(1.0), None)
+        }
+    }
+    let fake = Fake::new((0..10).map(|_| Step::status(400)).collect());
+    let config = RetryConfig::batch().with_max_attempts(3).unwrap();
+    let svc = RetryLayer::new(config)
+        .with_policy(Always)
+        .layer(fake.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(fake.attempts(), 3);
+    assert_eq!(log_of(&response).stop, Some(StopReason::MaxAttempts));
+    // The standard policy is still available as a value.
+    let _ = StandardPolicy::from_config(&RetryConfig::batch());
+}
+
+#[tokio::test(start_paused = true)]
+async fn classified_error_from_inner_keeps_its_verdict_and_gets_the_log() {
+    let fake = Fake::new(vec![Step::Fail(FailureKind::AuthFailed)]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let error: ClassifiedError = svc.oneshot(request("{}")).await.unwrap_err();
+    assert_eq!(error.kind(), FailureKind::AuthFailed);
+    let log = error.attempt_log().unwrap();
+    assert_eq!(log.attempts.len(), 1);
+    assert!(!format!("{error} {error:?}").contains("sk-secret"));
+}
