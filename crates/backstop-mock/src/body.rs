@@ -1,0 +1,157 @@
+//! The mock's response body: all at once, or SSE one frame at a time in tokio time.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use crate::decision::InFlight;
+use crate::wire::{SseEnd, WireBody};
+
+/// The body of every mock response.
+///
+/// A full body is one frame. A stream yields one SSE event per frame; frame *i*
+/// (from 0) becomes available `i × chunk_delay` after the head, in tokio time.
+/// A stream may end cleanly or with an `io::ErrorKind::ConnectionReset` error
+/// (which also arrives `chunk_delay` after the last frame). The attempt counts as
+/// in flight (for the capacity model) until the body ends or is dropped.
+pub struct MockBody {
+    kind: Kind,
+    _in_flight: Option<InFlight>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Sse {
+        frames: VecDeque<Bytes>,
+        end: Option<SseEnd>,
+        delay: Duration,
+        sent_any: bool,
+        sleep: Option<Pin<Box<Sleep>>>,
+    },
+}
+
+impl MockBody {
+    pub(crate) fn new(body: WireBody, chunk_delay: Duration, in_flight: Option<InFlight>) -> Self {
+        let kind = match body {
+            WireBody::Full(bytes) => Kind::Full(Some(bytes)),
+            WireBody::Sse { frames, end } => Kind::Sse {
+                frames: frames.into(),
+                end: Some(end),
+                delay: chunk_delay,
+                sent_any: false,
+                sleep: None,
+            },
+        };
+        MockBody {
+            kind,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// A complete body with these bytes.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        MockBody {
+            kind: Kind::Full(Some(bytes.into())),
+            _in_flight: None,
+        }
+    }
+
+    fn release(&mut self) {
+        self._in_flight = None;
+    }
+}
+
+impl fmt::Debug for MockBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Full(bytes) => f
+                .debug_struct("MockBody::Full")
+                .field("len", &bytes.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            Kind::Sse {
+                frames, end, delay, ..
+            } => f
+                .debug_struct("MockBody::Sse")
+                .field("frames_left", &frames.len())
+                .field("end", end)
+                .field("delay", delay)
+                .finish(),
+        }
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let out = match &mut this.kind {
+            Kind::Full(bytes) => bytes
+                .take()
+                .filter(|b| !b.is_empty())
+                .map(|b| Ok(Frame::data(b))),
+            Kind::Sse {
+                frames,
+                end,
+                delay,
+                sent_any,
+                sleep,
+            } => {
+                // A clean end follows the last frame at once; only a reset is an
+                // event of its own, `chunk_delay` after the last frame.
+                if frames.is_empty() && *end != Some(SseEnd::Reset) {
+                    *end = None;
+                    None
+                } else {
+                    if *sent_any && !delay.is_zero() {
+                        let timer =
+                            sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*delay)));
+                        ready!(timer.as_mut().poll(cx));
+                        *sleep = None;
+                    }
+                    *sent_any = true;
+                    match frames.pop_front() {
+                        Some(frame) => Some(Ok(Frame::data(frame))),
+                        None => match end.take() {
+                            Some(SseEnd::Reset) => Some(Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                "backstop-mock: connection reset by the provider mid-response",
+                            ))),
+                            _ => None,
+                        },
+                    }
+                }
+            }
+        };
+        if out.is_none() || matches!(out, Some(Err(_))) {
+            this.release();
+        }
+        Poll::Ready(out)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            Kind::Sse { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Sse { .. } => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The in-memory face: a `tower::Service` that plays an OpenAI-compatible provider.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::body::MockBody;
+use crate::completion::{CREATED_EPOCH, Served, models_json};
+use crate::decision::{AnswerSource, InFlight, ModelState};
+use crate::fault::Fault;
+use crate::future::ResponseFuture;
+use crate::record::{Attempt, redact};
+use crate::scenario::Scenario;
+use crate::wire::{Wire, WireContext, render};
+
+/// The largest request body the mock reads; larger ones get a 413.
+pub const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// A fault-injecting, OpenAI-compatible provider living in memory.
+///
+/// Clones share one state (plans' progress, random sources and records), so a
+/// clone handed to a client stack and the one kept by the test see the same
+/// attempts. Always ready.
+#[derive(Clone)]
+pub struct MockProvider {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    scenario: Scenario,
+    created: Instant,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    models: HashMap<String, ModelState>,
+    attempts: Vec<Attempt>,
+}
+
+impl fmt::Debug for MockProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockProvider")
+            .field("seed", &self.shared.scenario.seed)
+            .field(
+                "models",
+                &self.shared.scenario.models.keys().collect::<Vec<_>>(),
+            )
+            .field("attempts", &self.attempt_count())
+            .finish()
+    }
+}
+
+impl From<Scenario> for MockProvider {
+    fn from(scenario: Scenario) -> Self {
+        MockProvider::new(scenario)
+    }
+}
+
+impl MockProvider {
+    /// A provider playing `scenario`; outage windows count from now (tokio time).
+    pub fn new(scenario: Scenario) -> Self {
+        MockProvider {
+            shared: Arc::new(Shared {
+                scenario,
+                created: Instant::now(),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The scenario being played.
+    pub fn scenario(&self) -> &Scenario {
+        &self.shared.scenario
+    }
+
+    /// When the mock was created (the origin of outage windows).
+    pub fn started_at(&self) -> Instant {
+        self.shared.created
+    }
+
+    /// Every attempt received since creation or the last
+    /// [`reset_records`](Self::reset_records), in arrival order.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.state().attempts.clone()
+    }
+
+    /// How many attempts were received.
+    pub fn attempt_count(&self) -> usize {
+        self.state().attempts.len()
+    }
+
+    /// How many attempts named `model`.
+    pub fn attempts_for(&self, model: &str) -> usize {
+        self.state()
+            .attempts
+            .iter()
+            .filter(|a| a.model.as_deref() == Some(model))
+            .count()
+    }
+
+    /// Forgets the recorded attempts. Plans keep their progress (script position,
+    /// random sources, load) and `seq` keeps counting.
+    pub fn reset_records(&self) {
+        self.state().attempts.clear();
+    }
+
+    /// Attempts of `model` currently in flight (see [`Capacity`](crate::Capacity)).
+    pub fn in_flight(&self, model: &str) -> usize {
+        self.state()
+            .models
+            .get(model)
+            .map_or(0, ModelState::in_flight)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves the records usable.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn answer<B>(self, request: Request<B>) -> Result<Response<MockBody>, io::Error>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let (parts, body) = request.into_parts();
+        let bytes = match Limited::new(body, MAX_REQUEST_BODY_BYTES).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<LengthLimitError>() => Err(protocol_error(
+                413,
+                "Request body exceeds the mock provider's 16 MiB limit.",
+                "request_too_large",
+            )),
+            Err(_) => Err(protocol_error(
+                400,
+                "The request body could not be read.",
+                "invalid_body",
+            )),
+        };
+
+        let path = parts.uri.path();
+        let route = if parts.method == Method::GET && path.ends_with("/models") {
+            Route::Models
+        } else if parts.method == Method::POST && path.ends_with("/chat/completions") {
+            Route::Chat
+        } else {
+            Route::Unknown
+        };
+
+        let request_fields = bytes.and_then(|b| match route {
+            Route::Chat => chat_fields(&b),
+            Route::Models => Ok(ChatFields::default()),
+            Route::Unknown => Err(protocol_error(
+                404,
+                &format!("Unknown request URL: {} {}.", parts.method, path),
+                "unknown_url",
+            )),
+        });
+
+        let Admitted {
+            seq,
+            since_start,
+            fault,
+            fields,
+            decision,
+        } = self.admit(parts, route, request_fields);
+        let served_created = CREATED_EPOCH + since_start.as_secs();
+
+        let request_id = HeaderValue::try_from(format!("req_mock_{seq}"))
+            .unwrap_or(HeaderValue::from_static("req_mock"));
+
+        if route == Route::Models && fault.is_ok() {
+            let mut response =
+                Response::new(MockBody::full(models_json(self.shared.scenario.models())));
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            response.headers_mut().insert("x-request-id", request_id);
+            return Ok(response);
+        }
+
+        let model = fields.model.unwrap_or_default();
+        let plan = self.shared.scenario.plan_for(&model);
+        let cx = WireContext {
+            served: Served {
+                model: &model,
+                seq,
+                created: served_created,
+            },
+            stream: fields.stream,
+            chunks: plan.stream_chunks,
+        };
+        let wire = render(&fault, &cx);
+        let (latency, in_flight) = match decision {
+            Some(d) => (d.latency, d.in_flight),
+            None => (std::time::Duration::ZERO, None),
+        };
+        deliver(wire, latency, plan.chunk_delay, in_flight, request_id).await
+    }
+    /// Records the attempt and decides its answer, under the lock: arrival order
+    /// is the order in which requests finish being read.
+    fn admit(
+        &self,
+        parts: http::request::Parts,
+        route: Route,
+        request_fields: Result<ChatFields, Fault>,
+    ) -> Admitted {
+        let headers = redact(parts.headers);
+        let mut state = self.state();
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let at = Instant::now();
+        let since_start = at.saturating_duration_since(self.shared.created);
+
+        let (fault, fields, decision) = match (route, request_fields) {
+            (_, Err(fault)) => (fault, ChatFields::default(), None),
+            (Route::Models, Ok(fields)) => (Fault::Ok, fields, None),
+            (_, Ok(fields)) => {
+                let model = fields.model.clone().unwrap_or_default();
+                let plan = self.shared.scenario.plan_for(&model);
+                let seed = self.shared.scenario.seed;
+                let decision = state
+                    .models
+                    .entry(model.clone())
+                    .or_insert_with(|| ModelState::new(seed, &model))
+                    .decide(plan, since_start);
+                (decision.fault.clone(), fields, Some(decision))
+            }
+        };
+        state.attempts.push(Attempt {
+            seq,
+            model: fields.model.clone(),
+            at,
+            since_start,
+            method: parts.method,
+            uri: parts.uri,
+            headers,
+            stream: fields.stream,
+            fault: fault.clone(),
+            source: decision
+                .as_ref()
+                .map_or(AnswerSource::Protocol, |d| d.source),
+            delivered: !matches!(fault, Fault::ConnectRefused),
+        });
+        Admitted {
+            seq,
+            since_start,
+            fault,
+            fields,
+            decision,
+        }
+    }
+}
+
+/// The outcome of admitting one attempt.
+struct Admitted {
+    seq: u64,
+    since_start: std::time::Duration,
+    fault: Fault,
+    fields: ChatFields,
+    decision: Option<crate::decision::Decision>,
+}
+
+/// Plays a rendered answer out in tokio time.
+async fn deliver(
+    wire: Wire,
+    latency: std::time::Duration,
+    chunk_delay: std::time::Duration,
+    in_flight: Option<InFlight>,
+    request_id: HeaderValue,
+) -> Result<Response<MockBody>, io::Error> {
+    match wire {
+        // A refused connect fails at once: no server ever saw it.
+        Wire::Refuse => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "backstop-mock: connection refused",
+        )),
+        Wire::Hang => {
+            // Holding `in_flight` keeps the attempt counted until the caller gives up.
+            let _held = in_flight;
+            std::future::pending().await
+        }
+        Wire::ResetBeforeHead => {
+            let _held = in_flight;
+            tokio::time::sleep(latency).await;
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "backstop-mock: connection reset before the response head",
+            ))
+        }
+        Wire::Respond {
+            status,
+            headers,
+            body,
+        } => {
+            tokio::time::sleep(latency).await;
+            let mut response = Response::new(MockBody::new(body, chunk_delay, in_flight));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response.headers_mut().insert("x-request-id", request_id);
+            Ok(response)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Models,
+    Unknown,
+}
+
+#[derive(Debug, Default)]
+struct ChatFields {
+    model: Option<String>,
+    stream: bool,
+}
+
+/// Reads `model` and `stream` from a chat request body; a body without a string
+/// `model` gets OpenAI's 400.
+fn chat_fields(body: &[u8]) -> Result<ChatFields, Fault> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        protocol_error(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
+            "invalid_json",
+        )
+    })?;
+    let model = value
+        .get("model")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned);
+    let stream = value.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    match model {
+        Some(model) => Ok(ChatFields {
+            model: Some(model),
+            stream,
+        }),
+        None => Err(protocol_error(
+            400,
+            "you must provide a model parameter",
+            "missing_model",
+        )),
+    }
+}
+
+/// One of the mock's own protocol answers, as the exact status and OpenAI-style body sent.
+fn protocol_error(status: u16, message: &str, code: &str) -> Fault {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    Fault::Status {
+        status,
+        headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+        body: body.to_string(),
+    }
+}
+
+impl<B> Service<Request<B>> for MockProvider
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Response = Response<MockBody>;
+    type Error = io::Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        ResponseFuture::new(self.clone().answer(request))
+    }
+}
