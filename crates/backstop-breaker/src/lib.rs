@@ -1,3 +1,193 @@
-//! backstop-breaker: not built yet (see the issue tracker).
+//! # backstop-breaker
+//!
+//! A circuit breaker with cooldowns for LLM upstreams: it stops sending to a model
+//! that is down, rate-limited or out of quota, and says when to try again.
+//!
+//! ## Where it sits
+//!
+//! **fallback → breaker → budget → retry → attempt timeout → classify → transport**.
+//! It sees one *logical* call per model hop (the retries happen inside it), so a
+//! model counts as failing when the retry layer gave up on it, and an open key costs
+//! the fallback layer nothing: the call fails at once and the next model is tried.
+//!
+//! ## What it reads
+//!
+//! - The key: the [`ModelRoute`](backstop_classify::ModelRoute) in the request's
+//!   extensions (the fallback layer sets it on every hop: upstream, model, and a
+//!   credential label when several keys serve one model). A request without one is
+//!   keyed on its URI's authority and an empty model, so every model behind that host
+//!   shares one key.
+//! - The outcome: the response's [`Classification`](backstop_classify::Classification)
+//!   extension, or the inner error's verdict when it is a
+//!   [`ClassifiedError`](backstop_classify::ClassifiedError). Any other inner error
+//!   counts as [`FailureKind::ConnectionLost`](backstop_classify::FailureKind). A
+//!   response with no classification is judged by its status (see
+//!   [`Outcome::from_response`]).
+//!
+//! Only failures that say something about the upstream's health count
+//! ([`FailureKind::reflects_upstream_health`](backstop_classify::FailureKind::reflects_upstream_health):
+//! rate limited, overloaded, server error, request timeout, connect failed, timed out,
+//! connection lost). Quota exhaustion opens the key for a long cooldown. A client's
+//! invalid request, a content refusal, a context-length error, an auth or model-not-found
+//! error and the local refusals of other layers (breaker open, budget exhausted,
+//! throttled) never count.
+//!
+//! ## What it adds
+//!
+//! While a key is open (or half-open with every probe slot taken) a call fails at
+//! once, **without calling the inner service**, with
+//! `ClassifiedError::local(Failure::new(FailureKind::BreakerOpen).with_hint(Some(DelayHint::new(time_until_half_open, HintSource::Breaker))))`:
+//! not retryable here, another model may serve, and the exact time until a probe may
+//! go through. The layer's error type is `ClassifiedError`; inner errors pass through
+//! (converted as above when they are not classified yet).
+//!
+//! ## What it never does
+//!
+//! It never retries, waits, sleeps or cancels a call: a call it admits runs to its
+//! end, and its result is returned untouched. It never reads or logs headers, so
+//! credentials cannot leak through it. It spawns no task and runs no timer: every
+//! deadline is compared with the clock when a call arrives or finishes, which is
+//! exact (there is no sweep interval).
+//!
+//! ## The state machine
+//!
+//! **Closed → Open → HalfOpen → Closed**, per key ([`KeyState`], pure and tested with
+//! explicit instants):
+//!
+//! - *Closed → Open* on `consecutive_failures` health failures in a row, or when at
+//!   least `failure_ratio` of the calls in the sliding `window` failed and the window
+//!   holds at least `minimum_calls` (resilience4j's time-based window: `window_buckets`
+//!   buckets, the window slides one bucket at a time). Open for `open_duration`, or
+//!   for the tripping failure's delay hint when that is longer.
+//! - *Closed/HalfOpen → Open at once* on a 429 or 503 (rate limited, overloaded) whose
+//!   delay hint is a retry instruction (Retry-After, `retry-after-ms`, Gemini's
+//!   `retryDelay`: not a rate-limit bucket's reset time) at least `hint_opens_at` long,
+//!   until the hinted time (capped at `max_hinted_cooldown`). **Decision:** a single
+//!   such 429 opens the key: the provider said it will refuse calls until then, so
+//!   every other call sent meanwhile is a wasted attempt (and some providers extend
+//!   the penalty). Shorter hints are the retry layer's business, which waits them out
+//!   inside the request; they still count as failures.
+//! - *→ Open at once* on quota exhaustion, for `quota_cooldown` (or the capped hint
+//!   when longer).
+//! - *Open → HalfOpen* exactly when the open period ends.
+//! - *HalfOpen*: at most `half_open_probes` calls in flight; each must finish within
+//!   `probe_timeout`, or its slot is taken back at that instant and counts as a failure
+//!   (so a hung probe cannot keep the key half-open). `probe_successes_to_close`
+//!   successes close the key (counts cleared); a failure reopens it for
+//!   `open_duration`. A probe dropped before finishing (its caller went away) frees
+//!   its slot and counts as nothing.
+//! - **Re-opening keeps the later deadline, never the earlier**: a cooldown arriving
+//!   while open only ever moves the deadline later (reported as an Open → Open
+//!   transition).
+//! - Outcomes of calls admitted before the key last changed state no longer count
+//!   (a success from before the outage does not close it); their cooldowns
+//!   (hinted 429/503, quota) still apply.
+//!
+//! ## Defaults
+//!
+//! | setting | default | why |
+//! |---|---|---|
+//! | `consecutive_failures` | 5 | a hard-down model is caught after 5 logical calls (each already retried below); one or two blips never trip it |
+//! | `failure_ratio` | 50 % | resilience4j's default. Polly's 10 % suits cheap high-volume RPCs; LLM upstreams shed 429s in bursts and would flap |
+//! | `window` / `window_buckets` | 30 s / 10 | Polly's 30 s sampling duration, in 3 s buckets |
+//! | `minimum_calls` | 10 | Polly and resilience4j use 100; one model key sees a few calls a second, so 100 would take minutes to gather |
+//! | `open_duration` | 30 s | what LLM gateways use to skip an unhealthy key ("skips unhealthy provider keys for 30 seconds") |
+//! | `half_open_probes` | 1 | an LLM call is costly and slow; one trial tells enough |
+//! | `probe_successes_to_close` | 1 | with one probe, one success |
+//! | `probe_timeout` | 60 s | a non-streaming completion can take tens of seconds; set it to your attempt timeout |
+//! | `hint_opens_at` | 1 s | shorter hints are cheaper to wait out in the retry layer than to divert traffic |
+//! | `max_hinted_cooldown` | 10 min | a Retry-After of 2.3 days (seen in the wild) or Azure's 86 400 s is cut; a probe then finds out |
+//! | `quota_cooldown` | 10 min | quota does not come back within a request; probing every 10 min costs one call |
+//! | `max_keys` | 4096 | every buffer has a cap; further keys pass untracked, with one warning |
+//!
+//! ## The cooldown complaints of other gateways' users (peers.md, item 6)
+//!
+//! - *Re-cooling kept the first, shorter deadline*: the deadline only moves later.
+//! - *Cooldowns enforced only every ~10 s*: deadlines are compared with the clock at
+//!   every call; a key half-opens at its deadline to the nanosecond.
+//! - *When every deployment was cooling down the gateway failed at once with no
+//!   Retry-After*: every refusal carries the exact time until the key half-opens as a
+//!   [`HintSource::Breaker`](backstop_classify::HintSource) delay hint; the fallback
+//!   layer answers with the earliest of them, which a proxy forwards as `Retry-After`.
+//! - *Cooldown state could not be queried*: [`Breaker::snapshot`], [`Breaker::state`],
+//!   [`Breaker::retry_in`] and [`Breaker::key`]; a gauge per key and transition
+//!   counters through the `metrics` crate (see [`events`]); a tracing event at every
+//!   transition.
+//! - *Limits per process became limit × replicas*: the state lives behind the
+//!   [`BreakerStore`] trait, so a store shared across replicas can back it. The
+//!   default [`InProcessStore`] is per process: with N replicas a down model receives
+//!   up to N × `half_open_probes` probes per open period.
+//!
+//! ## Cost
+//!
+//! The closed-state hot path (admit + record) takes a shard read lock, one hash
+//! lookup and the key's mutex, and allocates nothing (benchmarks/breaker.rs):
+//! run `cargo bench -p backstop-breaker` for the figures on your machine.
+//!
+//! ## Example
+//!
+//! ```
+//! use backstop_breaker::{BreakerConfig, BreakerLayer, BreakerState};
+//! use backstop_classify::{Classification, Failure, FailureKind, ModelRoute};
+//! use http::{Request, Response};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // An upstream that is down (in a real stack: retry → timeout → classify → HTTP client).
+//! let upstream = tower::service_fn(|_req: Request<String>| async {
+//!     let mut response = Response::new(String::from("{\"error\":{\"type\":\"server_error\"}}"));
+//!     *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+//!     response
+//!         .extensions_mut()
+//!         .insert(Classification::Failure(Failure::new(FailureKind::ServerError)));
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//!
+//! let layer = BreakerLayer::new(BreakerConfig::default())?;
+//! let breaker = layer.breaker().clone();
+//! let mut service = ServiceBuilder::new().layer(layer).service(upstream);
+//!
+//! let route = ModelRoute::new("openai", "gpt-4o");
+//! let request = || {
+//!     let mut request = Request::new(String::from("{}"));
+//!     request.extensions_mut().insert(route.clone());
+//!     request
+//! };
+//! for _ in 0..5 {
+//!     let response = service.ready().await?.call(request()).await?;
+//!     assert_eq!(response.status(), 500);
+//! }
+//! assert_eq!(breaker.state(&route), BreakerState::Open);
+//!
+//! // The sixth call is refused at once, with the time until a probe may go through.
+//! let refused = service.ready().await?.call(request()).await.unwrap_err();
+//! assert_eq!(refused.kind(), FailureKind::BreakerOpen);
+//! let hint = refused.failure().hint.expect("a breaker refusal says when to retry");
+//! assert!(hint.delay <= std::time::Duration::from_secs(30));
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+mod breaker;
+mod config;
+pub mod events;
+mod future;
+mod layer;
+mod outcome;
+mod service;
+mod snapshot;
+mod state;
+mod store;
+
+pub use breaker::{Breaker, BreakerPermit};
+pub use config::{BreakerConfig, ConfigError};
+pub use future::ResponseFuture;
+pub use layer::BreakerLayer;
+pub use outcome::Outcome;
+pub use service::BreakerService;
+pub use snapshot::KeySnapshot;
+pub use state::{BreakerState, KeyState, Rejection, Ticket, Transition, TransitionReason};
+pub use store::{BreakerStore, InProcessPermit, InProcessStore, TransitionSink};

@@ -1,0 +1,158 @@
+//! The shared handle: admit calls, record outcomes, query state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_classify::{ClassifiedError, DelayHint, Failure, FailureKind, HintSource, ModelRoute};
+use tokio::time::Instant;
+
+use crate::{
+    BreakerConfig, BreakerState, BreakerStore, ConfigError, InProcessStore, KeySnapshot, Outcome,
+    Rejection, events,
+};
+
+/// A circuit breaker over many keys. Clones share state; the
+/// [`BreakerLayer`](crate::BreakerLayer) holds one, and so can a health endpoint or
+/// the fallback layer.
+pub struct Breaker<St = InProcessStore> {
+    store: Arc<St>,
+}
+
+impl<St> Clone for Breaker<St> {
+    fn clone(&self) -> Self {
+        Breaker {
+            store: Arc::clone(&self.store),
+        }
+    }
+}
+
+impl<St: std::fmt::Debug> std::fmt::Debug for Breaker<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+impl Breaker<InProcessStore> {
+    /// A breaker kept in this process.
+    pub fn new(config: BreakerConfig) -> Result<Self, ConfigError> {
+        Ok(Breaker::with_store(InProcessStore::new(config)?))
+    }
+}
+
+impl<St: BreakerStore> Breaker<St> {
+    /// A breaker kept in `store`.
+    pub fn with_store(store: St) -> Self {
+        Breaker {
+            store: Arc::new(store),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+
+    /// Asks to make one call to `route` now.
+    pub fn admit(&self, route: &ModelRoute) -> Result<BreakerPermit<St>, Rejection> {
+        self.admit_at(route, Instant::now())
+    }
+
+    /// Asks to make one call to `route` at `now`.
+    pub fn admit_at(
+        &self,
+        route: &ModelRoute,
+        now: Instant,
+    ) -> Result<BreakerPermit<St>, Rejection> {
+        match self.store.admit(route, now, &mut events::announce) {
+            Ok(permit) => Ok(BreakerPermit {
+                store: Arc::clone(&self.store),
+                permit: Some(permit),
+            }),
+            Err(rejection) => {
+                events::refused(route, &rejection);
+                Err(rejection)
+            }
+        }
+    }
+
+    /// Every key as of now, sorted by route.
+    pub fn snapshot(&self) -> Vec<KeySnapshot> {
+        self.store.snapshot(Instant::now())
+    }
+
+    /// Every key as of `now`, sorted by route.
+    pub fn snapshot_at(&self, now: Instant) -> Vec<KeySnapshot> {
+        self.store.snapshot(now)
+    }
+
+    /// One key as of now, if it has been used.
+    pub fn key(&self, route: &ModelRoute) -> Option<KeySnapshot> {
+        self.store.key_snapshot(route, Instant::now())
+    }
+
+    /// The state of `route` now (closed for a key never used).
+    pub fn state(&self, route: &ModelRoute) -> BreakerState {
+        self.key(route).map_or(BreakerState::Closed, |k| k.state)
+    }
+
+    /// How long until `route` half-opens, when it is open now.
+    pub fn retry_in(&self, route: &ModelRoute) -> Option<Duration> {
+        self.key(route).and_then(|k| k.retry_in)
+    }
+}
+
+/// The right to make one call. Give it the call's outcome with
+/// [`BreakerPermit::record`]; dropping it unrecorded (a cancelled call) frees a
+/// half-open probe slot without counting anything.
+pub struct BreakerPermit<St: BreakerStore = InProcessStore> {
+    store: Arc<St>,
+    permit: Option<St::Permit>,
+}
+
+impl<St: BreakerStore> std::fmt::Debug for BreakerPermit<St>
+where
+    St::Permit: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BreakerPermit")
+            .field("permit", &self.permit)
+            .finish()
+    }
+}
+
+impl<St: BreakerStore> BreakerPermit<St> {
+    /// Records the call's outcome now.
+    pub fn record(self, outcome: Outcome) {
+        self.record_at(outcome, Instant::now());
+    }
+
+    /// Records the call's outcome at `now`.
+    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
+        if let Some(permit) = self.permit.take() {
+            self.store
+                .record(permit, outcome, now, &mut events::announce);
+        }
+    }
+}
+
+impl<St: BreakerStore> Drop for BreakerPermit<St> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.store
+                .release(permit, Instant::now(), &mut events::announce);
+        }
+    }
+}
+
+impl From<Rejection> for ClassifiedError {
+    /// The error a refused call fails with: [`FailureKind::BreakerOpen`] with a
+    /// [`HintSource::Breaker`] hint of when to try again, so the fallback layer moves
+    /// on at once and can tell its caller the earliest time any model reopens.
+    fn from(rejection: Rejection) -> Self {
+        ClassifiedError::local(Failure::new(FailureKind::BreakerOpen).with_hint(Some(
+            DelayHint::new(rejection.retry_in, HintSource::Breaker),
+        )))
+    }
+}

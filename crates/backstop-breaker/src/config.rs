@@ -1,0 +1,147 @@
+//! The breaker's tunables and their defaults.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How a [`Breaker`](crate::Breaker) decides to open, how long it stays open and how it
+/// probes for recovery. The defaults (see the crate docs for why each was chosen) suit
+/// an LLM chat-completions upstream; [`BreakerConfig::validate`] checks a changed one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerConfig {
+    /// Open after this many health failures in a row (0 disables the rule). Default 5.
+    pub consecutive_failures: u32,
+    /// Open when at least this fraction of the calls in the sliding window failed
+    /// (and the window holds at least [`minimum_calls`](Self::minimum_calls)).
+    /// Default 0.5.
+    pub failure_ratio: f64,
+    /// Length of the sliding window the ratio is computed over. Default 30 s.
+    pub window: Duration,
+    /// How many buckets the window is cut into (resilience4j style): the window
+    /// slides one bucket at a time. Default 10 (3 s each).
+    pub window_buckets: u32,
+    /// The ratio rule applies only once the window holds this many calls, so three
+    /// failures out of four at midnight do not open the key. 0 disables the ratio
+    /// rule. Default 10.
+    pub minimum_calls: u32,
+    /// How long a key stays open after the counting rules (or a failed probe) opened
+    /// it. Default 30 s.
+    pub open_duration: Duration,
+    /// How many trial requests may be in flight at once while half-open. Default 1.
+    pub half_open_probes: u32,
+    /// How many probes must succeed before the key closes. Default 1.
+    pub probe_successes_to_close: u32,
+    /// A probe that has not finished after this long gives its slot back and counts as
+    /// a failure, so a hung probe cannot keep the key half-open. Set it to the attempt
+    /// timeout of the stack below. Default 60 s.
+    pub probe_timeout: Duration,
+    /// A 429 or 503 whose Retry-After (or Gemini `retryDelay`, `retry-after-ms`, …) is
+    /// at least this long opens the key at once until the hinted time. Shorter hints
+    /// are left to the retry layer, which waits them out inside the request; the
+    /// failure still counts towards the rules above. Default 1 s.
+    pub hint_opens_at: Duration,
+    /// The longest cooldown a delay hint may impose; longer hints (Azure's "retry
+    /// after 86400 seconds", a Retry-After of 2.3 days) are cut to this, after which a
+    /// probe finds out. Default 10 min.
+    pub max_hinted_cooldown: Duration,
+    /// How long a quota or billing failure (`insufficient_quota`, spend limits,
+    /// per-day quotas) keeps the key open. Default 10 min.
+    pub quota_cooldown: Duration,
+    /// At most this many keys are tracked by the in-process store; requests for
+    /// further keys pass through untracked (and a warning is logged once). Default 4096.
+    pub max_keys: usize,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: 5,
+            failure_ratio: 0.5,
+            window: Duration::from_secs(30),
+            window_buckets: 10,
+            minimum_calls: 10,
+            open_duration: Duration::from_secs(30),
+            half_open_probes: 1,
+            probe_successes_to_close: 1,
+            probe_timeout: Duration::from_secs(60),
+            hint_opens_at: Duration::from_secs(1),
+            max_hinted_cooldown: Duration::from_secs(600),
+            quota_cooldown: Duration::from_secs(600),
+            max_keys: 4096,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Checks that the values make a working breaker.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
+            return Err(ConfigError::FailureRatio(self.failure_ratio));
+        }
+        if self.window_buckets == 0 {
+            return Err(ConfigError::ZeroBuckets);
+        }
+        if self.window < Duration::from_nanos(u64::from(self.window_buckets)) {
+            return Err(ConfigError::WindowTooShort);
+        }
+        if self.open_duration.is_zero() {
+            return Err(ConfigError::Zero("open_duration"));
+        }
+        if self.probe_timeout.is_zero() {
+            return Err(ConfigError::Zero("probe_timeout"));
+        }
+        if self.quota_cooldown.is_zero() {
+            return Err(ConfigError::Zero("quota_cooldown"));
+        }
+        if self.half_open_probes == 0 {
+            return Err(ConfigError::Zero("half_open_probes"));
+        }
+        if self.probe_successes_to_close == 0 {
+            return Err(ConfigError::Zero("probe_successes_to_close"));
+        }
+        if self.max_keys == 0 {
+            return Err(ConfigError::Zero("max_keys"));
+        }
+        Ok(())
+    }
+
+    /// The length of one window bucket.
+    pub(crate) fn bucket_nanos(&self) -> u128 {
+        (self.window.as_nanos() / u128::from(self.window_buckets)).max(1)
+    }
+}
+
+/// A [`BreakerConfig`] that cannot work.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `failure_ratio` outside (0, 1].
+    FailureRatio(f64),
+    /// `window_buckets` is 0.
+    ZeroBuckets,
+    /// `window` is shorter than one nanosecond per bucket.
+    WindowTooShort,
+    /// A field that must be positive is zero.
+    Zero(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::FailureRatio(r) => write!(
+                f,
+                "breaker failure_ratio {r} is outside (0, 1]; use e.g. 0.5 to open at 50 % failures"
+            ),
+            ConfigError::ZeroBuckets => f.write_str(
+                "breaker window_buckets is 0; use at least 1 (the default is 10)",
+            ),
+            ConfigError::WindowTooShort => f.write_str(
+                "breaker window is shorter than its number of buckets in nanoseconds; use a window of seconds",
+            ),
+            ConfigError::Zero(field) => {
+                write!(f, "breaker {field} is zero; it must be positive")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

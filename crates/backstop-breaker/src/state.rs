@@ -1,0 +1,571 @@
+//! The per-key state machine: pure, no runtime, the time passed in.
+//!
+//! Closed → Open → HalfOpen → Closed. Every deadline is compared against the `now`
+//! the caller passes, at every call, so a cooldown ends exactly when it should (never
+//! "at the next sweep") and tests drive it with exact instants.
+
+use std::time::Duration;
+
+use backstop_classify::{DelayHint, FailureKind, HintSource};
+use tokio::time::Instant;
+
+use crate::{BreakerConfig, Outcome};
+
+/// Where a key's breaker stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BreakerState {
+    /// Calls flow; outcomes are counted.
+    Closed,
+    /// Calls are refused at once until the cooldown ends.
+    Open,
+    /// A bounded number of trial calls (probes) may go through.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// A stable snake_case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+
+    /// The value of the state gauge: 0 closed, 1 half-open, 2 open.
+    pub fn gauge_value(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        }
+    }
+}
+
+impl std::fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a key changed state (or, for Open → Open, why its cooldown was extended).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransitionReason {
+    /// This many health failures in a row.
+    ConsecutiveFailures {
+        /// Failures in a row when the key opened.
+        failures: u32,
+    },
+    /// The failure ratio over the sliding window reached the threshold.
+    FailureRatio {
+        /// Failures in the window.
+        failures: u32,
+        /// Calls in the window.
+        calls: u32,
+    },
+    /// A 429/503 carried a delay hint at least `hint_opens_at` long.
+    DelayHint {
+        /// The hinted delay (after the `max_hinted_cooldown` cap).
+        delay: Duration,
+        /// Where the hint came from.
+        source: HintSource,
+    },
+    /// Quota or billing exhausted.
+    QuotaExhausted,
+    /// A half-open probe failed.
+    ProbeFailed,
+    /// A half-open probe did not finish within `probe_timeout`.
+    ProbeTimedOut,
+    /// The open period ended; probes may go through.
+    CooldownElapsed,
+    /// Enough probes succeeded.
+    ProbesSucceeded,
+}
+
+impl TransitionReason {
+    /// A stable snake_case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionReason::ConsecutiveFailures { .. } => "consecutive_failures",
+            TransitionReason::FailureRatio { .. } => "failure_ratio",
+            TransitionReason::DelayHint { .. } => "delay_hint",
+            TransitionReason::QuotaExhausted => "quota_exhausted",
+            TransitionReason::ProbeFailed => "probe_failed",
+            TransitionReason::ProbeTimedOut => "probe_timed_out",
+            TransitionReason::CooldownElapsed => "cooldown_elapsed",
+            TransitionReason::ProbesSucceeded => "probes_succeeded",
+        }
+    }
+}
+
+/// One change of a key's state. `from == to == Open` means the open deadline moved
+/// later (a longer cooldown arrived while open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The state before.
+    pub from: BreakerState,
+    /// The state after.
+    pub to: BreakerState,
+    /// When it happened: the scheduled instant for time-driven transitions (a cooldown's
+    /// end, a probe's timeout), the recording instant otherwise.
+    pub at: Instant,
+    /// Why.
+    pub reason: TransitionReason,
+    /// Until when the key is open, when `to` is Open.
+    pub open_until: Option<Instant>,
+}
+
+/// The right to make one call, handed out by [`KeyState::admit`] and given back with
+/// its outcome to [`KeyState::record`] (or [`KeyState::release`] if the call was
+/// dropped). Outcomes of tickets from an earlier state (a call admitted before the key
+/// opened) no longer count, except for the cooldowns they carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    epoch: u64,
+    probe: Option<u64>,
+}
+
+impl Ticket {
+    /// `true` when this call is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+}
+
+/// A refused call: the key is open, or half-open with every probe slot taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Open or HalfOpen.
+    pub state: BreakerState,
+    /// When open: the time until it half-opens. When half-open: the time until the
+    /// earliest probe slot is freed at the latest (its probe's timeout).
+    pub retry_in: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket {
+    index: u64,
+    calls: u32,
+    failures: u32,
+}
+
+/// Calls and failures over the last `window`, in `window_buckets` buckets that each
+/// cover `window / window_buckets` of time since the key was created.
+#[derive(Clone, Debug)]
+struct FailureWindow {
+    origin: Instant,
+    buckets: Box<[Bucket]>,
+}
+
+impl FailureWindow {
+    fn new(origin: Instant, buckets: u32) -> Self {
+        FailureWindow {
+            origin,
+            buckets: vec![Bucket::default(); buckets.max(1) as usize].into_boxed_slice(),
+        }
+    }
+
+    fn index(&self, now: Instant, config: &BreakerConfig) -> u64 {
+        let nanos = now.saturating_duration_since(self.origin).as_nanos() / config.bucket_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
+    fn record(&mut self, now: Instant, failed: bool, config: &BreakerConfig) {
+        let index = self.index(now, config);
+        let len = self.buckets.len() as u64;
+        let bucket = &mut self.buckets[(index % len) as usize];
+        if bucket.index != index {
+            *bucket = Bucket {
+                index,
+                calls: 0,
+                failures: 0,
+            };
+        }
+        bucket.calls = bucket.calls.saturating_add(1);
+        if failed {
+            bucket.failures = bucket.failures.saturating_add(1);
+        }
+    }
+
+    /// (calls, failures) in the buckets still inside the window at `now`.
+    fn totals(&self, now: Instant, config: &BreakerConfig) -> (u32, u32) {
+        let index = self.index(now, config);
+        let len = self.buckets.len() as u64;
+        self.buckets
+            .iter()
+            .filter(|b| b.index <= index && index - b.index < len)
+            .fold((0u32, 0u32), |(c, f), b| {
+                (c.saturating_add(b.calls), f.saturating_add(b.failures))
+            })
+    }
+
+    fn clear(&mut self) {
+        self.buckets.fill(Bucket::default());
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    id: u64,
+    deadline: Instant,
+}
+
+/// The breaker state of one key (one [`ModelRoute`](backstop_classify::ModelRoute)).
+///
+/// Pure: every method takes the current instant, and reports each state change to the
+/// `emit` callback. A [`BreakerStore`](crate::BreakerStore) keeps one per key.
+#[derive(Clone, Debug)]
+pub struct KeyState {
+    state: BreakerState,
+    /// Bumped at every state change; a ticket from another epoch is stale.
+    epoch: u64,
+    consecutive: u32,
+    window: FailureWindow,
+    open_until: Option<Instant>,
+    last_reason: Option<TransitionReason>,
+    probes: Vec<Probe>,
+    next_probe: u64,
+    probe_successes: u32,
+}
+
+impl KeyState {
+    /// A closed key, created at `now`.
+    pub fn new(now: Instant, config: &BreakerConfig) -> Self {
+        KeyState {
+            state: BreakerState::Closed,
+            epoch: 0,
+            consecutive: 0,
+            window: FailureWindow::new(now, config.window_buckets),
+            open_until: None,
+            last_reason: None,
+            probes: Vec::new(),
+            next_probe: 0,
+            probe_successes: 0,
+        }
+    }
+
+    /// The state as of the last call (call [`KeyState::advance`] first for `now`).
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Until when the key is open, when it is.
+    pub fn open_until(&self) -> Option<Instant> {
+        self.open_until
+    }
+
+    /// Health failures in a row (reset by a success and when the key closes).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive
+    }
+
+    /// (calls, failures) in the sliding window at `now` (counted while closed).
+    pub fn window_counts(&self, now: Instant, config: &BreakerConfig) -> (u32, u32) {
+        self.window.totals(now, config)
+    }
+
+    /// Half-open probes in flight.
+    pub fn probes_in_flight(&self) -> u32 {
+        self.probes.len() as u32
+    }
+
+    /// Why the key last changed state.
+    pub fn last_reason(&self) -> Option<TransitionReason> {
+        self.last_reason
+    }
+
+    /// Applies the transitions time alone causes up to `now`: an open period that
+    /// ended (Open → HalfOpen at its deadline), a probe that timed out (HalfOpen →
+    /// Open at its timeout).
+    pub fn advance(
+        &mut self,
+        now: Instant,
+        config: &BreakerConfig,
+        emit: &mut impl FnMut(Transition),
+    ) {
+        loop {
+            match self.state {
+                BreakerState::Open => match self.open_until {
+                    Some(until) if now >= until => {
+                        self.enter(
+                            BreakerState::HalfOpen,
+                            until,
+                            TransitionReason::CooldownElapsed,
+                            None,
+                            emit,
+                        );
+                    }
+                    _ => return,
+                },
+                BreakerState::HalfOpen => {
+                    let expired = self
+                        .probes
+                        .iter()
+                        .map(|p| p.deadline)
+                        .filter(|d| *d <= now)
+                        .min();
+                    match expired {
+                        // The permit is taken back at the probe's timeout, as a failure.
+                        Some(at) => self.enter(
+                            BreakerState::Open,
+                            at,
+                            TransitionReason::ProbeTimedOut,
+                            Some(at + config.open_duration),
+                            emit,
+                        ),
+                        None => return,
+                    }
+                }
+                BreakerState::Closed => return,
+            }
+        }
+    }
+
+    /// Asks to make one call at `now`.
+    pub fn admit(
+        &mut self,
+        now: Instant,
+        config: &BreakerConfig,
+        emit: &mut impl FnMut(Transition),
+    ) -> Result<Ticket, Rejection> {
+        self.advance(now, config, emit);
+        match self.state {
+            BreakerState::Closed => Ok(Ticket {
+                epoch: self.epoch,
+                probe: None,
+            }),
+            BreakerState::Open => Err(Rejection {
+                state: BreakerState::Open,
+                retry_in: self
+                    .open_until
+                    .map_or(Duration::ZERO, |until| until.saturating_duration_since(now)),
+            }),
+            BreakerState::HalfOpen => {
+                if self.probes.len() < config.half_open_probes as usize {
+                    let id = self.next_probe;
+                    self.next_probe = self.next_probe.wrapping_add(1);
+                    self.probes.push(Probe {
+                        id,
+                        deadline: now + config.probe_timeout,
+                    });
+                    Ok(Ticket {
+                        epoch: self.epoch,
+                        probe: Some(id),
+                    })
+                } else {
+                    let first_free = self.probes.iter().map(|p| p.deadline).min();
+                    Err(Rejection {
+                        state: BreakerState::HalfOpen,
+                        retry_in: first_free
+                            .map_or(Duration::ZERO, |d| d.saturating_duration_since(now)),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Records the outcome of the call `ticket` was for, finished at `now`.
+    pub fn record(
+        &mut self,
+        ticket: Ticket,
+        outcome: Outcome,
+        now: Instant,
+        config: &BreakerConfig,
+        emit: &mut impl FnMut(Transition),
+    ) {
+        self.advance(now, config, emit);
+        let current = ticket.epoch == self.epoch;
+        match outcome {
+            Outcome::Ignored => {
+                if current {
+                    self.take_probe(ticket);
+                }
+            }
+            Outcome::Success => {
+                if !current {
+                    return;
+                }
+                match self.state {
+                    BreakerState::Closed => {
+                        self.consecutive = 0;
+                        self.window.record(now, false, config);
+                    }
+                    BreakerState::HalfOpen => {
+                        if self.take_probe(ticket) {
+                            self.probe_successes += 1;
+                            if self.probe_successes >= config.probe_successes_to_close {
+                                self.enter(
+                                    BreakerState::Closed,
+                                    now,
+                                    TransitionReason::ProbesSucceeded,
+                                    None,
+                                    emit,
+                                );
+                            }
+                        }
+                    }
+                    BreakerState::Open => {}
+                }
+            }
+            Outcome::QuotaExhausted { hint } => {
+                if current {
+                    self.take_probe(ticket);
+                }
+                let cooldown = config
+                    .quota_cooldown
+                    .max(retry_instruction(hint, config).map_or(Duration::ZERO, |h| h.delay));
+                self.open_at_least(now + cooldown, now, TransitionReason::QuotaExhausted, emit);
+            }
+            Outcome::Failure { kind, hint } => {
+                let hinted = cooldown_hint(kind, hint, config);
+                let hinted_delay = hinted.map_or(Duration::ZERO, |h| h.delay);
+                if current && self.state == BreakerState::Closed {
+                    self.consecutive = self.consecutive.saturating_add(1);
+                    self.window.record(now, true, config);
+                    if let Some(reason) = self.trip_reason(now, config) {
+                        let cooldown = config.open_duration.max(hinted_delay);
+                        self.open_at_least(now + cooldown, now, reason, emit);
+                        return;
+                    }
+                } else if current && self.state == BreakerState::HalfOpen && self.take_probe(ticket)
+                {
+                    let cooldown = config.open_duration.max(hinted_delay);
+                    self.open_at_least(now + cooldown, now, TransitionReason::ProbeFailed, emit);
+                    return;
+                }
+                // A long enough Retry-After on a 429/503 opens the key by itself, from any
+                // state and even from a call admitted before the last state change: the
+                // provider said when it will take calls again.
+                if let Some(hint) = hinted.filter(|h| h.delay >= config.hint_opens_at) {
+                    self.open_at_least(
+                        now + hint.delay,
+                        now,
+                        TransitionReason::DelayHint {
+                            delay: hint.delay,
+                            source: hint.source,
+                        },
+                        emit,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Gives back the ticket of a call that was dropped before it finished (its outcome
+    /// is unknown, so nothing is counted; a probe frees its slot).
+    pub fn release(
+        &mut self,
+        ticket: Ticket,
+        now: Instant,
+        config: &BreakerConfig,
+        emit: &mut impl FnMut(Transition),
+    ) {
+        self.advance(now, config, emit);
+        if ticket.epoch == self.epoch {
+            self.take_probe(ticket);
+        }
+    }
+
+    fn take_probe(&mut self, ticket: Ticket) -> bool {
+        let Some(id) = ticket.probe else {
+            return false;
+        };
+        match self.probes.iter().position(|p| p.id == id) {
+            Some(i) => {
+                self.probes.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn trip_reason(&self, now: Instant, config: &BreakerConfig) -> Option<TransitionReason> {
+        if config.consecutive_failures > 0 && self.consecutive >= config.consecutive_failures {
+            return Some(TransitionReason::ConsecutiveFailures {
+                failures: self.consecutive,
+            });
+        }
+        if config.minimum_calls > 0 {
+            let (calls, failures) = self.window.totals(now, config);
+            if calls >= config.minimum_calls
+                && f64::from(failures) >= config.failure_ratio * f64::from(calls)
+            {
+                return Some(TransitionReason::FailureRatio { failures, calls });
+            }
+        }
+        None
+    }
+
+    /// Opens the key until `until`, or moves an open key's deadline to `until` when
+    /// that is later. Never moves a deadline earlier.
+    fn open_at_least(
+        &mut self,
+        until: Instant,
+        now: Instant,
+        reason: TransitionReason,
+        emit: &mut impl FnMut(Transition),
+    ) {
+        if self.state == BreakerState::Open {
+            if self.open_until.is_some_and(|current| until > current) {
+                self.open_until = Some(until);
+                self.last_reason = Some(reason);
+                emit(Transition {
+                    from: BreakerState::Open,
+                    to: BreakerState::Open,
+                    at: now,
+                    reason,
+                    open_until: Some(until),
+                });
+            }
+            return;
+        }
+        self.enter(BreakerState::Open, now, reason, Some(until), emit);
+    }
+
+    fn enter(
+        &mut self,
+        to: BreakerState,
+        at: Instant,
+        reason: TransitionReason,
+        open_until: Option<Instant>,
+        emit: &mut impl FnMut(Transition),
+    ) {
+        let from = self.state;
+        self.state = to;
+        self.epoch = self.epoch.wrapping_add(1);
+        self.open_until = open_until;
+        self.last_reason = Some(reason);
+        self.probes.clear();
+        self.probe_successes = 0;
+        if to == BreakerState::Closed {
+            self.consecutive = 0;
+            self.window.clear();
+        }
+        emit(Transition {
+            from,
+            to,
+            at,
+            reason,
+            open_until,
+        });
+    }
+}
+
+/// A hint that says when to retry (not a rate-limit bucket's reset time), capped.
+fn retry_instruction(hint: Option<DelayHint>, config: &BreakerConfig) -> Option<DelayHint> {
+    hint.filter(|h| h.source.is_retry_instruction())
+        .map(|h| DelayHint::new(h.delay.min(config.max_hinted_cooldown), h.source))
+}
+
+/// The cooldown a failure's hint asks for: only 429s and 503s (rate limited,
+/// overloaded) carry a hint about the upstream as a whole.
+fn cooldown_hint(
+    kind: FailureKind,
+    hint: Option<DelayHint>,
+    config: &BreakerConfig,
+) -> Option<DelayHint> {
+    match kind {
+        FailureKind::RateLimited | FailureKind::Overloaded => retry_instruction(hint, config),
+        _ => None,
+    }
+}

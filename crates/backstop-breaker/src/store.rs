@@ -1,0 +1,235 @@
+//! Where the per-key states live: a small trait, and the in-process default.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use backstop_classify::ModelRoute;
+use tokio::time::Instant;
+
+use crate::{BreakerConfig, ConfigError, KeySnapshot, KeyState, Outcome, Rejection, Transition};
+
+/// The callback a store reports each state change to (the [`Breaker`](crate::Breaker)
+/// turns them into tracing events and metrics).
+pub type TransitionSink<'a> = &'a mut dyn FnMut(&ModelRoute, Transition);
+
+/// Keeps the breaker state of every key.
+///
+/// The default, [`InProcessStore`], keeps it in this process. A store shared across
+/// processes (so that N replicas do not each send their own probes and counts to a
+/// model that is down) implements the same four operations, typically by running
+/// [`KeyState`] against a shared record.
+pub trait BreakerStore: Send + Sync + 'static {
+    /// What an admitted call holds until it records its outcome.
+    type Permit: Send + 'static;
+
+    /// Asks to make one call to `route` at `now`.
+    fn admit(
+        &self,
+        route: &ModelRoute,
+        now: Instant,
+        emit: TransitionSink<'_>,
+    ) -> Result<Self::Permit, Rejection>;
+
+    /// Records the outcome of an admitted call, finished at `now`.
+    fn record(
+        &self,
+        permit: Self::Permit,
+        outcome: Outcome,
+        now: Instant,
+        emit: TransitionSink<'_>,
+    );
+
+    /// Gives back the permit of a call dropped before it finished.
+    fn release(&self, permit: Self::Permit, now: Instant, emit: TransitionSink<'_>);
+
+    /// Every key, as of `now`, sorted by route.
+    fn snapshot(&self, now: Instant) -> Vec<KeySnapshot>;
+
+    /// One key as of `now`, if it is known.
+    fn key_snapshot(&self, route: &ModelRoute, now: Instant) -> Option<KeySnapshot>;
+}
+
+/// Enough shards that two threads working on different keys rarely share a lock.
+const SHARDS: usize = 16;
+
+/// One shard of the key map.
+type Shard = RwLock<HashMap<ModelRoute, Arc<KeyCell>>>;
+
+struct KeyCell {
+    route: ModelRoute,
+    state: Mutex<KeyState>,
+}
+
+impl KeyCell {
+    fn with_state<R>(&self, f: impl FnOnce(&mut KeyState) -> R) -> R {
+        // No code panics while holding the lock; if some did, the state is still a
+        // valid state machine, so keep using it.
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut guard)
+    }
+}
+
+/// The in-process store: a sharded map from route to a mutex-guarded [`KeyState`].
+///
+/// The closed-state hot path takes a shard's read lock, one hash lookup and the key's
+/// mutex to admit, and only the key's mutex to record. At most
+/// [`BreakerConfig::max_keys`] keys are tracked; calls for further keys pass untracked.
+pub struct InProcessStore {
+    config: BreakerConfig,
+    shards: Box<[Shard]>,
+    shard_hasher: RandomState,
+    keys: AtomicUsize,
+    overflow_warned: AtomicBool,
+}
+
+impl std::fmt::Debug for InProcessStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessStore")
+            .field("config", &self.config)
+            .field("keys", &self.keys.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// An admitted call's hold on an [`InProcessStore`] key.
+pub struct InProcessPermit {
+    held: Option<(Arc<KeyCell>, crate::Ticket)>,
+}
+
+impl std::fmt::Debug for InProcessPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.held {
+            Some((cell, ticket)) => f
+                .debug_struct("InProcessPermit")
+                .field("route", &cell.route)
+                .field("ticket", ticket)
+                .finish(),
+            None => f.write_str("InProcessPermit(untracked)"),
+        }
+    }
+}
+
+impl InProcessStore {
+    /// An empty store running `config`.
+    pub fn new(config: BreakerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(InProcessStore {
+            config,
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            shard_hasher: RandomState::new(),
+            keys: AtomicUsize::new(0),
+            overflow_warned: AtomicBool::new(false),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
+    }
+
+    fn shard(&self, route: &ModelRoute) -> &Shard {
+        let hash = self.shard_hasher.hash_one(route);
+        &self.shards[(hash as usize) % SHARDS]
+    }
+
+    fn cell(&self, route: &ModelRoute, now: Instant) -> Option<Arc<KeyCell>> {
+        let shard = self.shard(route);
+        if let Some(cell) = shard
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+        {
+            return Some(Arc::clone(cell));
+        }
+        let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cell) = map.get(route) {
+            return Some(Arc::clone(cell));
+        }
+        if self.keys.load(Ordering::Relaxed) >= self.config.max_keys {
+            if !self.overflow_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max_keys = self.config.max_keys,
+                    upstream = %route.upstream,
+                    model = %route.model,
+                    "circuit breaker key limit reached; calls for new keys pass untracked (raise `max_keys`)"
+                );
+            }
+            return None;
+        }
+        self.keys.fetch_add(1, Ordering::Relaxed);
+        let cell = Arc::new(KeyCell {
+            route: route.clone(),
+            state: Mutex::new(KeyState::new(now, &self.config)),
+        });
+        map.insert(route.clone(), Arc::clone(&cell));
+        Some(cell)
+    }
+}
+
+impl BreakerStore for InProcessStore {
+    type Permit = InProcessPermit;
+
+    fn admit(
+        &self,
+        route: &ModelRoute,
+        now: Instant,
+        emit: TransitionSink<'_>,
+    ) -> Result<InProcessPermit, Rejection> {
+        let Some(cell) = self.cell(route, now) else {
+            return Ok(InProcessPermit { held: None });
+        };
+        let ticket =
+            cell.with_state(|s| s.admit(now, &self.config, &mut |t| emit(&cell.route, t)))?;
+        Ok(InProcessPermit {
+            held: Some((cell, ticket)),
+        })
+    }
+
+    fn record(
+        &self,
+        permit: InProcessPermit,
+        outcome: Outcome,
+        now: Instant,
+        emit: TransitionSink<'_>,
+    ) {
+        if let Some((cell, ticket)) = permit.held {
+            cell.with_state(|s| {
+                s.record(ticket, outcome, now, &self.config, &mut |t| {
+                    emit(&cell.route, t)
+                })
+            });
+        }
+    }
+
+    fn release(&self, permit: InProcessPermit, now: Instant, emit: TransitionSink<'_>) {
+        if let Some((cell, ticket)) = permit.held {
+            cell.with_state(|s| {
+                s.release(ticket, now, &self.config, &mut |t| emit(&cell.route, t))
+            });
+        }
+    }
+
+    fn snapshot(&self, now: Instant) -> Vec<KeySnapshot> {
+        let mut all = Vec::with_capacity(self.keys.load(Ordering::Relaxed));
+        for shard in self.shards.iter() {
+            let map = shard.read().unwrap_or_else(PoisonError::into_inner);
+            all.extend(map.values().map(|cell| {
+                cell.with_state(|s| KeySnapshot::of(&cell.route, s, now, &self.config))
+            }));
+        }
+        all.sort_by(|a, b| a.route.cmp(&b.route));
+        all
+    }
+
+    fn key_snapshot(&self, route: &ModelRoute, now: Instant) -> Option<KeySnapshot> {
+        let cell = self
+            .shard(route)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .cloned()?;
+        Some(cell.with_state(|s| KeySnapshot::of(&cell.route, s, now, &self.config)))
+    }
+}
