@@ -1,0 +1,876 @@
+//! Targets, chains and limits: the serde form, the code builder, and validation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderName, HeaderValue, Uri};
+use serde::{Deserialize, Serialize};
+
+use crate::secret::{REDACTED, Secret};
+
+/// The default cap on a request body the layer will rewrite (Anthropic's edge
+/// refuses bodies over 32 MB, so no provider accepts more).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// The path prefix a caller's request is assumed to carry by default (OpenAI's
+/// `/v1/chat/completions` shape); see [`FallbackConfig`] for how paths map.
+pub const DEFAULT_CALLER_PATH_PREFIX: &str = "/v1";
+
+/// Header names that carry credentials at the providers Backstop knows, always
+/// removed before a request goes to a configured target.
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+
+/// Where one model is served: the upstream, its base URI, how it spells the model,
+/// and the credential to send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// A name for the upstream (`"openai"`, `"azure-eu"`); it goes into
+    /// [`ModelRoute::upstream`](backstop_classify::ModelRoute) and the records.
+    pub upstream: String,
+    /// Scheme, authority and path prefix, e.g. `https://api.groq.com/openai/v1`. A
+    /// query (Azure's `?api-version=…`) replaces the caller's query.
+    pub base_uri: String,
+    /// The model name as this upstream spells it (an Azure deployment name, a
+    /// provider's versioned id). Defaults to the name the target is configured under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The credential header to send; `None` for upstreams that need none (a local
+    /// server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Credential>,
+    /// Headers this upstream needs besides the credential (`anthropic-version`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_headers: BTreeMap<String, String>,
+}
+
+impl Target {
+    /// A target at `upstream`, served from `base_uri`, with no credential.
+    pub fn new(upstream: impl Into<String>, base_uri: impl Into<String>) -> Self {
+        Target {
+            upstream: upstream.into(),
+            base_uri: base_uri.into(),
+            model: None,
+            credential: None,
+            extra_headers: BTreeMap::new(),
+        }
+    }
+
+    /// Sets how this upstream spells the model.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Sets the credential header (e.g. `authorization` with `Bearer sk-…`, or
+    /// `api-key`, or `x-api-key`).
+    pub fn credential(mut self, header: impl Into<String>, value: impl Into<Secret>) -> Self {
+        self.credential = Some(Credential {
+            header: header.into(),
+            value: value.into(),
+            label: None,
+        });
+        self
+    }
+
+    /// Sets the non-secret label of the credential (for [`ModelRoute::credential`](backstop_classify::ModelRoute)).
+    /// Call after [`Target::credential`]; without a credential it does nothing.
+    pub fn credential_label(mut self, label: impl Into<String>) -> Self {
+        if let Some(c) = &mut self.credential {
+            c.label = Some(label.into());
+        }
+        self
+    }
+
+    /// Adds a header this upstream needs.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_headers.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// A credential: the header that carries it, its (secret) value and a label.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// The header name (`authorization`, `api-key`, `x-api-key`, …).
+    pub header: String,
+    /// The whole header value, e.g. `Bearer sk-…`. Redacted in every printout.
+    pub value: Secret,
+    /// A non-secret name for this credential, used in records and breaker keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// The fallback chains.
+///
+/// Chains are not transitive: a request walks the chain of the model it asked for
+/// (or the default chain), switching to the context-length or content-filter chain
+/// when a failure calls for it; the chain of a fallback model is never followed. So
+/// chains that name each other cannot loop, and every model is tried at most once
+/// per request whatever the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chains {
+    /// Per requested model, the models to try after it, in order.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, Vec<String>>,
+    /// The chain for requested models that have none of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default: Vec<String>,
+    /// Larger-context models, tried after a context-length failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_length: Vec<String>,
+    /// Models tried after a content-policy refusal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content_filter: Vec<String>,
+}
+
+/// Which chain a configuration error is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainName {
+    /// The chain of one requested model.
+    Model(String),
+    /// The default chain.
+    Default,
+    /// The context-length chain.
+    ContextLength,
+    /// The content-filter chain.
+    ContentFilter,
+}
+
+impl fmt::Display for ChainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainName::Model(m) => write!(f, "chains.models.\"{m}\""),
+            ChainName::Default => f.write_str("chains.default"),
+            ChainName::ContextLength => f.write_str("chains.context_length"),
+            ChainName::ContentFilter => f.write_str("chains.content_filter"),
+        }
+    }
+}
+
+/// Why a configuration was refused. Messages name the offending entry and never
+/// include a credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A chain names a model that has no target.
+    UnknownModel {
+        /// The chain.
+        chain: ChainName,
+        /// The model it names.
+        model: String,
+    },
+    /// A chain names a model twice, or names the model it is the chain of.
+    RepeatedModel {
+        /// The chain.
+        chain: ChainName,
+        /// The repeated model.
+        model: String,
+    },
+    /// A target's credential value is empty.
+    EmptyCredential {
+        /// The target's model.
+        model: String,
+    },
+    /// A credential value cannot be sent as a header value (e.g. it has a newline).
+    InvalidCredential {
+        /// The target's model.
+        model: String,
+    },
+    /// A header name or an extra header value is not valid HTTP.
+    InvalidHeader {
+        /// The target's model.
+        model: String,
+        /// The header name as configured.
+        header: String,
+    },
+    /// A base URI is not absolute (scheme and authority) or cannot be parsed.
+    InvalidBaseUri {
+        /// The target's model.
+        model: String,
+        /// The URI as configured.
+        uri: String,
+    },
+    /// A model name, upstream name or provider spelling is empty.
+    EmptyName {
+        /// The target's model (possibly the empty string).
+        model: String,
+    },
+    /// A duration in the serde form could not be parsed.
+    InvalidDuration {
+        /// The text as configured.
+        text: String,
+    },
+    /// `max_body_bytes` is zero.
+    ZeroBodyLimit,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::UnknownModel { chain, model } => write!(
+                f,
+                "{chain} names model \"{model}\", which has no target; add targets.\"{model}\" or remove it from the chain"
+            ),
+            ConfigError::RepeatedModel { chain, model } => write!(
+                f,
+                "{chain} names model \"{model}\" more than once (a model's own chain must not name it); each model is tried at most once, so list it once"
+            ),
+            ConfigError::EmptyCredential { model } => write!(
+                f,
+                "targets.\"{model}\".credential.value is empty; set the key or remove the credential"
+            ),
+            ConfigError::InvalidCredential { model } => write!(
+                f,
+                "targets.\"{model}\".credential.value is not a valid HTTP header value (control characters or newlines?); check the key"
+            ),
+            ConfigError::InvalidHeader { model, header } => write!(
+                f,
+                "targets.\"{model}\" has header \"{header}\" whose name or value is not valid HTTP; fix or remove it"
+            ),
+            ConfigError::InvalidBaseUri { model, uri } => write!(
+                f,
+                "targets.\"{model}\".base_uri \"{uri}\" is not an absolute URI like https://api.example.com/v1; give scheme, host and path prefix"
+            ),
+            ConfigError::EmptyName { model } => write!(
+                f,
+                "target \"{model}\" has an empty model, upstream or provider model name; every name must be non-empty"
+            ),
+            ConfigError::InvalidDuration { text } => write!(
+                f,
+                "total_deadline \"{text}\" is not a duration; write it like \"30s\" or \"2m\""
+            ),
+            ConfigError::ZeroBodyLimit => {
+                f.write_str("max_body_bytes is 0; set it to the largest request body to rewrite")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration of the fallback layer.
+///
+/// Build it in code with [`FallbackConfig::builder`] or deserialize it (TOML, JSON,
+/// …); both validate, so a `FallbackConfig` that exists is usable. Serializing it
+/// redacts every credential.
+///
+/// **Paths.** A hop to a target sends to the target's scheme and authority, at the
+/// target's path prefix followed by the endpoint the caller asked for: the caller's
+/// path with `caller_path_prefix` (default `/v1`) removed when it starts with it.
+/// So a caller's `/v1/chat/completions` goes to `https://api.groq.com/openai/v1`
+/// as `/openai/v1/chat/completions`. A target's query, when it has one, replaces
+/// the caller's (Azure's `api-version`); otherwise the caller's query is kept.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(try_from = "RawConfig", into = "RawConfig")]
+pub struct FallbackConfig {
+    targets: BTreeMap<String, Target>,
+    chains: Chains,
+    total_deadline: Option<Duration>,
+    max_body_bytes: usize,
+    caller_path_prefix: String,
+    pub(crate) compiled: Arc<Compiled>,
+}
+
+impl fmt::Debug for FallbackConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Target's derived Debug goes through Secret's, which redacts.
+        f.debug_struct("FallbackConfig")
+            .field("targets", &self.targets)
+            .field("chains", &self.chains)
+            .field("total_deadline", &self.total_deadline)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("caller_path_prefix", &self.caller_path_prefix)
+            .finish()
+    }
+}
+
+impl FallbackConfig {
+    /// A builder with no targets, empty chains, no total deadline and the default
+    /// limits.
+    pub fn builder() -> FallbackConfigBuilder {
+        FallbackConfigBuilder {
+            raw: RawConfig::default(),
+            total_deadline: None,
+        }
+    }
+
+    /// The targets, by model name.
+    pub fn targets(&self) -> &BTreeMap<String, Target> {
+        &self.targets
+    }
+
+    /// The chains.
+    pub fn chains(&self) -> &Chains {
+        &self.chains
+    }
+
+    /// The total deadline across all hops of a request, if one is set.
+    pub fn total_deadline(&self) -> Option<Duration> {
+        self.total_deadline
+    }
+
+    /// The largest body the layer will rewrite.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    /// The ordered list of models a request for `requested` may be tried on through
+    /// its ordinary chain (the requested model first), without the special chains.
+    pub fn chain_for<'a>(&'a self, requested: &'a str) -> Vec<&'a str> {
+        let mut out = vec![requested];
+        out.extend(self.compiled.chain(requested).iter().map(|m| &**m));
+        out
+    }
+}
+
+/// Builds a [`FallbackConfig`] in code.
+#[derive(Debug)]
+pub struct FallbackConfigBuilder {
+    raw: RawConfig,
+    total_deadline: Option<Duration>,
+}
+
+impl FallbackConfigBuilder {
+    /// Adds (or replaces) the target serving `model`.
+    pub fn target(mut self, model: impl Into<String>, target: Target) -> Self {
+        self.raw.targets.insert(model.into(), target);
+        self
+    }
+
+    /// Sets the chain of `model`: the models tried after it, in order.
+    pub fn chain<I, M>(mut self, model: impl Into<String>, fallbacks: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        self.raw.chains.models.insert(
+            model.into(),
+            fallbacks.into_iter().map(Into::into).collect(),
+        );
+        self
+    }
+
+    /// Sets the default chain.
+    pub fn default_chain<I: IntoIterator<Item = M>, M: Into<String>>(mut self, models: I) -> Self {
+        self.raw.chains.default = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the context-length chain.
+    pub fn context_chain<I: IntoIterator<Item = M>, M: Into<String>>(mut self, models: I) -> Self {
+        self.raw.chains.context_length = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the content-filter chain.
+    pub fn content_chain<I: IntoIterator<Item = M>, M: Into<String>>(mut self, models: I) -> Self {
+        self.raw.chains.content_filter = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the total deadline across all hops of a request.
+    pub fn total_deadline(mut self, deadline: Duration) -> Self {
+        self.total_deadline = Some(deadline);
+        self
+    }
+
+    /// Sets the largest body the layer will rewrite.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.raw.max_body_bytes = Some(limit);
+        self
+    }
+
+    /// Sets the caller path prefix removed before a target's prefix is put in front.
+    pub fn caller_path_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.raw.caller_path_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Validates and builds the configuration.
+    pub fn build(self) -> Result<FallbackConfig, ConfigError> {
+        FallbackConfig::validate(self.raw, self.total_deadline)
+    }
+}
+
+/// The serde form.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    targets: BTreeMap<String, Target>,
+    #[serde(default)]
+    chains: Chains,
+    /// A duration such as "60s" (humantime syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    total_deadline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_body_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    caller_path_prefix: Option<String>,
+}
+
+impl TryFrom<RawConfig> for FallbackConfig {
+    type Error = ConfigError;
+
+    fn try_from(mut raw: RawConfig) -> Result<Self, ConfigError> {
+        let deadline = match raw.total_deadline.take() {
+            None => None,
+            Some(text) => Some(
+                humantime::parse_duration(text.trim())
+                    .map_err(|_| ConfigError::InvalidDuration { text })?,
+            ),
+        };
+        FallbackConfig::validate(raw, deadline)
+    }
+}
+
+impl From<FallbackConfig> for RawConfig {
+    fn from(c: FallbackConfig) -> Self {
+        RawConfig {
+            targets: c.targets,
+            chains: c.chains,
+            total_deadline: c
+                .total_deadline
+                .map(|d| humantime::format_duration(d).to_string()),
+            max_body_bytes: Some(c.max_body_bytes),
+            caller_path_prefix: Some(c.caller_path_prefix),
+        }
+    }
+}
+
+impl FallbackConfig {
+    fn validate(raw: RawConfig, total_deadline: Option<Duration>) -> Result<Self, ConfigError> {
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err(ConfigError::ZeroBodyLimit);
+        }
+        let caller_path_prefix = trim_prefix(
+            raw.caller_path_prefix
+                .as_deref()
+                .unwrap_or(DEFAULT_CALLER_PATH_PREFIX),
+        )
+        .to_owned();
+
+        let mut targets = HashMap::new();
+        let mut credential_headers: Vec<HeaderName> = CREDENTIAL_HEADERS
+            .iter()
+            .map(|h| HeaderName::from_static(h))
+            .collect();
+        let mut target_headers: Vec<HeaderName> = Vec::new();
+        for (model, target) in &raw.targets {
+            let compiled = CompiledTarget::compile(model, target)?;
+            if let Some((name, _)) = &compiled.credential
+                && !credential_headers.contains(name)
+            {
+                credential_headers.push(name.clone());
+            }
+            for (name, _) in &compiled.extra_headers {
+                if !target_headers.contains(name) {
+                    target_headers.push(name.clone());
+                }
+            }
+            targets.insert(Arc::<str>::from(model.as_str()), compiled);
+        }
+
+        let check = |chain: ChainName, own: Option<&str>, list: &[String]| {
+            let mut seen: HashSet<&str> = own.into_iter().collect();
+            for model in list {
+                if !raw.targets.contains_key(model) {
+                    return Err(ConfigError::UnknownModel {
+                        chain: chain.clone(),
+                        model: model.clone(),
+                    });
+                }
+                if !seen.insert(model) {
+                    return Err(ConfigError::RepeatedModel {
+                        chain: chain.clone(),
+                        model: model.clone(),
+                    });
+                }
+            }
+            Ok(list
+                .iter()
+                .map(|m| Arc::<str>::from(m.as_str()))
+                .collect::<Vec<_>>())
+        };
+        let mut chains = HashMap::new();
+        for (model, list) in &raw.chains.models {
+            if model.is_empty() {
+                return Err(ConfigError::EmptyName {
+                    model: model.clone(),
+                });
+            }
+            let compiled = check(ChainName::Model(model.clone()), Some(model), list)?;
+            chains.insert(Arc::<str>::from(model.as_str()), compiled);
+        }
+        let default_chain = check(ChainName::Default, None, &raw.chains.default)?;
+        let context_chain = check(ChainName::ContextLength, None, &raw.chains.context_length)?;
+        let content_chain = check(ChainName::ContentFilter, None, &raw.chains.content_filter)?;
+
+        let compiled = Compiled {
+            targets,
+            chains,
+            default_chain,
+            context_chain,
+            content_chain,
+            credential_headers,
+            target_headers,
+            total_deadline,
+            max_body_bytes,
+            caller_path_prefix: caller_path_prefix.clone(),
+        };
+        Ok(FallbackConfig {
+            targets: raw.targets,
+            chains: raw.chains,
+            total_deadline,
+            max_body_bytes,
+            caller_path_prefix,
+            compiled: Arc::new(compiled),
+        })
+    }
+}
+
+/// A path prefix without its trailing slash (`/` becomes empty).
+fn trim_prefix(p: &str) -> &str {
+    p.trim_end_matches('/')
+}
+
+/// The runtime form: parsed URIs and header values, chains as shared names.
+pub(crate) struct Compiled {
+    pub(crate) targets: HashMap<Arc<str>, CompiledTarget>,
+    pub(crate) chains: HashMap<Arc<str>, Vec<Arc<str>>>,
+    pub(crate) default_chain: Vec<Arc<str>>,
+    pub(crate) context_chain: Vec<Arc<str>>,
+    pub(crate) content_chain: Vec<Arc<str>>,
+    /// Every header that carries a credential anywhere: removed before any hop to a
+    /// configured target, so one provider's key never reaches another.
+    pub(crate) credential_headers: Vec<HeaderName>,
+    /// Every extra header any target sets: provider-specific, removed on a switch.
+    pub(crate) target_headers: Vec<HeaderName>,
+    pub(crate) total_deadline: Option<Duration>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) caller_path_prefix: String,
+}
+
+impl Compiled {
+    /// The ordinary chain of a requested model.
+    pub(crate) fn chain(&self, requested: &str) -> &[Arc<str>] {
+        self.chains
+            .get(requested)
+            .map(Vec::as_slice)
+            .unwrap_or(&self.default_chain)
+    }
+}
+
+/// One target, ready to apply to a request.
+pub(crate) struct CompiledTarget {
+    pub(crate) upstream: Arc<str>,
+    pub(crate) provider_model: Arc<str>,
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    /// Without a trailing slash; empty for the root.
+    pub(crate) path_prefix: String,
+    pub(crate) query: Option<String>,
+    /// The header value is marked sensitive (HPACK never indexes it; `Debug`
+    /// prints `Sensitive`).
+    pub(crate) credential: Option<(HeaderName, HeaderValue)>,
+    pub(crate) credential_label: Option<Arc<str>>,
+    pub(crate) extra_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl fmt::Debug for CompiledTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledTarget")
+            .field("upstream", &self.upstream)
+            .field("provider_model", &self.provider_model)
+            .field("authority", &self.authority)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|(n, _)| (n, REDACTED)),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl CompiledTarget {
+    fn compile(model: &str, t: &Target) -> Result<Self, ConfigError> {
+        let provider_model = t.model.as_deref().unwrap_or(model);
+        if model.is_empty() || t.upstream.is_empty() || provider_model.is_empty() {
+            return Err(ConfigError::EmptyName {
+                model: model.to_owned(),
+            });
+        }
+        let bad_uri = || ConfigError::InvalidBaseUri {
+            model: model.to_owned(),
+            uri: t.base_uri.clone(),
+        };
+        let uri: Uri = t.base_uri.parse().map_err(|_| bad_uri())?;
+        let parts = uri.into_parts();
+        let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+            return Err(bad_uri());
+        };
+        let (path_prefix, query) = match &parts.path_and_query {
+            Some(pq) => (
+                trim_prefix(pq.path()).to_owned(),
+                pq.query().map(str::to_owned),
+            ),
+            None => (String::new(), None),
+        };
+        let credential = match &t.credential {
+            None => None,
+            Some(c) => {
+                if c.value.is_blank() {
+                    return Err(ConfigError::EmptyCredential {
+                        model: model.to_owned(),
+                    });
+                }
+                let name = HeaderName::try_from(c.header.trim()).map_err(|_| {
+                    ConfigError::InvalidHeader {
+                        model: model.to_owned(),
+                        header: c.header.clone(),
+                    }
+                })?;
+                let mut value = HeaderValue::try_from(c.value.expose()).map_err(|_| {
+                    ConfigError::InvalidCredential {
+                        model: model.to_owned(),
+                    }
+                })?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
+        let mut extra_headers = Vec::new();
+        for (name, value) in &t.extra_headers {
+            let invalid = || ConfigError::InvalidHeader {
+                model: model.to_owned(),
+                header: name.clone(),
+            };
+            let n = HeaderName::try_from(name.trim()).map_err(|_| invalid())?;
+            let v = HeaderValue::try_from(value.as_str()).map_err(|_| invalid())?;
+            extra_headers.push((n, v));
+        }
+        Ok(CompiledTarget {
+            upstream: Arc::from(t.upstream.as_str()),
+            provider_model: Arc::from(provider_model),
+            scheme,
+            authority,
+            path_prefix,
+            query,
+            credential,
+            credential_label: t
+                .credential
+                .as_ref()
+                .and_then(|c| c.label.as_deref())
+                .map(Arc::from),
+            extra_headers,
+        })
+    }
+
+    /// The URI of a hop to this target for a caller's `original` URI.
+    pub(crate) fn uri_for(&self, original: &Uri, caller_prefix: &str) -> Result<Uri, http::Error> {
+        let path = original.path();
+        let suffix = match path.strip_prefix(caller_prefix) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+            _ if path == "/" => "",
+            _ => path,
+        };
+        let query = self.query.as_deref().or(original.query());
+        let mut pq = String::with_capacity(self.path_prefix.len() + suffix.len() + 1);
+        pq.push_str(&self.path_prefix);
+        pq.push_str(suffix);
+        if pq.is_empty() {
+            pq.push('/');
+        }
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::try_from(pq)?)
+            .build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openai() -> Target {
+        Target::new("openai", "https://api.openai.com/v1")
+            .credential("authorization", "Bearer sk-A")
+    }
+
+    #[test]
+    fn chain_naming_an_unknown_model_is_refused() {
+        let err = FallbackConfig::builder()
+            .target("a", openai())
+            .chain("a", ["b"])
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::UnknownModel {
+                chain: ChainName::Model("a".into()),
+                model: "b".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "chains.models.\"a\" names model \"b\", which has no target; add targets.\"b\" or remove it from the chain"
+        );
+    }
+
+    #[test]
+    fn chain_naming_a_model_twice_or_itself_is_refused() {
+        let twice = FallbackConfig::builder()
+            .target("a", openai())
+            .target("b", openai())
+            .default_chain(["b", "a", "b"])
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            twice,
+            ConfigError::RepeatedModel {
+                chain: ChainName::Default,
+                model: "b".into()
+            }
+        );
+        let itself = FallbackConfig::builder()
+            .target("a", openai())
+            .chain("a", ["a"])
+            .build()
+            .unwrap_err();
+        assert!(matches!(itself, ConfigError::RepeatedModel { .. }));
+    }
+
+    #[test]
+    fn chains_that_name_each_other_are_accepted_because_chains_are_not_followed() {
+        let config = FallbackConfig::builder()
+            .target("a", openai())
+            .target("b", openai())
+            .chain("a", ["b"])
+            .chain("b", ["a"])
+            .build()
+            .unwrap();
+        assert_eq!(config.chain_for("a"), ["a", "b"]);
+        assert_eq!(config.chain_for("b"), ["b", "a"]);
+    }
+
+    #[test]
+    fn blank_credential_is_refused() {
+        let err = FallbackConfig::builder()
+            .target(
+                "a",
+                Target::new("x", "https://x.example").credential("api-key", " "),
+            )
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::EmptyCredential { model: "a".into() });
+    }
+
+    #[test]
+    fn credential_with_newline_is_refused_without_echoing_it() {
+        let err = FallbackConfig::builder()
+            .target(
+                "a",
+                Target::new("x", "https://x.example").credential("api-key", "sk-\nSECRET"),
+            )
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::InvalidCredential { model: "a".into() });
+        assert!(!err.to_string().contains("SECRET"));
+        assert!(!format!("{err:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn relative_base_uri_is_refused() {
+        let err = FallbackConfig::builder()
+            .target("a", Target::new("x", "/v1"))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidBaseUri { .. }));
+    }
+
+    #[test]
+    fn path_maps_prefix_plus_endpoint_and_target_query_wins() {
+        let groq =
+            CompiledTarget::compile("m", &Target::new("groq", "https://api.groq.com/openai/v1/"))
+                .unwrap();
+        let azure = CompiledTarget::compile(
+            "m",
+            &Target::new(
+                "azure",
+                "https://x.openai.azure.com/openai/deployments/gpt4o?api-version=2024-10-21",
+            ),
+        )
+        .unwrap();
+        let original: Uri = "http://proxy.local/v1/chat/completions?trace=1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            groq.uri_for(&original, "/v1").unwrap().to_string(),
+            "https://api.groq.com/openai/v1/chat/completions?trace=1"
+        );
+        assert_eq!(
+            azure.uri_for(&original, "/v1").unwrap().to_string(),
+            "https://x.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
+        );
+        // A path that does not start with the caller prefix is kept whole; "/v10" is
+        // not under "/v1".
+        let other: Uri = "/v10/chat".parse().unwrap();
+        assert_eq!(
+            groq.uri_for(&other, "/v1").unwrap().to_string(),
+            "https://api.groq.com/openai/v1/v10/chat"
+        );
+    }
+
+    #[test]
+    fn toml_config_round_trips_with_credentials_redacted() {
+        let text = r#"
+            total_deadline = "90s"
+            [targets.gpt-4o]
+            upstream = "openai"
+            base_uri = "https://api.openai.com/v1"
+            credential = { header = "authorization", value = "Bearer sk-TOPSECRET", label = "openai-main" }
+            [targets.claude]
+            upstream = "anthropic"
+            base_uri = "https://api.anthropic.com/v1"
+            model = "claude-sonnet-4-5"
+            credential = { header = "x-api-key", value = "sk-ant-TOPSECRET" }
+            extra_headers = { "anthropic-version" = "2023-06-01" }
+            [chains]
+            default = ["claude"]
+            context_length = ["claude"]
+            [chains.models]
+            gpt-4o = ["claude"]
+        "#;
+        let config: FallbackConfig = toml::from_str(text).unwrap();
+        assert_eq!(config.total_deadline(), Some(Duration::from_secs(90)));
+        assert_eq!(config.chain_for("gpt-4o"), ["gpt-4o", "claude"]);
+        assert_eq!(config.chain_for("other"), ["other", "claude"]);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("TOPSECRET"), "{debug}");
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains("TOPSECRET"), "{json}");
+        assert!(json.contains("[redacted]"));
+    }
+
+    #[test]
+    fn bad_duration_is_refused_with_its_text() {
+        let err = toml::from_str::<FallbackConfig>("total_deadline = \"soon\"").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("total_deadline \"soon\" is not a duration"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! One logical request's way through the chain: which hop it is on, what every
+//! hop did, and what to return when it ends.
+
+use std::sync::Arc;
+
+use backstop_classify::{
+    AttemptLog, BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure,
+    FailureKind, HintSource, ModelRoute, ReplayBody, classify_transport_error,
+};
+use http::{Request, Response};
+use tokio::time::Instant;
+
+use crate::config::Compiled;
+use crate::hop::{HopError, Original};
+use crate::policy::{ChainKind, ChainWalk, Verdict, judge};
+use crate::served::{ChainFailed, ChainStop, Hop, ServedBy};
+
+/// What the future does after an outcome.
+pub(crate) enum Step<RB> {
+    /// Return this to the caller.
+    Return(Result<Response<RB>, ClassifiedError>),
+    /// Send this request to the (next) model.
+    Next(Request<ReplayBody>),
+}
+
+pub(crate) struct Journey {
+    config: Arc<Compiled>,
+    original: Original,
+    walk: ChainWalk,
+    idempotent: bool,
+    deadline: Option<Instant>,
+    /// The hop in flight.
+    current: (Arc<str>, ModelRoute, ChainKind),
+    hops: Vec<Hop>,
+    /// Per finished hop, when its failure's hint says it may serve again.
+    reopen: Vec<Option<(Instant, HintSource)>>,
+    span: tracing::Span,
+}
+
+impl Journey {
+    /// Starts the journey and builds the first hop's request.
+    pub(crate) fn start(
+        config: Arc<Compiled>,
+        original: Original,
+        idempotent: bool,
+        deadline: Option<Instant>,
+        span: tracing::Span,
+    ) -> Result<(Self, Request<ReplayBody>), ClassifiedError> {
+        let requested = original.model.clone();
+        let dl = deadline.map(Deadline);
+        let (request, route) = match config.targets.get(&requested) {
+            Some(target) => original
+                .for_target(&config, target, dl)
+                .map_err(|e| ClassifiedError::new(Failure::new(FailureKind::InvalidRequest), e))?,
+            None => original.pass_through(dl),
+        };
+        let journey = Journey {
+            walk: ChainWalk::new(requested.clone()),
+            current: (requested, route, ChainKind::Requested),
+            config,
+            original,
+            idempotent,
+            deadline,
+            hops: Vec::new(),
+            reopen: Vec::new(),
+            span,
+        };
+        Ok((journey, request))
+    }
+
+    /// The deadline, for the future's timer.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// A hop's response arrived.
+    pub(crate) fn on_response<RB>(&mut self, mut response: Response<RB>) -> Step<RB> {
+        let extensions = response.extensions();
+        let verdict = judge(extensions.get::<Classification>(), self.idempotent);
+        let attempts = extensions.get::<AttemptLog>().cloned();
+        let failure = extensions
+            .get::<Classification>()
+            .and_then(Classification::failure)
+            .cloned();
+        let stop = match verdict {
+            Verdict::Serve => {
+                self.record(attempts, None);
+                self.span
+                    .record("gen_ai.response.model", &*self.current.1.model);
+                let served = self.served_by(true, None);
+                response.extensions_mut().insert(served);
+                return Step::Return(Ok(response));
+            }
+            Verdict::Stop => {
+                self.record(attempts, failure);
+                ChainStop::NotFallbackable
+            }
+            Verdict::FallBack(route) => {
+                let kind = failure.as_ref().map(|f| f.kind);
+                self.record(attempts, failure);
+                match self.advance(route, kind) {
+                    Ok(next) => return Step::Next(next),
+                    Err(stop) => stop,
+                }
+            }
+        };
+        // The last provider's response goes back byte-for-byte: only the record is added.
+        let served = self.served_by(false, Some(stop));
+        response.extensions_mut().insert(served);
+        Step::Return(Ok(response))
+    }
+
+    /// A hop's error arrived (or the inner service failed to become ready).
+    pub(crate) fn on_error<RB>(&mut self, error: BoxError) -> Step<RB> {
+        let mut error = into_classified(error);
+        let attempts = error.take_attempt_log();
+        let failure = error.failure().clone();
+        let kind = failure.kind;
+        let verdict = judge(
+            Some(&Classification::Failure(failure.clone())),
+            self.idempotent,
+        );
+        self.record(attempts.clone(), Some(failure));
+        let stop = match verdict {
+            Verdict::Serve | Verdict::Stop => ChainStop::NotFallbackable,
+            Verdict::FallBack(route) => match self.advance(route, Some(kind)) {
+                Ok(next) => return Step::Next(next),
+                Err(stop) => stop,
+            },
+        };
+        Step::Return(Err(self.final_error(error, attempts, stop)))
+    }
+
+    /// The total deadline fired while a hop was in flight.
+    pub(crate) fn on_deadline<RB>(&mut self) -> Step<RB> {
+        let failure = Failure::new(FailureKind::TimedOut);
+        self.record(None, Some(failure.clone()));
+        let error = ClassifiedError::local(failure);
+        Step::Return(Err(self.final_error(
+            error,
+            None,
+            ChainStop::DeadlineReached,
+        )))
+    }
+
+    fn final_error(
+        &mut self,
+        error: ClassifiedError,
+        attempts: Option<AttemptLog>,
+        stop: ChainStop,
+    ) -> ClassifiedError {
+        let served = self.served_by(false, Some(stop));
+        let (mut failure, source) = error.into_parts();
+        if let Some(at) = served.retry_at {
+            let source = self
+                .reopen
+                .iter()
+                .flatten()
+                .find(|(when, _)| *when == at)
+                .map(|(_, s)| *s)
+                .unwrap_or(HintSource::Breaker);
+            failure.hint = Some(DelayHint::new(
+                at.saturating_duration_since(Instant::now()),
+                source,
+            ));
+        }
+        let error = ClassifiedError::new(failure, ChainFailed::new(served, source));
+        match attempts {
+            Some(log) => error.with_attempt_log(log),
+            None => error,
+        }
+    }
+
+    /// Moves to the next model for a failure routed `route`, or says why not.
+    fn advance(
+        &mut self,
+        route: backstop_classify::FallbackRoute,
+        reason: Option<FailureKind>,
+    ) -> Result<Request<ReplayBody>, ChainStop> {
+        let Some((model, chain)) = self.walk.next(&self.config, route) else {
+            return Err(ChainStop::ChainExhausted);
+        };
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(ChainStop::DeadlineReached);
+        }
+        let Some(target) = self.config.targets.get(&model) else {
+            // Validation guarantees every chained model has a target.
+            return Err(ChainStop::HopNotBuilt(format!(
+                "model \"{model}\" has no target"
+            )));
+        };
+        let (request, route) = self
+            .original
+            .for_target(&self.config, target, self.deadline.map(Deadline))
+            .map_err(|HopError(why)| ChainStop::HopNotBuilt(why))?;
+        tracing::info!(
+            parent: &self.span,
+            from = %self.current.0,
+            to = %model,
+            upstream = %route.upstream,
+            reason = reason.map(FailureKind::as_str).unwrap_or("unknown"),
+            "fallback fired",
+        );
+        self.current = (model, route, chain);
+        Ok(request)
+    }
+
+    fn record(&mut self, attempts: Option<AttemptLog>, failure: Option<Failure>) {
+        let reopen = failure
+            .as_ref()
+            .and_then(|f| f.hint)
+            .map(|h| (Instant::now() + h.delay, h.source));
+        self.reopen.push(reopen);
+        self.hops.push(Hop {
+            model: self.current.0.clone(),
+            route: self.current.1.clone(),
+            chain: self.current.2,
+            attempts,
+            failure,
+        });
+    }
+
+    fn served_by(&mut self, served: bool, stop: Option<ChainStop>) -> ServedBy {
+        // Only when every model tried is waiting out a hint does "try again at" mean
+        // something: then it is the earliest of them.
+        let retry_at = if served || self.reopen.iter().any(Option::is_none) {
+            None
+        } else {
+            self.reopen.iter().flatten().map(|(at, _)| *at).min()
+        };
+        ServedBy {
+            requested_model: self.original.model.clone(),
+            model: self.current.0.clone(),
+            route: self.current.1.clone(),
+            served,
+            fallback_fired: self.hops.len() > 1,
+            // The journey ends when the record is made: move the hops out.
+            hops: std::mem::take(&mut self.hops),
+            stop,
+            retry_at,
+        }
+    }
+}
+
+/// The inner stack's error as a verdict: Backstop layers already return a
+/// [`ClassifiedError`]; anything else is a transport error to classify.
+pub(crate) fn into_classified(error: BoxError) -> ClassifiedError {
+    match error.downcast::<ClassifiedError>() {
+        Ok(classified) => *classified,
+        Err(other) => {
+            let failure = classify_transport_error(&*other);
+            ClassifiedError::new(failure, other)
+        }
+    }
+}

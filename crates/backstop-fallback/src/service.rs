@@ -1,0 +1,157 @@
+//! The service: reads the requested model, then hands the request to the future.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use backstop_classify::{
+    BoxError, ClassifiedError, Deadline, Failure, FailureKind, ReplayBody, is_idempotent,
+};
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::config::{Compiled, FallbackConfig};
+use crate::future::ResponseFuture;
+use crate::hop::Original;
+use crate::journey::{Journey, into_classified};
+use crate::rewrite;
+
+/// Sends a request to the next model in its chain when one cannot serve it. See the
+/// [crate docs](crate) for the contract.
+#[derive(Clone)]
+pub struct Fallback<S> {
+    inner: S,
+    config: Arc<Compiled>,
+    layer_config: FallbackConfig,
+}
+
+impl<S> std::fmt::Debug for Fallback<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fallback")
+            .field("config", &self.layer_config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Fallback<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, config: FallbackConfig) -> Self {
+        Fallback {
+            inner,
+            config: config.compiled.clone(),
+            layer_config: config,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, RB> Service<Request<ReplayBody>> for Fallback<S>
+where
+    S: Service<Request<ReplayBody>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<RB>;
+    type Error = ClassifiedError;
+    type Future = ResponseFuture<S, RB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| into_classified(e.into()))
+    }
+
+    fn call(&mut self, request: Request<ReplayBody>) -> Self::Future {
+        // The ready service serves the first hop; the clone left behind is driven to
+        // ready by the next call's poll_ready, and the future's own clone is driven
+        // to ready before every later hop.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+
+        let (parts, body) = request.into_parts();
+        let bytes = body.bytes().clone();
+        if bytes.is_empty() {
+            // No body, no model (GET /v1/models and the like): nothing to route.
+            let span = tracing::info_span!("backstop.fallback");
+            let request = Request::from_parts(parts, body);
+            let future = {
+                let _entered = span.enter();
+                inner.call(request)
+            };
+            return ResponseFuture::calling(inner, future, None, span);
+        }
+
+        let span = tracing::info_span!(
+            "backstop.fallback",
+            "gen_ai.request.model" = tracing::field::Empty,
+            "gen_ai.response.model" = tracing::field::Empty,
+        );
+        let refuse =
+            |inner, error: ClassifiedError, span| ResponseFuture::refused(inner, error, span);
+        let model_span = match rewrite::locate_model(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                // Refused before anything is sent; the caller's body is untouched.
+                let error = ClassifiedError::new(Failure::new(FailureKind::InvalidRequest), e);
+                return refuse(inner, error, span);
+            }
+        };
+        let model: Arc<str> = Arc::from(rewrite::decode_string(&bytes, model_span));
+        span.record("gen_ai.request.model", &*model);
+
+        let now = Instant::now();
+        let caller_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let own_deadline = self.config.total_deadline.map(|d| now + d);
+        let deadline = match (caller_deadline, own_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if deadline.is_some_and(|d| d <= now) {
+            let error = ClassifiedError::local(Failure::new(FailureKind::TimedOut));
+            return refuse(inner, error, span);
+        }
+
+        let probe = Request::from_parts(parts, ());
+        let idempotent = is_idempotent(&probe);
+        let (parts, ()) = probe.into_parts();
+        let original = Original {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            extensions: parts.extensions,
+            body: bytes,
+            model_span,
+            model,
+        };
+        match Journey::start(
+            self.config.clone(),
+            original,
+            idempotent,
+            deadline,
+            span.clone(),
+        ) {
+            Ok((journey, request)) => {
+                let future = {
+                    let _entered = span.enter();
+                    inner.call(request)
+                };
+                ResponseFuture::calling(inner, future, Some(journey), span)
+            }
+            Err(error) => refuse(inner, error, span),
+        }
+    }
+}
