@@ -23,13 +23,9 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// first attempt once (a transient 500) and succeeds on retry.
 fn provider(start: Instant) -> Provider {
     Provider::new(move |now, id, attempt| {
-        if now < start + OUTAGE_END {
-            500
-        } else if id % 20 == 0 && attempt == 1 {
-            500
-        } else {
-            200
-        }
+        let in_outage = now < start + OUTAGE_END;
+        let transient = id % 20 == 0 && attempt == 1;
+        if in_outage || transient { 500 } else { 200 }
     })
 }
 

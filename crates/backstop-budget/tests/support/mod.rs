@@ -145,10 +145,10 @@ where
                 if !retryable || retried == retries {
                     return outcome;
                 }
-                if let Some(handle) = &handle {
-                    if !handle.0.try_withdraw() {
-                        return outcome;
-                    }
+                if let Some(handle) = &handle
+                    && !handle.0.try_withdraw()
+                {
+                    return outcome;
                 }
                 retried += 1;
                 tokio::time::sleep(backoff).await;
