@@ -20,7 +20,9 @@
 //! - The outcome: the response's [`Classification`](backstop_classify::Classification)
 //!   extension, or the inner error's verdict when it is a
 //!   [`ClassifiedError`](backstop_classify::ClassifiedError). Any other inner error
-//!   counts as [`FailureKind::ConnectionLost`](backstop_classify::FailureKind). A
+//!   is classified with
+//!   [`classify_transport_error`](backstop_classify::classify_transport_error)
+//!   (unknown errors count as a lost connection) and returned as a `ClassifiedError`. A
 //!   response with no classification is judged by its status (see
 //!   [`Outcome::from_response`]).
 //!

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use backstop_classify::{BoxError, ClassifiedError, Failure, FailureKind, ModelRoute};
+use backstop_classify::{BoxError, ClassifiedError, ModelRoute, classify_transport_error};
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -99,13 +99,14 @@ fn route_from_uri<B>(request: &Request<B>) -> ModelRoute {
 }
 
 /// An inner error as a [`ClassifiedError`]: kept when it already is one (the classify
-/// layer's), otherwise a lost connection: the most cautious reading of an unknown
-/// transport failure (it counts against the upstream, and is retried only when the
-/// request is idempotent).
+/// layer's), otherwise classified by
+/// [`classify_transport_error`](backstop_classify::classify_transport_error) (refused
+/// connection: connect failed; reset: connection lost; elapsed timer: timed out;
+/// anything unknown: connection lost, the cautious reading).
 pub(crate) fn into_classified(error: impl Into<BoxError>) -> ClassifiedError {
     let error: BoxError = error.into();
     match error.downcast::<ClassifiedError>() {
         Ok(classified) => *classified,
-        Err(other) => ClassifiedError::new(Failure::new(FailureKind::ConnectionLost), other),
+        Err(other) => ClassifiedError::new(classify_transport_error(other.as_ref()), other),
     }
 }

@@ -22,6 +22,8 @@ enum Script {
     Fail(Failure),
     /// An error that is not a `ClassifiedError`, as a raw transport would return.
     RawError,
+    /// A refused connection, as a raw transport would return.
+    Refused,
     /// Never answers.
     Hang,
 }
@@ -87,6 +89,11 @@ impl Service<Request<String>> for Upstream {
                 Script::RawError => Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionReset,
                     "connection reset by peer",
+                )
+                .into()),
+                Script::Refused => Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "connection refused",
                 )
                 .into()),
                 Script::Hang => std::future::pending().await,
@@ -299,6 +306,30 @@ async fn a_raw_transport_error_counts_as_a_lost_connection() {
         );
     }
     assert_eq!(breaker.state(&gpt), BreakerState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_connection_is_classified_as_connect_failed_and_counts() {
+    let upstream = Upstream::new();
+    upstream.set(Script::Refused);
+    let layer = BreakerLayer::new(BreakerConfig::default()).unwrap();
+    let breaker = layer.breaker().clone();
+    let mut service = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream.service());
+    let gpt = route("gpt-4o");
+    for _ in 0..4 {
+        let error = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request(&gpt))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), FailureKind::ConnectFailed);
+    }
+    assert_eq!(breaker.key(&gpt).unwrap().consecutive_failures, 4);
+    assert_eq!(breaker.state(&gpt), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
