@@ -4,7 +4,9 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use backstop_classify::{BoxError, ClassifiedError};
+use std::sync::Arc;
+
+use backstop_classify::{BoxError, ClassifiedError, Rules};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -47,11 +49,15 @@ impl<B> RetryBody<B> {
     }
 
     /// Replays `held` first, then `inner`, watching the events when `watch_cap` is set.
-    pub(crate) fn new(inner: B, held: VecDeque<Frame<Bytes>>, watch_cap: Option<usize>) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        held: VecDeque<Frame<Bytes>>,
+        watch: Option<(usize, Arc<Rules>)>,
+    ) -> Self {
         RetryBody {
             inner,
             held,
-            watch: watch_cap.map(|cap| Box::new(StreamWatch::new(cap))),
+            watch: watch.map(|(cap, rules)| Box::new(StreamWatch::new(cap, rules))),
             ready: VecDeque::new(),
             trailers: None,
             error: None,
@@ -183,14 +189,16 @@ struct StreamWatch {
     /// Bytes of the event in progress, not yet handed on.
     pending: BytesMut,
     cap: usize,
+    rules: Arc<Rules>,
 }
 
 impl StreamWatch {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, rules: Arc<Rules>) -> Self {
         StreamWatch {
             reader: SseReader::new(cap),
             pending: BytesMut::new(),
             cap,
+            rules,
         }
     }
 
@@ -212,7 +220,7 @@ impl StreamWatch {
                     // The error event's own bytes are dropped: the caller gets the
                     // typed error instead.
                     self.pending.clear();
-                    return Some(verdict::stream_failure(&event.data));
+                    return Some(verdict::stream_failure(&self.rules, &event.data));
                 }
                 Some(_) => boundary = pos,
                 None => break,

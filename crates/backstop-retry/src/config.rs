@@ -3,6 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use backstop_classify::Rules;
 use http::HeaderName;
 
 use crate::{Backoff, Jitter};
@@ -163,6 +166,7 @@ pub struct RetryConfig {
     pub(crate) attempt_header: Option<HeaderName>,
     pub(crate) hold_first_event: HoldFirstEvent,
     pub(crate) first_event_cap: usize,
+    pub(crate) rules: Arc<Rules>,
 }
 
 /// The default maximum delay hint the layer will wait on (openai-python's window).
@@ -195,6 +199,7 @@ impl RetryConfig {
             attempt_header: None,
             hold_first_event: HoldFirstEvent::Auto,
             first_event_cap: DEFAULT_FIRST_EVENT_CAP,
+            rules: Arc::new(Rules::default()),
         }
     }
 
@@ -310,6 +315,21 @@ impl RetryConfig {
         }
         self.first_event_cap = bytes;
         Ok(self)
+    }
+
+    /// The classification rules the layer applies itself: to a response that arrives
+    /// without a [`Classification`](backstop_classify::Classification) (no classify
+    /// layer inside; status and headers only, the body is not read) and to SSE error
+    /// events. Default: [`Rules::default`], the generic OpenAI-compatible profile. Use
+    /// the same profile as your classify layer.
+    pub fn with_rules(mut self, rules: Rules) -> Self {
+        self.rules = Arc::new(rules);
+        self
+    }
+
+    /// The classification rules the layer applies itself.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     fn check_timeouts(&self) -> Result<(), ConfigError> {

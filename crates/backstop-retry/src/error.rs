@@ -28,8 +28,6 @@ pub enum RetryError {
         /// Bytes of the stream the caller had been handed before the error event.
         delivered: u64,
     },
-    /// The response body failed while the layer read it.
-    BodyFailed,
     /// The inner service could not be made ready before the deadline.
     NotReadyBeforeDeadline,
 }
@@ -55,7 +53,6 @@ impl fmt::Display for RetryError {
                 "the provider sent an error event after {delivered} bytes of the stream \
                  were delivered; a started stream is never replayed"
             ),
-            RetryError::BodyFailed => f.write_str("the response body failed while being read"),
             RetryError::NotReadyBeforeDeadline => {
                 f.write_str("the inner service did not become ready before the deadline")
             }

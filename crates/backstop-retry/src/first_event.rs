@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use backstop_classify::{BoxError, Failure};
+use backstop_classify::{BoxError, Failure, Rules};
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
@@ -23,7 +23,7 @@ pub(crate) enum FirstEvent {
 
 /// Reads `body` until its first event that is not a keep-alive, holding at most `cap`
 /// bytes. The caller bounds the time.
-pub(crate) async fn read_first_event<B>(body: &mut B, cap: usize) -> FirstEvent
+pub(crate) async fn read_first_event<B>(body: &mut B, cap: usize, rules: &Rules) -> FirstEvent
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -48,7 +48,7 @@ where
             rest = &rest[fed.consumed..];
             match fed.event {
                 Some(event) if event.is_error() => {
-                    return FirstEvent::Error(verdict::stream_failure(&event.data));
+                    return FirstEvent::Error(verdict::stream_failure(rules, &event.data));
                 }
                 Some(event) if event.is_keepalive() => {}
                 Some(_) => {

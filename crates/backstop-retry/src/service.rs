@@ -231,7 +231,7 @@ where
         let attempt_start = Instant::now();
         let attempt_deadline =
             earliest(config.attempt_timeout.map(|t| attempt_start + t), deadline);
-        let (outcome, first_event_error) = attempt_once(
+        let (outcome, first_event_failed) = attempt_once(
             &mut inner,
             attempt,
             attempt_start,
@@ -254,7 +254,9 @@ where
             Err(error) => (
                 Classification::Failure(error.failure().clone()),
                 error.failure().status,
-                None,
+                first_event_failed
+                    .as_ref()
+                    .and_then(|f| f.request_id.clone()),
             ),
         };
         let mut record = AttemptRecord::new(number, classification.clone());
@@ -305,7 +307,9 @@ where
         match decision {
             Decision::Stop(reason) => {
                 let reason = match reason {
-                    StopReason::NotRetryable if first_event_error => StopReason::StreamFailed,
+                    StopReason::NotRetryable if first_event_failed.is_some() => {
+                        StopReason::StreamFailed
+                    }
                     other => other,
                 };
                 log.stop = Some(reason);
@@ -327,8 +331,13 @@ where
     }
 }
 
-/// Makes one attempt and classifies it. The flag is true when the failure was a held
-/// stream's first event.
+/// A held stream whose first event was an error.
+struct FirstEventFailed {
+    request_id: Option<HeaderValue>,
+}
+
+/// Makes one attempt and classifies it; the second value is set when the failure was
+/// a held stream's first event.
 async fn attempt_once<S, B, RB>(
     inner: &mut S,
     request: Request<B>,
@@ -336,7 +345,7 @@ async fn attempt_once<S, B, RB>(
     until: Option<Instant>,
     hold: bool,
     config: &RetryConfig,
-) -> (Outcome<RB>, bool)
+) -> (Outcome<RB>, Option<FirstEventFailed>)
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
@@ -357,36 +366,36 @@ where
                     failure,
                     RetryError::AttemptTimedOut { after },
                 )),
-                false,
+                None,
             );
         }
-        Some(Err(e)) => return (Err(verdict::classified_error(e.into())), false),
+        Some(Err(e)) => return (Err(verdict::classified_error(e.into())), None),
         Some(Ok(response)) => response,
     };
 
-    let classification = verdict::response_classification(&response);
+    let classification = verdict::response_classification(&response, &config.rules);
     let (mut parts, mut body) = response.into_parts();
     let is_stream = is_event_stream(&parts.headers);
     if !classification.is_success() {
         parts.extensions.insert(classification);
         return (
             Ok(Response::from_parts(parts, RetryBody::passthrough(body))),
-            false,
+            None,
         );
     }
     parts.extensions.insert(classification);
-    let watch = is_stream.then_some(config.first_event_cap);
+    let watch = is_stream.then(|| (config.first_event_cap, config.rules.clone()));
     if !(hold && is_stream) {
         return (
             Ok(Response::from_parts(
                 parts,
                 RetryBody::new(body, VecDeque::new(), watch),
             )),
-            false,
+            None,
         );
     }
 
-    let first = read_first_event(&mut body, config.first_event_cap);
+    let first = read_first_event(&mut body, config.first_event_cap, &config.rules);
     let first = match until {
         Some(at) => timeout_at(at, first).await.ok(),
         None => Some(first.await),
@@ -397,16 +406,22 @@ where
                 parts,
                 RetryBody::new(body, held, watch),
             )),
-            false,
+            None,
         ),
-        Some(FirstEvent::Error(failure)) => (
-            Err(ClassifiedError::new(
-                failure,
-                RetryError::FirstEventWasError,
-            )),
-            true,
-        ),
-        Some(FirstEvent::BodyFailed(e)) => (Err(verdict::classified_error(e)), false),
+        Some(FirstEvent::Error(mut failure)) => {
+            // The provider answered 200, then its first event said it failed.
+            failure.status.get_or_insert(parts.status);
+            (
+                Err(ClassifiedError::new(
+                    failure,
+                    RetryError::FirstEventWasError,
+                )),
+                Some(FirstEventFailed {
+                    request_id: provider_request_id(&parts.headers),
+                }),
+            )
+        }
+        Some(FirstEvent::BodyFailed(e)) => (Err(verdict::classified_error(e)), None),
         None => {
             let after = until.map_or(Duration::ZERO, |at| at - started);
             (
@@ -414,7 +429,7 @@ where
                     Failure::new(FailureKind::TimedOut),
                     RetryError::FirstEventTimedOut { after },
                 )),
-                false,
+                None,
             )
         }
     }

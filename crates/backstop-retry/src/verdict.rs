@@ -1,43 +1,44 @@
-//! Where the layer gets its verdicts when the classify layer did not supply one.
-//!
-//! PROVISIONAL: a minimal status mapping until `backstop_classify::classify_status`,
-//! `classify_transport_error` and `Rules::classify_stream_error` are committed.
+//! Where the layer gets its verdicts when the classify layer did not supply one:
+//! the same rules, applied to what the retry layer can see without reading a body.
 
-use backstop_classify::{BoxError, Classification, ClassifiedError, Failure, FailureKind};
+use std::time::SystemTime;
+
+use backstop_classify::{
+    BoxError, Classification, ClassifiedError, Failure, Rules, classify_transport_error,
+};
 use http::Response;
 
 /// The classification on the response (the classify layer's), or one made from its
-/// status and headers with the default rules.
-pub(crate) fn response_classification<B>(response: &Response<B>) -> Classification {
+/// status and headers with `rules` (the body is not read: it goes to the caller
+/// untouched).
+pub(crate) fn response_classification<B>(response: &Response<B>, rules: &Rules) -> Classification {
     if let Some(c) = response.extensions().get::<Classification>() {
         return c.clone();
     }
-    let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    if response.status().as_u16() < 400 {
         return Classification::Success;
     }
-    let kind = match status.as_u16() {
-        429 => FailureKind::RateLimited,
-        503 | 529 => FailureKind::Overloaded,
-        408 => FailureKind::RequestTimeout,
-        409 => FailureKind::Conflict,
-        401 | 403 => FailureKind::AuthFailed,
-        404 => FailureKind::ModelNotFound,
-        500..=599 => FailureKind::ServerError,
-        _ => FailureKind::InvalidRequest,
-    };
-    Classification::Failure(Failure::new(kind).with_status(status))
+    rules.classify_response(
+        response.status(),
+        response.headers(),
+        &[],
+        SystemTime::now(),
+    )
 }
 
-/// The inner service's error as a classified one: kept as is when it already is one.
+/// The inner service's error as a classified one: kept as is when it already is one,
+/// otherwise classified by its source chain.
 pub(crate) fn classified_error(error: BoxError) -> ClassifiedError {
     match error.downcast::<ClassifiedError>() {
         Ok(classified) => *classified,
-        Err(other) => ClassifiedError::new(Failure::new(FailureKind::ConnectionLost), other),
+        Err(other) => {
+            let failure = classify_transport_error(&*other);
+            ClassifiedError::new(failure, other)
+        }
     }
 }
 
 /// The verdict on an SSE error event's data.
-pub(crate) fn stream_failure(_event_data: &[u8]) -> Failure {
-    Failure::new(FailureKind::ServerError)
+pub(crate) fn stream_failure(rules: &Rules, event_data: &[u8]) -> Failure {
+    rules.classify_stream_error(event_data)
 }

@@ -509,3 +509,197 @@ async fn classified_error_from_inner_keeps_its_verdict_and_gets_the_log() {
     assert_eq!(log.attempts.len(), 1);
     assert!(!format!("{error} {error:?}").contains("sk-secret"));
 }
+
+fn with_headers(code: u16, headers: Vec<(&'static str, &'static str)>) -> Step {
+    Step::Respond {
+        status: StatusCode::from_u16(code).unwrap(),
+        headers,
+        classification: None,
+        body: common::ScriptBody::full("{}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_classify_layer_retry_after_headers_are_still_honoured() {
+    let fake = Fake::new(vec![
+        with_headers(429, vec![("retry-after", "3")]),
+        Step::ok("{}"),
+    ]);
+    let config = RetryConfig::batch().with_hint_jitter(HintJitter::none());
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(fake.starts(start), [0.0, 3.0].map(secs));
+    let log = log_of(&response);
+    let first = log.attempts[0].classification.failure().unwrap();
+    assert_eq!(first.kind, FailureKind::RateLimited);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_hints_fall_back_to_backoff() {
+    for value in ["soon", "-1", "0", "inf", "1e35"] {
+        let fake = Fake::new(vec![
+            with_headers(429, vec![("retry-after", value)]),
+            Step::ok("{}"),
+        ]);
+        let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+        let start = Instant::now();
+        let response = svc.oneshot(request("{}")).await.unwrap();
+        assert_eq!(
+            fake.starts(start),
+            [0.0, 2.0].map(secs),
+            "retry-after: {value}"
+        );
+        assert_eq!(log_of(&response).attempts[1].hint_used, None);
+    }
+}
+
+/// Pending on its first `poll_ready` after every call, then ready; counts calls made
+/// on an instance that was not driven to ready. A clone starts not ready.
+struct Picky {
+    inner: Fake,
+    ready: bool,
+    pending_once: bool,
+    polls: Arc<AtomicU32>,
+    unready_calls: Arc<AtomicU32>,
+}
+
+impl Clone for Picky {
+    fn clone(&self) -> Self {
+        Picky {
+            inner: self.inner.clone(),
+            ready: false,
+            pending_once: true,
+            polls: self.polls.clone(),
+            unready_calls: self.unready_calls.clone(),
+        }
+    }
+}
+
+impl tower::Service<http::Request<backstop_classify::ReplayBody>> for Picky {
+    type Response =
+        <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Response;
+    type Error = backstop_classify::BoxError;
+    type Future = <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        if !self.ready {
+            if self.pending_once {
+                self.pending_once = false;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            self.ready = true;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<backstop_classify::ReplayBody>) -> Self::Future {
+        if !self.ready {
+            self.unready_calls.fetch_add(1, Ordering::SeqCst);
+        }
+        self.ready = false;
+        self.pending_once = true;
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_inner_service_is_driven_to_ready_before_every_attempt() {
+    let fake = Fake::new(vec![Step::status(500), Step::status(500), Step::ok("{}")]);
+    let picky = Picky {
+        inner: fake.clone(),
+        ready: false,
+        pending_once: true,
+        polls: Arc::new(AtomicU32::new(0)),
+        unready_calls: Arc::new(AtomicU32::new(0)),
+    };
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(picky.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fake.attempts(), 3);
+    assert_eq!(picky.unready_calls.load(Ordering::SeqCst), 0);
+    // Pending then Ready, before each of the three attempts.
+    assert_eq!(picky.polls.load(Ordering::SeqCst), 6);
+}
+
+mod deadline_property {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn jitter() -> impl Strategy<Value = Jitter> {
+        prop_oneof![
+            Just(Jitter::None),
+            Just(Jitter::Full),
+            Just(Jitter::Equal),
+            Just(Jitter::Decorrelated)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn no_attempt_starts_and_no_sleep_runs_past_the_deadline(
+            max_attempts in 1u32..8,
+            base_ms in 1u64..5_000,
+            multiplier in 1.0f64..4.0,
+            cap_extra_ms in 0u64..30_000,
+            jitter in jitter(),
+            deadline_ms in 1u64..60_000,
+            timeout_share in proptest::option::of(0.05f64..1.0),
+            latencies_ms in proptest::collection::vec(0u64..20_000, 8),
+            hints_ms in proptest::collection::vec(proptest::option::of(1u64..200_000), 8),
+            seed in any::<u64>(),
+        ) {
+            let deadline = Duration::from_millis(deadline_ms);
+            let backoff = Backoff::new(
+                Duration::from_millis(base_ms),
+                multiplier,
+                Duration::from_millis(base_ms + cap_extra_ms),
+            )
+            .unwrap()
+            .with_jitter(jitter);
+            let config = RetryConfig::interactive()
+                .with_backoff(backoff)
+                .with_max_attempts(max_attempts)
+                .unwrap()
+                .with_deadline(Some(deadline))
+                .unwrap()
+                .with_attempt_timeout(timeout_share.map(|s| deadline.mul_f64(s).max(Duration::from_millis(1))))
+                .unwrap();
+            let steps = latencies_ms
+                .iter()
+                .zip(&hints_ms)
+                .map(|(latency, hint)| {
+                    let answer = match hint {
+                        Some(h) => Step::rate_limited(Duration::from_millis(*h)),
+                        None => Step::status(503),
+                    };
+                    Step::Delay(Duration::from_millis(*latency), Box::new(answer))
+                })
+                .collect();
+            let fake = Fake::new(steps);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let (elapsed, starts) = runtime.block_on(async {
+                let svc = RetryLayer::new(config).with_rng_seed(seed).layer(fake.clone());
+                let start = Instant::now();
+                let _ = svc.oneshot(request("{}")).await;
+                (start.elapsed(), fake.starts(start))
+            });
+            prop_assert!(elapsed <= deadline, "finished at {elapsed:?}, deadline {deadline:?}");
+            prop_assert!(starts.len() <= max_attempts as usize);
+            for s in &starts {
+                prop_assert!(*s < deadline, "attempt started at {s:?}, deadline {deadline:?}");
+            }
+        }
+    }
+}
