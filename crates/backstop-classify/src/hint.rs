@@ -108,7 +108,8 @@ impl std::fmt::Display for HintSource {
 ///    of the two, since waiting for the earlier one may still find the other bucket empty;
 /// 5. `x-rate-limit-reset-tokens` (Azure, bare seconds);
 /// 6. `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset` (RFC 3339
-///    UTC timestamps such as `2025-08-21T12:40:59Z`, parsed strictly by `humantime`),
+///    UTC timestamps such as `2025-08-21T12:40:59Z`, parsed strictly by `humantime`,
+///    which takes `Z` or `+00:00` and refuses other offsets: Anthropic sends UTC),
 ///    relative to `now`, with the same empty-bucket rule as 4.
 ///
 /// Negative, zero, non-finite (`inf`, `nan`), exponent (`1e35`), `-1`, empty and
