@@ -93,7 +93,7 @@ impl Journey {
             }
             Verdict::Stop => {
                 self.record(attempts, failure);
-                ChainStop::NotFallbackable
+                self.stop_reason(ChainStop::NotFallbackable)
             }
             Verdict::FallBack(route) => {
                 let kind = failure.as_ref().map(|f| f.kind);
@@ -122,7 +122,7 @@ impl Journey {
         );
         self.record(attempts.clone(), Some(failure));
         let stop = match verdict {
-            Verdict::Serve | Verdict::Stop => ChainStop::NotFallbackable,
+            Verdict::Serve | Verdict::Stop => self.stop_reason(ChainStop::NotFallbackable),
             Verdict::FallBack(route) => match self.advance(route, Some(kind)) {
                 Ok(next) => return Step::Next(next),
                 Err(stop) => stop,
@@ -168,6 +168,16 @@ impl Journey {
         match attempts {
             Some(log) => error.with_attempt_log(log),
             None => error,
+        }
+    }
+
+    /// An inner layer that honours the [`Deadline`] gives up at the same instant the
+    /// chain's timer fires, with a verdict of its own: the deadline is the real reason.
+    fn stop_reason(&self, otherwise: ChainStop) -> ChainStop {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            ChainStop::DeadlineReached
+        } else {
+            otherwise
         }
     }
 
