@@ -1,0 +1,283 @@
+//! The retry layer over the classify layer over the mock provider, in virtual time:
+//! exact attempt counts for real wire formats.
+
+use std::time::Duration;
+
+use backstop_classify::{AttemptLog, ClassifyLayer, FailureKind, ReplayBody, Rules, StopReason};
+use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario, StreamStyle};
+use backstop_retry::{HintJitter, RetryConfig, RetryError, RetryLayer};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tower::{ServiceBuilder, ServiceExt};
+
+const PLAIN: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM: &str =
+    r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn request(body: &'static str) -> http::Request<ReplayBody> {
+    http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(ReplayBody::from(body))
+        .unwrap()
+}
+
+fn mock(plan: ModelPlan) -> MockProvider {
+    MockProvider::new(Scenario::new(1).model("gpt-4o", plan))
+}
+
+/// When each attempt reached the mock, relative to the mock's creation.
+fn arrivals(mock: &MockProvider) -> Vec<Duration> {
+    mock.attempts().iter().map(|a| a.since_start).collect()
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+macro_rules! stack {
+    ($config:expr, $rules:expr, $mock:expr) => {
+        ServiceBuilder::new()
+            .layer(RetryLayer::new($config).with_rng_seed(11))
+            .layer(ClassifyLayer::new($rules))
+            .service($mock.clone())
+    };
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_429s_with_retry_after_then_200_take_three_attempts_at_the_hinted_times() {
+    let limited = Fault::OpenAiRateLimit {
+        retry_after: Some("2".into()),
+        retry_after_ms: None,
+    };
+    let mock = mock(ModelPlan::script([limited.clone(), limited]));
+    let config = RetryConfig::interactive().with_hint_jitter(HintJitter::none());
+    let svc = stack!(config, Rules::openai(), mock);
+    let response = svc.oneshot(request(PLAIN)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(mock.attempts_for("gpt-4o"), 3);
+    assert_eq!(arrivals(&mock), [secs(0), secs(2), secs(4)]);
+    let log = response.extensions().get::<AttemptLog>().unwrap();
+    assert_eq!(log.stop, Some(StopReason::Succeeded));
+    assert_eq!(
+        log.attempts[0].provider_request_id.as_ref().unwrap(),
+        "req_mock_0"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_never_retry_fault_from_the_providers_is_attempted_once() {
+    let cases = [
+        (
+            Fault::OpenAiInsufficientQuota,
+            Rules::openai(),
+            FailureKind::QuotaExhausted,
+        ),
+        (
+            Fault::OpenAiBillingLimit {
+                code: "organization_spend_limit_exceeded".into(),
+            },
+            Rules::openai(),
+            FailureKind::QuotaExhausted,
+        ),
+        (
+            Fault::OpenAiRequestTooLarge,
+            Rules::openai(),
+            FailureKind::QuotaExhausted,
+        ),
+        (
+            Fault::OpenAiContextLength,
+            Rules::openai(),
+            FailureKind::ContextLengthExceeded,
+        ),
+        (
+            Fault::OpenAiContentPolicy,
+            Rules::openai(),
+            FailureKind::ContentFiltered,
+        ),
+        (
+            Fault::OpenAiModelNotFound,
+            Rules::openai(),
+            FailureKind::ModelNotFound,
+        ),
+        (
+            Fault::Unauthorized,
+            Rules::openai(),
+            FailureKind::AuthFailed,
+        ),
+        (
+            Fault::InvalidRequest,
+            Rules::openai(),
+            FailureKind::InvalidRequest,
+        ),
+        (
+            Fault::AzureContentFilter,
+            Rules::azure(),
+            FailureKind::ContentFiltered,
+        ),
+        (
+            Fault::AnthropicSpendLimit,
+            Rules::anthropic(),
+            FailureKind::QuotaExhausted,
+        ),
+        (
+            Fault::AnthropicPromptTooLong,
+            Rules::anthropic(),
+            FailureKind::ContextLengthExceeded,
+        ),
+        (
+            Fault::GeminiResourceExhausted {
+                retry_delay: Some("58s".into()),
+                per_day: true,
+            },
+            Rules::gemini(),
+            FailureKind::QuotaExhausted,
+        ),
+    ];
+    for (fault, rules, kind) in cases {
+        let name = fault.name();
+        let mock = mock(ModelPlan::always(fault));
+        let svc = stack!(RetryConfig::batch(), rules, mock);
+        let start = tokio::time::Instant::now();
+        let response = svc.oneshot(request(PLAIN)).await.unwrap();
+        assert_eq!(mock.attempt_count(), 1, "{name}");
+        assert_eq!(start.elapsed(), Duration::ZERO, "{name}");
+        let log = response.extensions().get::<AttemptLog>().unwrap();
+        assert_eq!(log.stop, Some(StopReason::NotRetryable), "{name}");
+        assert_eq!(
+            log.attempts[0].classification.failure().unwrap().kind,
+            kind,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_are_retried_on_the_batch_schedule() {
+    let mock = mock(ModelPlan::script([
+        Fault::OpenAiServerError,
+        Fault::BadGateway,
+        Fault::OpenAiOverloaded,
+    ]));
+    let svc = stack!(RetryConfig::batch(), Rules::openai(), mock);
+    let response = svc.oneshot(request(PLAIN)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(arrivals(&mock), [secs(0), secs(2), secs(6), secs(14)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_always_failing_model_gets_exactly_max_attempts() {
+    let mock = mock(ModelPlan::always(Fault::AnthropicOverloaded));
+    let svc = stack!(RetryConfig::batch(), Rules::anthropic(), mock);
+    let response = svc.oneshot(request(PLAIN)).await.unwrap();
+    assert_eq!(response.status().as_u16(), 529);
+    assert_eq!(mock.attempt_count(), 4);
+    let log = response.extensions().get::<AttemptLog>().unwrap();
+    assert_eq!(log.stop, Some(StopReason::MaxAttempts));
+}
+
+#[tokio::test(start_paused = true)]
+async fn azure_daily_quota_retry_after_is_not_waited_on() {
+    let mock = mock(ModelPlan::always(Fault::AzureRateLimit {
+        message_seconds: 86_400,
+        retry_after: Some("86400".into()),
+        retry_after_ms: None,
+    }));
+    let svc = stack!(RetryConfig::interactive(), Rules::azure(), mock);
+    let start = tokio::time::Instant::now();
+    let response = svc.oneshot(request(PLAIN)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(mock.attempt_count(), 1);
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn connection_refused_is_retried_and_reset_after_send_only_with_a_key() {
+    let mock1 = mock(ModelPlan::script([
+        Fault::ConnectRefused,
+        Fault::ConnectRefused,
+    ]));
+    let svc = stack!(RetryConfig::batch(), Rules::openai(), mock1);
+    assert_eq!(
+        svc.oneshot(request(PLAIN)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(mock1.attempt_count(), 3);
+
+    let mock2 = mock(ModelPlan::script([Fault::ResetBeforeHead]));
+    let svc = stack!(RetryConfig::batch(), Rules::openai(), mock2);
+    let error = svc.oneshot(request(PLAIN)).await.unwrap_err();
+    assert_eq!(error.kind(), FailureKind::ConnectionLost);
+    assert_eq!(mock2.attempt_count(), 1);
+
+    let mock3 = mock(ModelPlan::script([Fault::ResetBeforeHead]));
+    let config = RetryConfig::batch().with_idempotency_key(true);
+    let svc = stack!(config, Rules::openai(), mock3);
+    assert_eq!(
+        svc.oneshot(request(PLAIN)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let attempts = mock3.attempts();
+    assert_eq!(attempts.len(), 2);
+    let key = attempts[0].header("idempotency-key").unwrap();
+    assert_eq!(attempts[1].header("idempotency-key"), Some(key));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_attempt_is_cut_by_the_attempt_timeout() {
+    let mock = mock(ModelPlan::script([Fault::Hang]));
+    let config = RetryConfig::batch()
+        .with_attempt_timeout(Some(secs(10)))
+        .unwrap()
+        .with_idempotency_key(true);
+    let svc = stack!(config, Rules::openai(), mock);
+    let response = svc.oneshot(request(PLAIN)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(arrivals(&mock), [secs(0), secs(12)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_event_error_is_retried_and_the_caller_gets_one_clean_stream() {
+    let mock = mock(ModelPlan::script([Fault::StreamErrorAfter {
+        chunks: 0,
+        style: StreamStyle::Anthropic,
+    }]));
+    let svc = stack!(RetryConfig::batch(), Rules::anthropic(), mock);
+    let response = svc.oneshot(request(STREAM)).await.unwrap();
+    assert_eq!(mock.attempt_count(), 2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let text = std::str::from_utf8(&body).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("error"), "{text}");
+    assert_eq!(text.matches("data: [DONE]").count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mid_stream_error_is_surfaced_once_and_never_replayed() {
+    let mock = mock(ModelPlan::script([Fault::StreamErrorAfter {
+        chunks: 2,
+        style: StreamStyle::OpenAi,
+    }]));
+    let svc = stack!(RetryConfig::batch(), Rules::openai(), mock);
+    let response = svc.oneshot(request(STREAM)).await.unwrap();
+    let mut body = response.into_body();
+    let mut delivered = Vec::new();
+    let error = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => delivered.extend_from_slice(frame.data_ref().unwrap()),
+            Some(Err(e)) => break e,
+            None => panic!("the stream should end with the provider's error"),
+        }
+    };
+    assert!(body.frame().await.is_none());
+    let text = std::str::from_utf8(&delivered).unwrap();
+    assert_eq!(text.matches("data: ").count(), 2, "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+    assert_eq!(
+        error.cause().unwrap().downcast_ref::<RetryError>(),
+        Some(&RetryError::StreamInterrupted {
+            delivered: delivered.len() as u64
+        })
+    );
+    tokio::time::sleep(secs(120)).await;
+    assert_eq!(mock.attempt_count(), 1);
+}
