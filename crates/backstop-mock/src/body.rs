@@ -34,6 +34,7 @@ enum Kind {
         end: Option<SseEnd>,
         delay: Duration,
         sent_any: bool,
+        yielded_before_reset: bool,
         sleep: Option<Pin<Box<Sleep>>>,
     },
 }
@@ -47,6 +48,7 @@ impl MockBody {
                 end: Some(end),
                 delay: chunk_delay,
                 sent_any: false,
+                yielded_before_reset: false,
                 sleep: None,
             },
         };
@@ -107,6 +109,7 @@ impl Body for MockBody {
                 end,
                 delay,
                 sent_any,
+                yielded_before_reset,
                 sleep,
             } => {
                 // A clean end follows the last frame at once; only a reset is an
@@ -120,6 +123,14 @@ impl Body for MockBody {
                             sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*delay)));
                         ready!(timer.as_mut().poll(cx));
                         *sleep = None;
+                    }
+                    if frames.is_empty() && !*yielded_before_reset {
+                        // Give an HTTP server one turn to flush the head and the
+                        // frames already sent, so the reset really comes after them
+                        // on the wire (hyper drops unflushed output on a body error).
+                        *yielded_before_reset = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
                     *sent_any = true;
                     match frames.pop_front() {

@@ -1,0 +1,234 @@
+//! The HTTP face over real loopback sockets, with a hyper-util client.
+//!
+//! These tests run in real time (sockets do not follow paused time); none waits
+//! longer than the one hang test's 300 ms timeout.
+
+use std::time::Duration;
+
+use backstop_mock::{Fault, MockServer, ModelPlan, Scenario, StreamStyle};
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+fn scenario() -> Scenario {
+    Scenario::new(3)
+        .model("ok", ModelPlan::ok().stream_chunks(3))
+        .model(
+            "limited",
+            ModelPlan::always(Fault::OpenAiRateLimit {
+                retry_after: Some("2".into()),
+                retry_after_ms: None,
+            }),
+        )
+        .model("reset-before", ModelPlan::always(Fault::ResetBeforeHead))
+        .model("reset-after", ModelPlan::always(Fault::ResetAfterHead))
+        .model("refused", ModelPlan::always(Fault::ConnectRefused))
+        .model("hang", ModelPlan::always(Fault::Hang))
+        .model(
+            "reset-mid-stream",
+            ModelPlan::always(Fault::ResetAfterChunks { chunks: 2 }),
+        )
+        .model(
+            "broken-stream",
+            ModelPlan::always(Fault::StreamErrorAfter {
+                chunks: 2,
+                style: StreamStyle::OpenAi,
+            }),
+        )
+}
+
+async fn start() -> MockServer {
+    MockServer::start(scenario(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+fn http1() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2c() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+fn chat(server: &MockServer, model: &str, stream: bool) -> Request<Full<Bytes>> {
+    let body = serde_json::json!({"model": model, "stream": stream, "messages": []});
+    Request::post(format!("{}/chat/completions", server.base_url()))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-1")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+async fn text(response: Response<Incoming>) -> String {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn http1_completion_round_trip_is_recorded_with_its_headers() {
+    let server = start().await;
+    let response = http1().request(chat(&server, "ok", false)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), Version::HTTP_11);
+    assert_eq!(response.headers()["x-request-id"], "req_mock_0");
+    let json: serde_json::Value = serde_json::from_str(&text(response).await).unwrap();
+    assert_eq!(json["model"], "ok");
+    let attempts = server.provider().attempts();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].model.as_deref(), Some("ok"));
+    assert_eq!(attempts[0].header("idempotency-key"), Some("k-1"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served_too() {
+    let server = start().await;
+    let response = h2c()
+        .request(chat(&server, "limited", false))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "2");
+    let json: serde_json::Value = serde_json::from_str(&text(response).await).unwrap();
+    assert_eq!(json["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(server.provider().attempts_for("limited"), 1);
+}
+
+#[tokio::test]
+async fn sse_stream_arrives_complete_over_http1_and_h2c() {
+    let server = start().await;
+    for client in [http1(), h2c()] {
+        let response = client.request(chat(&server, "ok", true)).await.unwrap();
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let body = text(response).await;
+        let events: Vec<&str> = body.split_terminator("\n\n").collect();
+        assert_eq!(events.len(), 4, "{body}");
+        assert!(
+            events[..3]
+                .iter()
+                .all(|e| e.starts_with("data: {\"choices\""))
+        );
+        assert_eq!(events[3], "data: [DONE]");
+    }
+}
+
+#[tokio::test]
+async fn stream_error_event_arrives_after_the_chunks_over_http() {
+    let server = start().await;
+    let response = http1()
+        .request(chat(&server, "broken-stream", true))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = text(response).await;
+    let events: Vec<&str> = body.split_terminator("\n\n").collect();
+    assert_eq!(events.len(), 3);
+    assert!(events[2].starts_with("data: {\"error\""));
+}
+
+#[tokio::test]
+async fn reset_before_head_drops_the_connection_without_a_response() {
+    let server = start().await;
+    for client in [http1(), h2c()] {
+        let error = client
+            .request(chat(&server, "reset-before", false))
+            .await
+            .unwrap_err();
+        assert!(
+            !error.is_connect(),
+            "the connection was made, then dropped: {error:?}"
+        );
+    }
+    assert_eq!(server.provider().attempts_for("reset-before"), 2);
+}
+
+#[tokio::test]
+async fn connect_refused_over_http_also_drops_the_connection() {
+    let server = start().await;
+    assert!(
+        http1()
+            .request(chat(&server, "refused", false))
+            .await
+            .is_err()
+    );
+    assert!(!server.provider().attempts()[0].delivered);
+}
+
+#[tokio::test]
+async fn reset_after_head_sends_200_then_aborts_the_body() {
+    let server = start().await;
+    for client in [http1(), h2c()] {
+        let response = client
+            .request(chat(&server, "reset-after", true))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.into_body().collect().await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn hang_never_answers_over_http() {
+    let server = start().await;
+    let outcome = tokio::time::timeout(
+        Duration::from_millis(300),
+        http1().request(chat(&server, "hang", false)),
+    )
+    .await;
+    assert!(outcome.is_err(), "a hang must outlast the caller's timeout");
+    assert_eq!(server.provider().attempts_for("hang"), 1);
+    // Shutting down with a hung request open must not hang the test.
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn models_are_listed_over_http() {
+    let server = start().await;
+    let request = Request::get(format!("{}/models", server.base_url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&text(http1().request(request).await.unwrap()).await).unwrap();
+    assert_eq!(json["data"].as_array().unwrap().len(), 8);
+}
+
+#[tokio::test]
+async fn after_shutdown_new_connections_are_refused() {
+    let server = start().await;
+    let request = chat(&server, "ok", false);
+    server.shutdown().await;
+    let error = http1().request(request).await.unwrap_err();
+    assert!(error.is_connect(), "{error:?}");
+}
+
+#[tokio::test]
+async fn reset_after_chunks_delivers_the_chunks_then_aborts() {
+    let server = start().await;
+    for client in [http1(), h2c()] {
+        let response = client
+            .request(chat(&server, "reset-mid-stream", true))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let mut received = Vec::new();
+        let error = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => received.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Err(error)) => break error,
+                None => panic!("the stream must not end cleanly"),
+            }
+        };
+        drop(error);
+        let text = String::from_utf8(received).unwrap();
+        assert_eq!(text.matches("data: {").count(), 2, "{text}");
+        assert!(!text.contains("[DONE]"));
+    }
+}
