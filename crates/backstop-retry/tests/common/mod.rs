@@ -19,6 +19,7 @@ use http_body::{Body, Frame};
 use tokio::time::{Instant, Sleep};
 
 /// A response body of scripted chunks, each after a delay (virtual time).
+#[derive(Debug)]
 pub struct ScriptBody {
     chunks: VecDeque<(Duration, Result<Bytes, &'static str>)>,
     sleep: Option<Pin<Box<Sleep>>>,
