@@ -11,14 +11,17 @@
 //!
 //! The whole document is validated against the JSON grammar (RFC 8259), nested
 //! values included, so a body is accepted exactly when `serde_json` would parse it
-//! into a `serde_json::Value`, with two documented differences:
+//! into a `serde_json::Value` (the property tests check this on random and damaged
+//! bodies), with one deliberate difference and one corner:
 //!
-//! - numbers are checked for grammar only: `1e400` is accepted here, while
-//!   `serde_json` rejects it as out of range (the provider decides what it accepts);
 //! - a top-level `model` key that appears twice is rejected
 //!   ([`RewriteError::DuplicateModel`]); `serde_json::Value` keeps the last one.
 //!   Different parsers pick different duplicates, so sending such a body on would let
-//!   the provider serve another model than the one this layer routed.
+//!   the provider serve another model than the one this layer routed;
+//! - a number that overflows an `f64` (`1e400`) is refused, as `serde_json` refuses
+//!   it; the check uses the standard library's correctly rounded conversion, so a
+//!   number within half an ulp of `f64::MAX` may be judged differently from
+//!   `serde_json`'s faster, slightly inexact one.
 //!
 //! Strings must be valid UTF-8 with no raw control characters; `\u` escapes must pair
 //! surrogates (as `serde_json` requires). Nesting is limited to 127 levels, the
@@ -429,6 +432,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn number(&mut self) -> ScanResult<()> {
+        let start = self.i;
         if self.peek() == Some(b'-') {
             self.i += 1;
         }
@@ -453,8 +457,23 @@ impl<'a> Scanner<'a> {
                 return self.err();
             }
             self.digits();
+            return self.in_f64_range(start);
+        }
+        if self.i - start > 300 {
+            return self.in_f64_range(start);
         }
         Ok(())
+    }
+
+    /// `serde_json` refuses a number that overflows an `f64` (`1e400`); only numbers
+    /// with an exponent or hundreds of digits can, so only those are converted.
+    #[cold]
+    fn in_f64_range(&self, start: usize) -> ScanResult<()> {
+        let text = std::str::from_utf8(&self.b[start..self.i]).unwrap_or("inf");
+        match text.parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(()),
+            _ => Err(RewriteError::Malformed { offset: start }),
+        }
     }
 
     #[inline]
