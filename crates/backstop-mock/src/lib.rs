@@ -21,7 +21,7 @@
 //! The request body is read up to 16 MiB (413 beyond). Every response carries
 //! `x-request-id: req_mock_<seq>`.
 //!
-//! ## Example
+//! ## Example: a script, then exact attempt counts
 //!
 //! ```
 //! use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
@@ -35,6 +35,7 @@
 //! let mock = MockProvider::new(
 //!     Scenario::new(7).model("gpt-4o", ModelPlan::script([limited.clone(), limited])),
 //! );
+//! // The layer under test goes here; clones of the mock share its records.
 //! let service = ServiceBuilder::new().service(mock.clone());
 //!
 //! let request = || {
@@ -52,12 +53,115 @@
 //! let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
 //! assert_eq!(json["model"], "gpt-4o");
 //!
-//! // Assert exact attempt counts.
+//! // Assert exact attempt counts, answers and request headers.
 //! assert_eq!(mock.attempts_for("gpt-4o"), 3);
 //! let answered: Vec<_> = mock.attempts().iter().map(|a| a.fault.name()).collect();
 //! assert_eq!(answered, ["openai_rate_limit", "openai_rate_limit", "ok"]);
 //! # }
 //! ```
+//!
+//! Each [`Attempt`] records its arrival number, model, tokio time (`at`,
+//! `since_start`), method, URI, headers (an attempt counter, an `Idempotency-Key`…;
+//! credentials are hidden from `Debug`), whether it asked to stream, the
+//! [`Fault`] it was answered with and which rule chose it ([`AnswerSource`]).
+//!
+//! ## Scenarios in TOML (or JSON)
+//!
+//! A scenario is a seed, a plan per model, and a `default` plan for the models it
+//! does not list. A fault is a table tagged by `kind` (the snake-case variant name
+//! of [`Fault`]); durations are written `"250ms"`, `"2s"`, `"1m 30s"`. Unknown
+//! keys are errors. The same structure in JSON is read by
+//! [`Scenario::from_json_str`].
+//!
+//! ```
+//! use backstop_mock::Scenario;
+//!
+//! let scenario = Scenario::from_toml_str(r#"
+//! seed = 42
+//!
+//! ## Models not listed below: always 404 model_not_found.
+//! [default]
+//! then = { kind = "openai_model_not_found" }
+//!
+//! [models."gpt-4o"]
+//! ## Two 429s with retry-after: 2, then (the default `then`) 200.
+//! script = [
+//!     { kind = "openai_rate_limit", retry_after = "2" },
+//!     { kind = "openai_rate_limit", retry_after = "2" },
+//! ]
+//! latency = { kind = "log_normal", median = "300ms", sigma = 0.5, cap = "5s" }
+//! stream_chunks = 5          # SSE chunks before data: [DONE]
+//! chunk_delay = "20ms"       # between SSE frames
+//!
+//! [[models."gpt-4o".random]] # seeded: 5% of otherwise-ok answers are 500s
+//! probability = 0.05
+//! fault = { kind = "openai_server_error" }
+//!
+//! [[models."gpt-4o".outages]] # from 10 s to 70 s after start: 503
+//! from = "10s"
+//! until = "70s"
+//! fault = { kind = "openai_overloaded" }
+//!
+//! [models."gpt-4o".capacity] # beyond 4 in flight or 20/s: 429 retry-after: 1
+//! max_in_flight = 4
+//! max_per_second = 20
+//! over = { kind = "openai_rate_limit", retry_after = "1" }
+//!
+//! [models."claude-sonnet"]
+//! then = { kind = "anthropic_overloaded" }
+//!
+//! [models."gemini-flash"]
+//! script = [{ kind = "gemini_resource_exhausted", retry_delay = "58s", per_day = false }]
+//!
+//! [models."flaky-stream"]
+//! then = { kind = "stream_error_after", chunks = 2, style = "openai" }
+//!
+//! [models."custom"]
+//! then = { kind = "with_headers", fault = { kind = "openai_server_error" }, headers = [["x-should-retry", "false"]] }
+//! "#).unwrap();
+//! assert_eq!(scenario.models().count(), 5);
+//! ```
+//!
+//! How one attempt is answered (outage, then capacity, then script or random
+//! fault) is described on [`ModelPlan`]; latency distributions on [`Latency`];
+//! the capacity model on [`Capacity`].
+//!
+//! ## Determinism
+//!
+//! The same seed, scenario and order of attempts give the same answers, the same
+//! latencies and the same response bytes (ids and `created` come from the arrival
+//! number and tokio time, never from the wall clock). Each model draws from its
+//! own random sources (derived from the seed and the model name; faults and
+//! latency separately), so traffic to one model never changes another's answers,
+//! and adding latency to a plan never changes its faults.
+//!
+//! An attempt *arrives* when its request body has been read: in memory, when its
+//! response future is first polled (a `Full` body is read at once); over HTTP,
+//! when the server has the whole body. Attempts to the same model that are in
+//! flight concurrently are answered in that arrival order, which the test
+//! controls in memory (`oneshot` one at a time, or poll in a fixed order under
+//! paused time) but not over real sockets: there, only the multiset of answers
+//! is reproducible, not which concurrent request got which.
+//!
+//! ## The HTTP face
+//!
+//! ```no_run
+//! use backstop_mock::{Fault, MockServer, ModelPlan, Scenario};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let scenario = Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::AnthropicOverloaded));
+//! let server = MockServer::start(scenario, "127.0.0.1:0".parse().unwrap()).await?;
+//! println!("point an OpenAI client at {}", server.base_url());
+//! // … run the client …
+//! assert_eq!(server.provider().attempts_for("gpt-4o"), 1);
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `cargo run -p backstop-mock --example serve -- scenario.toml 127.0.0.1:8080`
+//! serves a scenario file until interrupted.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
