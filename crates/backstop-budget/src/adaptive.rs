@@ -23,6 +23,24 @@ pub struct AdaptiveThrottleConfig {
     /// The multiplier: the provider is sent up to `k` times what it accepts.
     /// Between 1 and 100. Default 2 (the SRE book's; lower is more aggressive).
     pub k: f64,
+    /// Whether a request rejected locally counts in `requests`, as the SRE book
+    /// defines it. Default `true`.
+    ///
+    /// * `true`: the provider is sent about `k ×` what it accepts, the book's
+    ///   guarantee. The price is a slow fade after an overload: the window is full of
+    ///   local rejections, so the gate reopens only as fast as accepts grow,
+    ///   e<sup>k·t/window</sup>. After an overload where the provider served C of r
+    ///   requests per second, throttling lasts about
+    ///   `(window / k) · ln((r − C) / ((k − 1) · C))` (132 s for 10 of 100/s with the
+    ///   defaults); after a total outage about `(window / k) · ln(r · window)` plus a
+    ///   wait of about one window for the first request to get through (≈ 11 min at
+    ///   100/s).
+    /// * `false`: only requests that were sent count. The gate is fully open one
+    ///   window after recovery at the latest (by then every request in the window
+    ///   was sent and accepted), but an overloaded provider is sent about
+    ///   `√(k · C · r)` instead of `k · C` (45/s instead of 20/s for 10 of 100/s), and
+    ///   a dead one about `√(r / window)` per second instead of one per window.
+    pub count_local_rejections: bool,
 }
 
 impl Default for AdaptiveThrottleConfig {
@@ -30,6 +48,7 @@ impl Default for AdaptiveThrottleConfig {
         AdaptiveThrottleConfig {
             window: Duration::from_secs(120),
             k: 2.0,
+            count_local_rejections: true,
         }
     }
 }
@@ -146,7 +165,8 @@ impl AdaptiveThrottle {
     }
 
     /// Decides for a request at `now` with `draw` uniform in `[0, 1)`: rejects when
-    /// `draw` is below the probability. A rejection is counted as a request.
+    /// `draw` is below the probability. A rejection is counted as a request unless
+    /// [`AdaptiveThrottleConfig::count_local_rejections`] is off.
     pub fn decide_at(&self, now: Instant, draw: f64) -> Admission {
         let (tick, requests, accepts) = self.counts(now);
         self.decide(
@@ -158,7 +178,9 @@ impl AdaptiveThrottle {
 
     fn decide(&self, tick: u64, probability: f64, draw: f64) -> Admission {
         if draw < probability {
-            self.requests.add(tick, 1);
+            if self.config.count_local_rejections {
+                self.requests.add(tick, 1);
+            }
             self.local_rejections.fetch_add(1, Ordering::Relaxed);
             Admission::Reject { probability }
         } else {
@@ -282,6 +304,26 @@ mod tests {
         let s = t.snapshot_at(t0);
         assert_eq!((s.requests, s.accepts, s.local_rejections), (11, 2, 1));
         assert_eq!(s.rejection_probability, 7.0 / 12.0);
+    }
+
+    #[test]
+    fn local_rejections_can_be_left_out_of_the_requests() {
+        let t0 = Instant::now();
+        let t = AdaptiveThrottle::starting_at(
+            AdaptiveThrottleConfig {
+                count_local_rejections: false,
+                ..AdaptiveThrottleConfig::default()
+            },
+            t0,
+            SmallRng::seed_from_u64(1),
+        )
+        .unwrap();
+        for _ in 0..4 {
+            t.record_at(t0, false);
+        }
+        assert_eq!(t.decide_at(t0, 0.0), Admission::Reject { probability: 0.8 });
+        let s = t.snapshot_at(t0);
+        assert_eq!((s.requests, s.local_rejections), (4, 1));
     }
 
     #[test]

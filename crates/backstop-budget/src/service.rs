@@ -4,7 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use backstop_classify::{BoxError, ClassifiedError, Failure, FailureKind, RetryBudgetHandle};
+use backstop_classify::{
+    BoxError, ClassifiedError, Failure, FailureKind, RetryBudgetHandle, classify_transport_error,
+};
 use tower_service::Service;
 
 use crate::adaptive::Admission;
@@ -66,12 +68,14 @@ impl<S: fmt::Debug, M> fmt::Debug for RetryBudgetService<S, M> {
     }
 }
 
-/// Keeps an inner layer's verdict; anything else is a transport failure after the
-/// request may have been written, the conservative reading.
+/// Keeps an inner layer's verdict; classifies anything else as the classify crate
+/// classifies transport errors (connect failures, timeouts, resets; an unknown error
+/// is a connection lost after the request may have been written, the conservative
+/// reading).
 pub(crate) fn into_classified(error: impl Into<BoxError>) -> ClassifiedError {
     match error.into().downcast::<ClassifiedError>() {
         Ok(classified) => *classified,
-        Err(other) => ClassifiedError::new(Failure::new(FailureKind::ConnectionLost), other),
+        Err(other) => ClassifiedError::new(classify_transport_error(&*other), other),
     }
 }
 
