@@ -1,0 +1,123 @@
+//! `backstop`: simulate resilience policies in virtual time (the main job).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use backstop_cli::simulate::{self, RunReport, SCHEMA_VERSION};
+
+#[derive(Parser)]
+#[command(
+    name = "backstop",
+    version,
+    about = "Backstop: resilient calls to LLM APIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run scenarios in virtual time against the in-memory mock provider and compare
+    /// retry policies side by side (no file needed: five scenarios are embedded).
+    Simulate {
+        /// A scenario file (TOML) to run instead of the embedded defaults.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// The seed for arrivals, faults and jitter.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Print the report as JSON (stable schema, see `backstop_cli::simulate::report`).
+        #[arg(long)]
+        json: bool,
+        /// Write an SVG of offered vs upstream load over time for each scenario
+        /// (one file per scenario: FILE with the scenario name inserted before `.svg`).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Simulate {
+            scenario,
+            seed,
+            json,
+            plot,
+        } => match run_simulate(scenario, seed, json, plot) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("backstop simulate: {message}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_simulate(
+    scenario: Option<PathBuf>,
+    seed: u64,
+    json: bool,
+    plot: Option<PathBuf>,
+) -> Result<(), String> {
+    let scenarios = match scenario {
+        None => simulate::scenarios::defaults(seed),
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            vec![
+                simulate::scenarios::from_toml(&text, seed)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            ]
+        }
+    };
+    let total = (scenarios.len() * simulate::Policy::ALL.len()) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut report = RunReport {
+        schema_version: SCHEMA_VERSION,
+        seed,
+        scenarios: Vec::new(),
+    };
+    for s in &scenarios {
+        let r = simulate::run_scenario(s, seed, |policy| {
+            bar.set_message(format!("{} / {policy}", s.name));
+            bar.inc(1);
+        });
+        if let Some(path) = &plot {
+            let file = plot_path(path, &r.name, scenarios.len() > 1);
+            std::fs::write(&file, simulate::plot::render_svg(&r))
+                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        }
+        report.scenarios.push(r);
+    }
+    bar.finish_and_clear();
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        println!(
+            "Backstop simulation, seed {seed}: every policy against the same offered load and faults."
+        );
+        for s in &report.scenarios {
+            print!("{}", simulate::render_table(s));
+        }
+    }
+    Ok(())
+}
+
+fn plot_path(path: &std::path::Path, scenario: &str, many: bool) -> PathBuf {
+    if !many {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plot");
+    let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("svg");
+    path.with_file_name(format!("{stem}-{scenario}.{ext}"))
+}
