@@ -1,0 +1,425 @@
+//! The fallback layer over small scripted fakes: readiness, deadlines, breaker
+//! hints, transport errors, and what each hop's request carries.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use backstop_classify::{
+    BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure, FailureKind,
+    HintSource, ModelRoute, ReplayBody,
+};
+use backstop_fallback::{ChainStop, FallbackConfig, FallbackLayer, ServedBy, Target};
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+/// What a fake upstream saw of one hop.
+#[derive(Clone, Debug)]
+struct Seen {
+    route: Option<ModelRoute>,
+    deadline: Option<Deadline>,
+    body: bytes::Bytes,
+    content_length: Option<String>,
+    at: Instant,
+}
+
+type Outcome = Result<Response<String>, BoxError>;
+type Script = Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync>;
+
+/// A fake inner stack: answers per provider model with `script`, records every hop,
+/// and insists on being driven to ready before every call (a clone starts unready).
+struct Fake {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    script: Script,
+    ready: bool,
+    polls_before_ready: u32,
+}
+
+impl Clone for Fake {
+    fn clone(&self) -> Self {
+        Fake {
+            seen: self.seen.clone(),
+            script: self.script.clone(),
+            ready: false,
+            polls_before_ready: 1,
+        }
+    }
+}
+
+impl Fake {
+    fn new(
+        script: impl Fn(&str) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync + 'static,
+    ) -> Self {
+        Fake {
+            seen: Arc::default(),
+            script: Arc::new(script),
+            ready: false,
+            polls_before_ready: 1,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Service<Request<ReplayBody>> for Fake {
+    type Response = Response<String>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Not ready on the first poll: a layer that skips poll_ready, or polls once
+        // and calls anyway, trips the assertion in call.
+        if self.polls_before_ready > 0 {
+            self.polls_before_ready -= 1;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.ready = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ReplayBody>) -> Self::Future {
+        assert!(self.ready, "called without being driven to ready");
+        self.ready = false;
+        self.polls_before_ready = 1;
+        let route = request.extensions().get::<ModelRoute>().cloned();
+        self.seen.lock().unwrap().push(Seen {
+            route: route.clone(),
+            deadline: request.extensions().get::<Deadline>().copied(),
+            body: request.body().bytes().clone(),
+            content_length: request
+                .headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            at: Instant::now(),
+        });
+        let model = route.map(|r| r.model.to_string()).unwrap_or_default();
+        (self.script)(&model)
+    }
+}
+
+fn ok(model: &str) -> Outcome {
+    let mut response = Response::new(format!("served by {model}"));
+    response.extensions_mut().insert(Classification::Success);
+    Ok(response)
+}
+
+fn failed(kind: FailureKind, hint: Option<Duration>) -> Outcome {
+    let failure =
+        Failure::new(kind).with_hint(hint.map(|d| DelayHint::new(d, HintSource::Breaker)));
+    Err(Box::new(ClassifiedError::local(failure)))
+}
+
+fn config() -> FallbackConfig {
+    FallbackConfig::builder()
+        .target(
+            "gpt-4o",
+            Target::new("openai", "https://openai.test/v1")
+                .credential("authorization", "Bearer sk-1")
+                .credential_label("openai-main"),
+        )
+        .target(
+            "claude",
+            Target::new("anthropic", "https://anthropic.test/v1").model("claude-sonnet-4-5"),
+        )
+        .target(
+            "gemini",
+            Target::new("google", "https://google.test/v1beta/openai"),
+        )
+        .chain("gpt-4o", ["claude", "gemini"])
+        .build()
+        .unwrap()
+}
+
+fn chat(model: &str) -> Request<ReplayBody> {
+    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    Request::post("http://proxy.local/v1/chat/completions")
+        .header("content-length", body.len())
+        .body(ReplayBody::from(body))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_hop_is_driven_to_ready_before_it_is_called() {
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            match model.as_str() {
+                "gemini" => ok(&model),
+                _ => failed(FailureKind::Overloaded, None),
+            }
+        })
+    });
+    let response = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+        .unwrap();
+    assert_eq!(response.body(), "served by gemini");
+    assert_eq!(fake.seen().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_hop_carries_its_route_the_rewritten_body_and_a_matching_content_length() {
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            match model.as_str() {
+                "claude-sonnet-4-5" => ok(&model),
+                _ => failed(FailureKind::QuotaExhausted, None),
+            }
+        })
+    });
+    let response = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+        .unwrap();
+    assert_eq!(response.body(), "served by claude-sonnet-4-5");
+    let seen = fake.seen();
+    let routes: Vec<String> = seen
+        .iter()
+        .map(|s| s.route.as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        routes,
+        ["openai/gpt-4o#openai-main", "anthropic/claude-sonnet-4-5"]
+    );
+    let second = r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(&seen[1].body[..], second.as_bytes());
+    assert_eq!(seen[1].content_length, Some(second.len().to_string()));
+    // The first hop's target spells the model as requested: the body is the
+    // caller's own bytes.
+    assert_eq!(seen[0].content_length, Some(seen[0].body.len().to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn breaker_open_everywhere_gives_the_earliest_reopening_as_the_hint() {
+    let fake = Fake::new(|model| {
+        let reopen = match model {
+            "gpt-4o" => 30,
+            "claude-sonnet-4-5" => 10,
+            _ => 20,
+        };
+        Box::pin(async move { failed(FailureKind::BreakerOpen, Some(Duration::from_secs(reopen))) })
+    });
+    let start = Instant::now();
+    let Err(error) = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+    else {
+        panic!("every breaker is open");
+    };
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    assert_eq!(
+        error.failure().hint,
+        Some(DelayHint::new(Duration::from_secs(10), HintSource::Breaker))
+    );
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.retry_at, Some(start + Duration::from_secs(10)));
+    assert_eq!(record.stop, Some(ChainStop::ChainExhausted));
+    assert_eq!(record.hops.len(), 3);
+    assert_eq!(
+        error.to_string(),
+        "breaker_open, retry after 10s (circuit breaker): no model served the request \
+         (tried gpt-4o: breaker_open → claude: breaker_open → gemini: breaker_open); \
+         every model in the chain was tried"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_model_without_a_hint_means_no_earliest_reopening() {
+    let fake = Fake::new(|model| {
+        let kind = if model == "gpt-4o" {
+            FailureKind::ServerError
+        } else {
+            FailureKind::BreakerOpen
+        };
+        Box::pin(async move {
+            failed(
+                kind,
+                (kind == FailureKind::BreakerOpen).then_some(Duration::from_secs(5)),
+            )
+        })
+    });
+    let Err(error) = FallbackLayer::new(config())
+        .layer(fake)
+        .oneshot(chat("gpt-4o"))
+        .await
+    else {
+        panic!("every model fails");
+    };
+    assert_eq!(ServedBy::of_error(&error).unwrap().retry_at, None);
+    // The last model's own hint is kept as it was.
+    assert_eq!(
+        error.failure().hint,
+        Some(DelayHint::new(Duration::from_secs(5), HintSource::Breaker))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_hop_gets_the_time_left_and_the_layer_enforces_it() {
+    // gpt-4o fails after 2 s; claude ignores its deadline and would take 60 s.
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            if model == "gpt-4o" {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                failed(FailureKind::RateLimited, None)
+            } else {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                ok(&model)
+            }
+        })
+    });
+    let config = FallbackConfig::builder()
+        .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
+        .target(
+            "claude",
+            Target::new("anthropic", "https://anthropic.test/v1").model("claude-sonnet-4-5"),
+        )
+        .chain("gpt-4o", ["claude"])
+        .total_deadline(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let Err(error) = FallbackLayer::new(config)
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+    else {
+        panic!("the deadline must fire");
+    };
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert_eq!(error.kind(), FailureKind::TimedOut);
+    let seen = fake.seen();
+    let deadline = start + Duration::from_secs(5);
+    assert_eq!(seen[0].deadline, Some(Deadline(deadline)));
+    assert_eq!(seen[1].deadline, Some(Deadline(deadline)));
+    // The second hop started 2 s in: 3 s were left for it.
+    assert_eq!(deadline - seen[1].at, Duration::from_secs(3));
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.stop, Some(ChainStop::DeadlineReached));
+    assert_eq!(&*record.model, "claude");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_earlier_deadline_wins() {
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move { ok(&model) })
+    });
+    let config = FallbackConfig::builder()
+        .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
+        .total_deadline(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut request = chat("gpt-4o");
+    let callers = Deadline(Instant::now() + Duration::from_secs(7));
+    request.extensions_mut().insert(callers);
+    FallbackLayer::new(config)
+        .layer(fake.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(fake.seen()[0].deadline, Some(callers));
+}
+
+#[tokio::test(start_paused = true)]
+async fn connection_refused_from_a_plain_transport_falls_back() {
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            if model == "gpt-4o" {
+                Err(
+                    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                        as BoxError,
+                )
+            } else {
+                ok(&model)
+            }
+        })
+    });
+    let response = FallbackLayer::new(config())
+        .layer(fake)
+        .oneshot(chat("gpt-4o"))
+        .await
+        .unwrap();
+    let record = response.extensions().get::<ServedBy>().unwrap();
+    assert_eq!(
+        record.hops[0].failure.as_ref().unwrap().kind,
+        FailureKind::ConnectFailed
+    );
+    assert!(record.served);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reset_after_send_falls_back_only_with_an_idempotency_key() {
+    let script = |model: &str| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            if model == "gpt-4o" {
+                Err(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)) as BoxError)
+            } else {
+                ok(&model)
+            }
+        }) as Pin<Box<dyn Future<Output = Outcome> + Send>>
+    };
+    let fake = Fake::new(script);
+    let Err(error) = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+    else {
+        panic!("a reset non-idempotent request must not be resent elsewhere");
+    };
+    assert_eq!(error.kind(), FailureKind::ConnectionLost);
+    assert_eq!(fake.seen().len(), 1);
+    assert_eq!(
+        ServedBy::of_error(&error).unwrap().stop,
+        Some(ChainStop::NotFallbackable)
+    );
+    // The transport's own error is still reachable through the record's error.
+    let chain = error
+        .cause()
+        .unwrap()
+        .downcast_ref::<backstop_fallback::ChainFailed>()
+        .unwrap();
+    assert!(chain.last_error().unwrap().is::<std::io::Error>());
+
+    let fake = Fake::new(script);
+    let mut request = chat("gpt-4o");
+    request
+        .headers_mut()
+        .insert("idempotency-key", "k-1".parse().unwrap());
+    let response = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.body(), "served by claude-sonnet-4-5");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_without_a_body_passes_through_untouched() {
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move { ok(&model) })
+    });
+    let request = Request::get("http://proxy.local/v1/models")
+        .body(ReplayBody::default())
+        .unwrap();
+    let response = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert!(response.extensions().get::<ServedBy>().is_none());
+    assert_eq!(fake.seen()[0].route, None);
+}
