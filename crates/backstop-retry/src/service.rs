@@ -180,12 +180,14 @@ where
     let idempotent = parts.extensions.get::<Idempotent>().is_some()
         || parts.headers.contains_key(IDEMPOTENCY_KEY);
     let budget = parts.extensions.get::<RetryBudgetHandle>().cloned();
-    let hold = match config.hold_first_event {
-        HoldFirstEvent::Never => false,
-        HoldFirstEvent::Always => true,
-        HoldFirstEvent::Auto => {
-            parts.extensions.get::<StreamRequest>().is_some() || body_asks_for_stream(&body)
+    let mut hold = match config.hold_first_event {
+        HoldFirstEvent::Never => HoldChoice::Decided(false),
+        HoldFirstEvent::Always => HoldChoice::Decided(true),
+        HoldFirstEvent::Auto if parts.extensions.get::<StreamRequest>().is_some() => {
+            HoldChoice::Decided(true)
         }
+        // The body scan costs a pass over the body: done only if a stream answers.
+        HoldFirstEvent::Auto => HoldChoice::ScanBody(body.clone()),
     };
 
     let mut log = AttemptLog::default();
@@ -236,7 +238,7 @@ where
             attempt,
             attempt_start,
             attempt_deadline,
-            hold,
+            &mut hold,
             config,
         )
         .await;
@@ -331,6 +333,27 @@ where
     }
 }
 
+/// Whether to hold a stream for its first event, decided when first needed.
+enum HoldChoice<B> {
+    Decided(bool),
+    /// `HoldFirstEvent::Auto` without the marker: scan (a clone of) the body for
+    /// `"stream": true` when a stream answers.
+    ScanBody(B),
+}
+
+impl<B: 'static> HoldChoice<B> {
+    fn resolve(&mut self) -> bool {
+        match self {
+            HoldChoice::Decided(hold) => *hold,
+            HoldChoice::ScanBody(body) => {
+                let hold = body_asks_for_stream(body);
+                *self = HoldChoice::Decided(hold);
+                hold
+            }
+        }
+    }
+}
+
 /// A held stream whose first event was an error.
 struct FirstEventFailed {
     request_id: Option<HeaderValue>,
@@ -343,12 +366,13 @@ async fn attempt_once<S, B, RB>(
     request: Request<B>,
     started: Instant,
     until: Option<Instant>,
-    hold: bool,
+    hold: &mut HoldChoice<B>,
     config: &RetryConfig,
 ) -> (Outcome<RB>, Option<FirstEventFailed>)
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
+    B: 'static,
     RB: Body<Data = Bytes> + Unpin,
     RB::Error: Into<BoxError>,
 {
@@ -385,7 +409,7 @@ where
     }
     parts.extensions.insert(classification);
     let watch = is_stream.then(|| (config.first_event_cap, config.rules.clone()));
-    if !(hold && is_stream) {
+    if !(is_stream && hold.resolve()) {
         return (
             Ok(Response::from_parts(
                 parts,

@@ -32,7 +32,17 @@ pub fn stream_requested(body: &[u8]) -> bool {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    let (first, _) = needle.split_first()?;
+    let mut from = 0;
+    // Jump between quotes rather than compare a window at every byte.
+    while let Some(i) = haystack[from..].iter().position(|b| b == first) {
+        let at = from + i;
+        if haystack[at..].starts_with(needle) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 fn trim_start(bytes: &[u8]) -> &[u8] {
