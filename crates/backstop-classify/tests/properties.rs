@@ -90,7 +90,7 @@ fn headers() -> impl Strategy<Value = HeaderMap> {
 fn body() -> impl Strategy<Value = Vec<u8>> {
     let word = "[a-zA-Z_ 0-9:.,`\\\\\"]{0,40}";
     let scalar = prop_oneof![
-        word.prop_map(|w| serde_json::Value::String(w)),
+        word.prop_map(serde_json::Value::String),
         any::<i64>().prop_map(serde_json::Value::from),
         any::<f64>().prop_map(serde_json::Value::from),
         Just(serde_json::Value::Null),
