@@ -1,10 +1,13 @@
 //! The HTTP face: the same [`MockProvider`] served over HTTP/1.1 and h2c on loopback.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -33,6 +36,7 @@ pub struct MockServer {
     local_addr: SocketAddr,
     provider: MockProvider,
     accept_loop: Option<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl MockServer {
@@ -42,11 +46,13 @@ impl MockServer {
         let provider = provider.into();
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
-        let accept_loop = tokio::spawn(accept(listener, provider.clone()));
+        let tasks = Tasks::default();
+        let accept_loop = tokio::spawn(accept(listener, provider.clone(), tasks.clone()));
         Ok(MockServer {
             local_addr,
             provider,
             accept_loop: Some(accept_loop),
+            tasks,
         })
     }
 
@@ -69,10 +75,10 @@ impl MockServer {
     pub async fn shutdown(mut self) {
         if let Some(accept_loop) = self.accept_loop.take() {
             accept_loop.abort();
-            // Waiting for the abort guarantees the connections are closed on
-            // return; the task's only possible outcome now is "cancelled".
+            // The task's only possible outcome now is "cancelled".
             let _cancelled = accept_loop.await;
         }
+        self.tasks.abort_all();
     }
 }
 
@@ -81,6 +87,7 @@ impl Drop for MockServer {
         if let Some(accept_loop) = &self.accept_loop {
             accept_loop.abort();
         }
+        self.tasks.abort_all();
     }
 }
 
@@ -93,22 +100,55 @@ impl fmt::Debug for MockServer {
     }
 }
 
-/// Accepts connections until cancelled; cancelling drops the `JoinSet`, which
-/// aborts every connection task with it.
-async fn accept(listener: TcpListener, provider: MockProvider) {
-    let mut connections = JoinSet::new();
+/// Every task the server runs: connections, and the HTTP/2 streams hyper spawns
+/// for them. Keeping them in one set lets shutdown end them all, including
+/// streams that hang (which hyper would otherwise leave running detached).
+#[derive(Clone, Default)]
+struct Tasks(Arc<Mutex<JoinSet<()>>>);
+
+impl Tasks {
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reap finished tasks so a long-running server does not accumulate them.
+        while set.try_join_next().is_some() {}
+        set.spawn(task);
+    }
+
+    fn abort_all(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .abort_all();
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Tasks
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.spawn(async move {
+            future.await;
+        });
+    }
+}
+
+/// Accepts connections until cancelled.
+async fn accept(listener: TcpListener, provider: MockProvider, tasks: Tasks) {
     loop {
-        while connections.try_join_next().is_some() {}
         let Ok((stream, _peer)) = listener.accept().await else {
-            // Accept errors (such as too many open files) are transient; keep serving.
-            tokio::task::yield_now().await;
+            // Accept errors (such as too many open files) are usually transient:
+            // back off briefly and keep serving.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let service = TowerToHyperService::new(provider.clone());
-        connections.spawn(async move {
+        let executor = tasks.clone();
+        tasks.spawn(async move {
             // A connection ending in error is the point of several faults
             // (resets); there is nobody to report it to.
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let _ = auto::Builder::new(executor)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

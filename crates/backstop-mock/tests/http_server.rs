@@ -232,3 +232,32 @@ async fn reset_after_chunks_delivers_the_chunks_then_aborts() {
         assert!(!text.contains("[DONE]"));
     }
 }
+
+/// Polls `condition` every 5 ms for up to 2 s.
+async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    for _ in 0..400 {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    condition()
+}
+
+#[tokio::test]
+async fn shutdown_ends_hanging_requests_on_both_protocols() {
+    let server = start().await;
+    let provider = server.provider().clone();
+    let h1_request = chat(&server, "hang", false);
+    let h2_request = chat(&server, "hang", false);
+    let h1 = tokio::spawn(async move { http1().request(h1_request).await });
+    let h2 = tokio::spawn(async move { h2c().request(h2_request).await });
+    assert!(eventually(|| provider.in_flight("hang") == 2).await);
+    server.shutdown().await;
+    assert!(
+        eventually(|| provider.in_flight("hang") == 0).await,
+        "hung attempts must end with the server"
+    );
+    assert!(h1.await.unwrap().is_err());
+    assert!(h2.await.unwrap().is_err());
+}
