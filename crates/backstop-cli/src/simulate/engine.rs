@@ -115,6 +115,10 @@ fn summarise(
             attempts.len() as f64 / requests as f64
         },
         latency_ms: LatencySummary::from_samples(&mut latencies),
+        rejected_locally: finished
+            .iter()
+            .filter(|f| f.outcome.rejected_locally)
+            .count() as u64,
         rate_limited_429s: attempts.iter().filter(|(_, s)| *s == 429).count() as u64,
         fallbacks: finished.iter().filter(|f| f.outcome.fell_back).count() as u64,
         served_by,

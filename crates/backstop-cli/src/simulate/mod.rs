@@ -70,7 +70,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
             .map_or_else(|| "-".to_string(), |s| format!("{s:.0} s"));
         let _ = writeln!(
             out,
-            "{:<24} {:>7.2}% {:>8.2} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>9} {:>9}  {}",
+            "{:<24} {:>7.2}% {:>8.2} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>9} {:>8} {:>9}  {}",
             p.policy,
             p.success_rate * 100.0,
             p.amplification,
@@ -79,6 +79,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
             p.latency_ms.max,
             p.rate_limited_429s,
             p.fallbacks,
+            p.rejected_locally,
             recovery,
             served.join(" ")
         );

@@ -76,6 +76,9 @@ pub struct Outcome {
     pub served_by: Option<String>,
     /// Whether a fallback to another model fired.
     pub fell_back: bool,
+    /// Whether it was answered locally (breaker open, throttled) without any attempt
+    /// reaching the provider.
+    pub rejected_locally: bool,
 }
 
 /// What one HTTP attempt came back with, as an SDK sees it.
@@ -257,6 +260,7 @@ impl Client {
             succeeded,
             served_by: succeeded.then(|| PRIMARY.to_string()),
             fell_back: false,
+            rejected_locally: false,
         }
     }
 }
@@ -266,6 +270,7 @@ fn unreachable_outcome() -> Outcome {
         succeeded: false,
         served_by: None,
         fell_back: false,
+        rejected_locally: false,
     }
 }
 
@@ -275,6 +280,7 @@ fn outcome(attempt: Attempt, model: &str, fell_back: bool) -> Outcome {
         succeeded,
         served_by: succeeded.then(|| model.to_string()),
         fell_back,
+        rejected_locally: false,
     }
 }
 

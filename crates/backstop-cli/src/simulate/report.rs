@@ -55,6 +55,9 @@ pub struct PolicyReport {
     pub amplification: f64,
     /// Latency of logical requests, milliseconds of simulated time.
     pub latency_ms: LatencySummary,
+    /// Logical requests answered locally (a breaker open, the adaptive throttle)
+    /// without any attempt reaching the provider.
+    pub rejected_locally: u64,
     /// Attempts the provider answered with a 429.
     pub rate_limited_429s: u64,
     /// Logical requests on which a fallback to another model fired.

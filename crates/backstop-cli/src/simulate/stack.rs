@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use backstop_breaker::{BreakerConfig, BreakerLayer};
 use backstop_budget::{RetryBudgetLayer, WindowedBudget};
-use backstop_classify::{BoxError, ClassifyLayer, ReplayBody, Rules};
+use backstop_classify::{BoxError, ClassifiedError, ClassifyLayer, FailureKind, ReplayBody, Rules};
 use backstop_fallback::{FallbackConfig, FallbackLayer, ServedBy, Target};
 use backstop_retry::{RetryConfig, RetryLayer};
 use bytes::Bytes;
@@ -82,17 +82,30 @@ impl BackstopClient {
                         served.map_or_else(|| PRIMARY.to_string(), |s| s.model.to_string())
                     }),
                     fell_back,
+                    rejected_locally: false,
                 }
             }
             Err(error) => {
-                let fell_back = error
-                    .downcast_ref::<backstop_classify::ClassifiedError>()
-                    .and_then(ServedBy::of_error)
-                    .is_some_and(|s| s.fallback_fired);
+                let classified = error.downcast_ref::<ClassifiedError>();
+                let served = classified.and_then(ServedBy::of_error);
+                let fell_back = served.is_some_and(|s| s.fallback_fired);
+                // Local when no hop reached the provider: every hop was refused by a
+                // breaker or the throttle.
+                let local = |kind: FailureKind| {
+                    matches!(kind, FailureKind::BreakerOpen | FailureKind::Throttled)
+                };
+                let rejected_locally = match served {
+                    Some(s) => s
+                        .hops
+                        .iter()
+                        .all(|h| h.failure.as_ref().is_some_and(|f| local(f.kind))),
+                    None => classified.is_some_and(|e| local(e.kind())),
+                };
                 Outcome {
                     succeeded: false,
                     served_by: None,
                     fell_back,
+                    rejected_locally,
                 }
             }
         }
