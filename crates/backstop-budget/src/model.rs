@@ -56,6 +56,20 @@ pub struct BudgetSnapshot {
     pub retries_refused: u64,
 }
 
+impl BudgetSnapshot {
+    /// An empty snapshot for `model`; a custom model sets the fields it knows.
+    pub fn new(model: &'static str) -> Self {
+        BudgetSnapshot {
+            model,
+            balance: 0.0,
+            retries_available: 0,
+            deposits: 0,
+            retries_allowed: 0,
+            retries_refused: 0,
+        }
+    }
+}
+
 /// A budget or throttle configuration that cannot work, with what to change.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
