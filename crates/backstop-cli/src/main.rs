@@ -38,6 +38,20 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Serve the fault-injecting mock provider (OpenAI-compatible, HTTP/1.1 and h2c) on a
+    /// loopback address, for your own tests. Stops on Ctrl-C.
+    Mock {
+        /// A mock scenario file (TOML or JSON, `backstop-mock`'s format). Without one,
+        /// every model answers with a normal completion.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: std::net::SocketAddr,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,7 +69,64 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Mock {
+            scenario,
+            listen,
+            seed,
+        } => match run_mock(scenario, listen, seed) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("backstop mock: {message}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn run_mock(
+    scenario: Option<PathBuf>,
+    listen: std::net::SocketAddr,
+    seed: Option<u64>,
+) -> Result<(), String> {
+    let mut scenario = match scenario {
+        None => backstop_mock::Scenario::new(0),
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let parsed = if path.extension().is_some_and(|e| e == "json") {
+                backstop_mock::Scenario::from_json_str(&text)
+            } else {
+                backstop_mock::Scenario::from_toml_str(&text)
+            };
+            parsed.map_err(|e| format!("{}: {e}", path.display()))?
+        }
+    };
+    if let Some(seed) = seed {
+        scenario.seed = seed;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let server = backstop_mock::MockServer::start(scenario, listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        eprintln!(
+            "mock provider listening: OPENAI_BASE_URL={}",
+            server.base_url()
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;
+        eprintln!(
+            "shutting down; {} attempts served",
+            server.provider().attempt_count()
+        );
+        server.shutdown().await;
+        Ok(())
+    })
 }
 
 fn run_simulate(
