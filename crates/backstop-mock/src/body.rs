@@ -155,7 +155,9 @@ impl Body for MockBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
-            Kind::Sse { .. } => false,
+            // Telling hyper the stream is over lets HTTP/2 set END_STREAM on the
+            // last frame instead of sending an extra empty DATA frame.
+            Kind::Sse { frames, end, .. } => frames.is_empty() && *end != Some(SseEnd::Reset),
         }
     }
 

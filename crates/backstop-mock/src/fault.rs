@@ -261,3 +261,141 @@ impl Fault {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One value of every variant; the match below fails to compile when a
+    /// variant is added without being listed here.
+    fn one_of_each() -> Vec<Fault> {
+        let all = vec![
+            Fault::Ok,
+            Fault::OpenAiContentFilterFinish,
+            Fault::OpenAiRateLimit {
+                retry_after: Some("1".into()),
+                retry_after_ms: None,
+            },
+            Fault::OpenAiRequestTooLarge,
+            Fault::OpenAiInsufficientQuota,
+            Fault::OpenAiBillingLimit { code: "c".into() },
+            Fault::OpenAiSlowDown,
+            Fault::OpenAiContextLength,
+            Fault::OpenAiContentPolicy,
+            Fault::OpenAiModelNotFound,
+            Fault::OpenAiServerError,
+            Fault::OpenAiOverloaded,
+            Fault::BadGateway,
+            Fault::GatewayTimeout,
+            Fault::Unauthorized,
+            Fault::InvalidRequest,
+            Fault::AzureRateLimit {
+                message_seconds: 6,
+                retry_after: None,
+                retry_after_ms: Some("6000".into()),
+            },
+            Fault::AzureContentFilter,
+            Fault::AnthropicOverloaded,
+            Fault::AnthropicRateLimit { retry_after: None },
+            Fault::AnthropicSpendLimit,
+            Fault::AnthropicPromptTooLong,
+            Fault::AnthropicError {
+                status: 403,
+                error_type: "permission_error".into(),
+                message: "m".into(),
+            },
+            Fault::GeminiResourceExhausted {
+                retry_delay: None,
+                per_day: true,
+            },
+            Fault::GeminiUnavailable,
+            Fault::GeminiDeadlineExceeded,
+            Fault::Status {
+                status: 418,
+                headers: vec![],
+                body: String::new(),
+            },
+            Fault::Hang,
+            Fault::ConnectRefused,
+            Fault::ResetBeforeHead,
+            Fault::ResetAfterHead,
+            Fault::ResetAfterChunks { chunks: 1 },
+            Fault::StreamErrorAfter {
+                chunks: 1,
+                style: StreamStyle::OpenAi,
+            },
+        ];
+        for fault in &all {
+            match fault {
+                Fault::Ok
+                | Fault::OpenAiContentFilterFinish
+                | Fault::OpenAiRateLimit { .. }
+                | Fault::OpenAiRequestTooLarge
+                | Fault::OpenAiInsufficientQuota
+                | Fault::OpenAiBillingLimit { .. }
+                | Fault::OpenAiSlowDown
+                | Fault::OpenAiContextLength
+                | Fault::OpenAiContentPolicy
+                | Fault::OpenAiModelNotFound
+                | Fault::OpenAiServerError
+                | Fault::OpenAiOverloaded
+                | Fault::BadGateway
+                | Fault::GatewayTimeout
+                | Fault::Unauthorized
+                | Fault::InvalidRequest
+                | Fault::AzureRateLimit { .. }
+                | Fault::AzureContentFilter
+                | Fault::AnthropicOverloaded
+                | Fault::AnthropicRateLimit { .. }
+                | Fault::AnthropicSpendLimit
+                | Fault::AnthropicPromptTooLong
+                | Fault::AnthropicError { .. }
+                | Fault::GeminiResourceExhausted { .. }
+                | Fault::GeminiUnavailable
+                | Fault::GeminiDeadlineExceeded
+                | Fault::Status { .. }
+                | Fault::WithHeaders { .. }
+                | Fault::Hang
+                | Fault::ConnectRefused
+                | Fault::ResetBeforeHead
+                | Fault::ResetAfterHead
+                | Fault::ResetAfterChunks { .. }
+                | Fault::StreamErrorAfter { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn name_is_the_serde_kind_of_every_variant() {
+        for fault in one_of_each() {
+            let json = serde_json::to_value(&fault).unwrap();
+            assert_eq!(json["kind"], fault.name(), "{fault:?}");
+        }
+    }
+
+    #[test]
+    fn every_variant_round_trips_through_json() {
+        for fault in one_of_each() {
+            let wrapped = fault.clone().with_header("x-should-retry", "false");
+            for f in [fault, wrapped] {
+                let text = serde_json::to_string(&f).unwrap();
+                assert_eq!(serde_json::from_str::<Fault>(&text).unwrap(), f, "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn with_header_accumulates_on_one_wrapper() {
+        let f = Fault::Ok.with_header("a", "1").with_header("b", "2");
+        assert_eq!(
+            f,
+            Fault::WithHeaders {
+                fault: Box::new(Fault::Ok),
+                headers: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
+            }
+        );
+        assert!(f.is_ok());
+        assert_eq!(f.name(), "ok");
+    }
+}

@@ -261,3 +261,35 @@ async fn shutdown_ends_hanging_requests_on_both_protocols() {
     assert!(h1.await.unwrap().is_err());
     assert!(h2.await.unwrap().is_err());
 }
+
+#[tokio::test]
+async fn sse_frames_reach_the_client_one_event_per_body_frame() {
+    let scenario = Scenario::new(1).model(
+        "slow",
+        ModelPlan::ok()
+            .stream_chunks(4)
+            .chunk_delay(Duration::from_millis(15)),
+    );
+    let server = MockServer::start(scenario, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for client in [http1(), h2c()] {
+        let mut body = client
+            .request(chat(&server, "slow", true))
+            .await
+            .unwrap()
+            .into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            frames.push(String::from_utf8(data.to_vec()).unwrap());
+        }
+        assert_eq!(frames.len(), 5, "{frames:?}");
+        assert!(
+            frames
+                .iter()
+                .all(|f| f.ends_with("\n\n") && f.matches("data: ").count() == 1)
+        );
+        assert_eq!(frames[4], "data: [DONE]\n\n");
+    }
+}

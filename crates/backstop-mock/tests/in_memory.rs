@@ -450,3 +450,64 @@ async fn reset_records_forgets_attempts_but_the_script_keeps_its_place() {
     assert_eq!(send(&mock, chat("m", false)).await.unwrap().status(), 504);
     assert_eq!(mock.attempts()[0].seq, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_attempts_are_answered_in_first_poll_order_whatever_their_latency() {
+    let mock = MockProvider::new(Scenario::new(1).model(
+        "m",
+        ModelPlan::script([Fault::OpenAiServerError, Fault::GatewayTimeout]).latency(
+            Latency::uniform(Duration::from_millis(1), Duration::from_secs(1)),
+        ),
+    ));
+    // `join!` polls its futures in order, so the first one arrives first.
+    let (a, b, c) = tokio::join!(
+        send(&mock, chat("m", false)),
+        send(&mock, chat("m", false)),
+        send(&mock, chat("m", false)),
+    );
+    let statuses = [a, b, c].map(|r| r.unwrap().status().as_u16());
+    assert_eq!(statuses, [500, 504, 200]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn seeded_latencies_repeat_exactly_across_runs() {
+    let plan = ModelPlan::ok().latency(Latency::log_normal(
+        Duration::from_millis(300),
+        0.8,
+        Duration::from_secs(10),
+    ));
+    let mut runs = Vec::new();
+    for seed in [8, 8, 9] {
+        let mock = MockProvider::new(Scenario::new(seed).model("m", plan.clone()));
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let start = Instant::now();
+            send(&mock, chat("m", false)).await.unwrap();
+            waits.push(start.elapsed());
+        }
+        runs.push(waits);
+    }
+    assert_eq!(runs[0], runs[1]);
+    assert_ne!(runs[0], runs[2]);
+    assert!(
+        runs[0]
+            .iter()
+            .all(|w| *w > Duration::ZERO && *w <= Duration::from_secs(10))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn traffic_to_one_model_does_not_change_another_models_answers() {
+    let plan = ModelPlan::ok().with_random(0.5, Fault::OpenAiServerError);
+    let scenario = Scenario::new(77).model("a", plan.clone()).model("b", plan);
+    let alone = MockProvider::new(scenario.clone());
+    let mixed = MockProvider::new(scenario);
+    let mut a_alone = Vec::new();
+    let mut a_mixed = Vec::new();
+    for _ in 0..30 {
+        a_alone.push(send(&alone, chat("a", false)).await.unwrap().status());
+        send(&mixed, chat("b", false)).await.unwrap();
+        a_mixed.push(send(&mixed, chat("a", false)).await.unwrap().status());
+    }
+    assert_eq!(a_alone, a_mixed);
+}
