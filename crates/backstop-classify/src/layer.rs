@@ -35,7 +35,8 @@ impl ClassifyLayer {
     /// How many bytes of an error body (status >= 400) are buffered to classify it
     /// (default [`DEFAULT_MAX_ERROR_BODY`](crate::DEFAULT_MAX_ERROR_BODY), 64 KiB). A
     /// longer body is classified by status and headers and still reaches the caller
-    /// whole.
+    /// whole. The layer holds at most this many bytes plus the one frame that crossed
+    /// the cap, and only until the response is handed over.
     pub fn with_max_error_body(mut self, bytes: usize) -> Self {
         let rules = Rules::clone(&self.rules).with_max_inspected_body(bytes);
         self.rules = Arc::new(rules);

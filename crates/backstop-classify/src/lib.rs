@@ -103,6 +103,7 @@
 //! | OpenAI, Anthropic, Gemini | code `slow_down`, `server_is_overloaded`, type `service_unavailable_error`, `overloaded_error` (529), status `UNAVAILABLE` | `Overloaded` | yes |
 //! | Anthropic, Gemini, OpenAI | type `rate_limit_error`, `requests`, `tokens`, code `rate_limit_exceeded`, status `RESOURCE_EXHAUSTED` | `RateLimited` | yes |
 //! | Anthropic, Gemini, OpenAI | type `api_error`, `server_error`, `timeout_error`, status `INTERNAL`, `DEADLINE_EXCEEDED` | `ServerError` | yes |
+//! | Gemini | message "API key not valid" (a 400 `INVALID_ARGUMENT`) | `AuthFailed` | no |
 //! | Anthropic, Gemini, OpenAI | type `authentication_error`, `permission_error`, code `invalid_api_key`, status `UNAUTHENTICATED`, `PERMISSION_DENIED` | `AuthFailed` | no |
 //! | Anthropic | type `request_too_large` (413) | `InvalidRequest` | no |
 //! | status | 408 / 409 / 429 / 503, 529 / 401, 403 | `RequestTimeout` / `Conflict` / `RateLimited` / `Overloaded` / `AuthFailed` | yes / yes / yes / yes / no |

@@ -155,9 +155,25 @@ impl Rule {
 /// The classification rules for one provider profile, plus the user's own rules.
 ///
 /// `Rules::default()` is the generic OpenAI-compatible profile. User rules
-/// ([`Rules::with_rule`]) are checked in the order added, before nothing else and
-/// after everything: the built-in rules decide first, then the first matching user
-/// rule overrides the kind and/or the retry verdict. So user rules always win.
+/// ([`Rules::with_rule`]) are applied last: the built-in rules and `x-should-retry`
+/// decide first, then the first matching user rule (in the order added) overrides
+/// the kind and/or the retry verdict. So user rules always win.
+///
+/// ```
+/// use std::time::SystemTime;
+/// use backstop_classify::{FailureKind, Retryable, Rules};
+///
+/// let body = br#"{"error":{"message":"This model's maximum context length is 8192 tokens","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+/// let verdict = Rules::openai().classify_response(
+///     http::StatusCode::BAD_REQUEST,
+///     &http::HeaderMap::new(),
+///     body,
+///     SystemTime::now(),
+/// );
+/// let failure = verdict.failure().unwrap();
+/// assert_eq!(failure.kind, FailureKind::ContextLengthExceeded);
+/// assert_eq!(failure.retryable, Retryable::No);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rules {
     profile: Profile,
@@ -538,6 +554,11 @@ fn specific_kind(status: Option<StatusCode>, envelope: &ErrorEnvelope) -> Option
     }
     if any_code_in(envelope, MODEL_CODES) || model_missing(status, envelope, message) {
         return Some(FailureKind::ModelNotFound);
+    }
+    // Gemini answers a bad key with 400 INVALID_ARGUMENT: it is a refused credential
+    // (another key or provider may serve), not a malformed request.
+    if message.is_some_and(|m| m.contains("api key not valid")) {
+        return Some(FailureKind::AuthFailed);
     }
     if any_code_in(envelope, OVERLOADED_CODES) {
         return Some(FailureKind::Overloaded);
