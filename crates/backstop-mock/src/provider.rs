@@ -6,6 +6,7 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -103,7 +104,8 @@ impl MockProvider {
         self.state().attempts.len()
     }
 
-    /// How many attempts named `model`.
+    /// How many attempts named `model`, refused ones included (see
+    /// [`Attempt::delivered`]).
     pub fn attempts_for(&self, model: &str) -> usize {
         self.state()
             .attempts
@@ -209,10 +211,11 @@ impl MockProvider {
         let wire = render(&fault, &cx);
         let (latency, in_flight) = match decision {
             Some(d) => (d.latency, d.in_flight),
-            None => (std::time::Duration::ZERO, None),
+            None => (Duration::ZERO, None),
         };
         deliver(wire, latency, plan.chunk_delay, in_flight, request_id).await
     }
+
     /// Records the attempt and decides its answer, under the lock: arrival order
     /// is the order in which requests finish being read.
     fn admit(
@@ -271,7 +274,7 @@ impl MockProvider {
 /// The outcome of admitting one attempt.
 struct Admitted {
     seq: u64,
-    since_start: std::time::Duration,
+    since_start: Duration,
     fault: Fault,
     fields: ChatFields,
     decision: Option<crate::decision::Decision>,
@@ -280,8 +283,8 @@ struct Admitted {
 /// Plays a rendered answer out in tokio time.
 async fn deliver(
     wire: Wire,
-    latency: std::time::Duration,
-    chunk_delay: std::time::Duration,
+    latency: Duration,
+    chunk_delay: Duration,
     in_flight: Option<InFlight>,
     request_id: HeaderValue,
 ) -> Result<Response<MockBody>, io::Error> {

@@ -511,3 +511,16 @@ async fn traffic_to_one_model_does_not_change_another_models_answers() {
     }
     assert_eq!(a_alone, a_mixed);
 }
+
+#[test]
+fn provider_body_and_future_can_cross_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    fn send<T: Send + 'static>() {}
+    fn unpin<T: Unpin>() {}
+    send_sync::<MockProvider>();
+    send_sync::<MockBody>();
+    unpin::<MockBody>();
+    send::<backstop_mock::ResponseFuture>();
+    send_sync::<backstop_mock::Attempt>();
+    send_sync::<Scenario>();
+}
