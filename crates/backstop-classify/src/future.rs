@@ -40,7 +40,7 @@ pin_project! {
         Calling { #[pin] future: F },
         // Boxed so it can be moved into the caller's body afterwards: only error
         // responses pay for the allocation.
-        Reading { head: Option<Parts>, body: Option<Pin<Box<B>>>, read: ErrorBodyRead<B> },
+        Reading { head: Option<Parts>, body: Option<Pin<Box<B>>>, read: Option<ErrorBodyRead<B>> },
         Done,
     }
 }
@@ -99,38 +99,28 @@ where
                         )));
                     }
                     let (head, body) = response.into_parts();
-                    let ended = body.is_end_stream();
+                    let read = ErrorBodyRead {
+                        frames: VecDeque::new(),
+                        len: 0,
+                        trailers: None,
+                        error: None,
+                        ended: body.is_end_stream(),
+                    };
                     this.state.set(State::Reading {
                         head: Some(head),
                         body: Some(Box::pin(body)),
-                        read: ErrorBodyRead {
-                            frames: VecDeque::new(),
-                            len: 0,
-                            trailers: None,
-                            error: None,
-                            ended,
-                        },
+                        read: Some(read),
                     });
                 }
                 StateProj::Reading { head, body, read } => {
                     let cap = this.rules.max_inspected_body();
-                    if let Some(body) = body.as_mut() {
+                    if let (Some(body), Some(read)) = (body.as_mut(), read.as_mut()) {
                         ready!(read_up_to(body.as_mut(), read, cap, cx));
                     }
-                    let Some(mut head) = head.take() else {
-                        // Only reachable if polled again after completion.
+                    // Both are always there: the state becomes `Done` right after.
+                    let (Some(mut head), Some(read)) = (head.take(), read.take()) else {
                         return Poll::Pending;
                     };
-                    let read = std::mem::replace(
-                        read,
-                        ErrorBodyRead {
-                            frames: VecDeque::new(),
-                            len: 0,
-                            trailers: None,
-                            error: None,
-                            ended: true,
-                        },
-                    );
                     let rest = if read.error.is_some() || read.ended {
                         None
                     } else {
@@ -161,6 +151,7 @@ where
                     });
                     return Poll::Ready(Ok(Response::from_parts(head, body)));
                 }
+                // Polled after it completed: a contract violation by the caller.
                 StateProj::Done => return Poll::Pending,
             }
         }

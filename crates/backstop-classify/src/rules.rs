@@ -259,10 +259,10 @@ impl Rules {
     /// Classifies a response from its status, headers and (the start of) its body.
     ///
     /// Statuses below 400 are [`Classification::Success`]. For the others the body is
-    /// read as a provider error envelope when it is JSON (only the first
-    /// [`Rules::max_inspected_body`] bytes are looked at); a body that is empty, not
-    /// JSON, truncated or of an unknown shape is classified by status and headers. Never
-    /// panics, whatever the input. `now` anchors HTTP-date and RFC 3339 hints.
+    /// read as a provider error envelope when it is JSON; a body that is empty, not
+    /// JSON, truncated, longer than [`Rules::max_inspected_body`] (it is then not
+    /// parsed at all) or of an unknown shape is classified by status and headers.
+    /// Never panics, whatever the input. `now` anchors HTTP-date and RFC 3339 hints.
     pub fn classify_response(
         &self,
         status: StatusCode,
@@ -313,8 +313,11 @@ impl Rules {
     /// `data:` is tolerated. A payload that cannot be read is a
     /// [`FailureKind::ServerError`]: the provider broke the stream.
     pub fn classify_stream_error(&self, event_data: &[u8]) -> Failure {
-        let data = trim_ascii(event_data);
-        let data = data.strip_prefix(b"data:").map(trim_ascii).unwrap_or(data);
+        let data = event_data.trim_ascii();
+        let data = data
+            .strip_prefix(b"data:")
+            .map(<[u8]>::trim_ascii)
+            .unwrap_or(data);
         let envelope = (data.len() <= self.max_inspected_body)
             .then(|| ErrorEnvelope::parse(data))
             .flatten();
@@ -426,10 +429,6 @@ fn provider_error(envelope: &ErrorEnvelope) -> Option<ProviderError> {
         return None;
     }
     Some(ProviderError { error_type, code })
-}
-
-fn trim_ascii(bytes: &[u8]) -> &[u8] {
-    bytes.trim_ascii()
 }
 
 // ---------------------------------------------------------------------------------
