@@ -185,7 +185,7 @@ pub use error::ScenarioError;
 pub use fault::{Fault, StreamStyle};
 pub use future::ResponseFuture;
 pub use plan::{Capacity, Latency, ModelPlan, Outage, RandomFault};
-pub use provider::{MAX_REQUEST_BODY_BYTES, MockProvider};
+pub use provider::{DEFAULT_RECORD_LIMIT, MAX_REQUEST_BODY_BYTES, MockProvider};
 pub use record::Attempt;
 pub use scenario::Scenario;
 pub use server::MockServer;

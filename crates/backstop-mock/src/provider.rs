@@ -1,6 +1,6 @@
 //! The in-memory face: a `tower::Service` that plays an OpenAI-compatible provider.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
@@ -29,6 +29,10 @@ use crate::wire::{Wire, WireContext, render};
 /// The largest request body the mock reads; larger ones get a 413.
 pub const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// How many attempts a provider keeps in detail unless told otherwise
+/// ([`MockProvider::set_record_limit`]); counts stay exact beyond it.
+pub const DEFAULT_RECORD_LIMIT: usize = 100_000;
+
 /// A fault-injecting, OpenAI-compatible provider living in memory.
 ///
 /// Clones share one state (plans' progress, random sources and records), so a
@@ -45,11 +49,28 @@ struct Shared {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
     next_seq: u64,
     models: HashMap<String, ModelState>,
-    attempts: Vec<Attempt>,
+    /// The most recent attempts, at most `record_limit` of them.
+    attempts: VecDeque<Attempt>,
+    record_limit: usize,
+    /// Exact counts since the last reset, kept apart from the capped records.
+    received: usize,
+    received_per_model: HashMap<String, usize>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            next_seq: 0,
+            models: HashMap::new(),
+            attempts: VecDeque::new(),
+            record_limit: DEFAULT_RECORD_LIMIT,
+            received: 0,
+            received_per_model: HashMap::new(),
+        }
+    }
 }
 
 impl fmt::Debug for MockProvider {
@@ -94,30 +115,45 @@ impl MockProvider {
     }
 
     /// Every attempt received since creation or the last
-    /// [`reset_records`](Self::reset_records), in arrival order.
+    /// [`reset_records`](Self::reset_records), in arrival order; at most the
+    /// most recent [record limit](Self::set_record_limit) of them.
     pub fn attempts(&self) -> Vec<Attempt> {
-        self.state().attempts.clone()
+        self.state().attempts.iter().cloned().collect()
     }
 
-    /// How many attempts were received.
+    /// How many attempts were received (exact, whatever the record limit).
     pub fn attempt_count(&self) -> usize {
-        self.state().attempts.len()
+        self.state().received
     }
 
     /// How many attempts named `model`, refused ones included (see
-    /// [`Attempt::delivered`]).
+    /// [`Attempt::delivered`]); exact, whatever the record limit.
     pub fn attempts_for(&self, model: &str) -> usize {
         self.state()
-            .attempts
-            .iter()
-            .filter(|a| a.model.as_deref() == Some(model))
-            .count()
+            .received_per_model
+            .get(model)
+            .copied()
+            .unwrap_or(0)
     }
 
-    /// Forgets the recorded attempts. Plans keep their progress (script position,
-    /// random sources, load) and `seq` keeps counting.
+    /// Forgets the recorded attempts and counts. Plans keep their progress
+    /// (script position, random sources, load) and `seq` keeps counting.
     pub fn reset_records(&self) {
-        self.state().attempts.clear();
+        let mut state = self.state();
+        state.attempts.clear();
+        state.received = 0;
+        state.received_per_model.clear();
+    }
+
+    /// Keeps at most `limit` attempts in detail (default
+    /// [`DEFAULT_RECORD_LIMIT`]), dropping the oldest beyond it, so a long-running
+    /// server or simulation has bounded memory. Counts stay exact.
+    pub fn set_record_limit(&self, limit: usize) {
+        let mut state = self.state();
+        state.record_limit = limit;
+        while state.attempts.len() > limit {
+            state.attempts.pop_front();
+        }
     }
 
     /// Attempts of `model` currently in flight (see [`Capacity`](crate::Capacity)).
@@ -246,7 +282,11 @@ impl MockProvider {
                 (decision.fault.clone(), fields, Some(decision))
             }
         };
-        state.attempts.push(Attempt {
+        state.received += 1;
+        if let Some(model) = &fields.model {
+            *state.received_per_model.entry(model.clone()).or_insert(0) += 1;
+        }
+        state.attempts.push_back(Attempt {
             seq,
             model: fields.model.clone(),
             at,
@@ -261,6 +301,9 @@ impl MockProvider {
                 .map_or(AnswerSource::Protocol, |d| d.source),
             delivered: !matches!(fault, Fault::ConnectRefused),
         });
+        while state.attempts.len() > state.record_limit {
+            state.attempts.pop_front();
+        }
         Admitted {
             seq,
             since_start,

@@ -524,3 +524,23 @@ fn provider_body_and_future_can_cross_threads() {
     send_sync::<backstop_mock::Attempt>();
     send_sync::<Scenario>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn record_limit_keeps_the_newest_attempts_and_exact_counts() {
+    let mock = MockProvider::new(Scenario::new(1));
+    mock.set_record_limit(2);
+    for model in ["a", "b", "a", "c"] {
+        send(&mock, chat(model, false)).await.unwrap();
+    }
+    let kept: Vec<u64> = mock.attempts().iter().map(|a| a.seq).collect();
+    assert_eq!(kept, [2, 3]);
+    assert_eq!(mock.attempt_count(), 4);
+    assert_eq!(mock.attempts_for("a"), 2);
+    mock.set_record_limit(0);
+    assert!(mock.attempts().is_empty());
+    send(&mock, chat("a", false)).await.unwrap();
+    assert!(mock.attempts().is_empty());
+    assert_eq!(mock.attempts_for("a"), 3);
+    mock.reset_records();
+    assert_eq!((mock.attempt_count(), mock.attempts_for("a")), (0, 0));
+}
