@@ -1,0 +1,529 @@
+//! The stack's serde configuration (TOML), with durations in human form and every
+//! setting validated with a message that says what to change.
+//!
+//! ```toml
+//! provider = "openai"            # classification profile: generic, openai, azure, anthropic, gemini
+//! total_deadline = "90s"         # across every attempt, wait and fallback hop
+//! max_request_body = 8388608     # bytes
+//!
+//! [retry]
+//! preset = "interactive"         # or "batch"
+//! max_attempts = 3
+//! deadline = "60s"               # per model
+//! attempt_timeout = "20s"        # time to the response head (or first SSE event)
+//! max_hint = "120s"              # longer Retry-After: give up now, let fallback act
+//! jitter = "equal"               # none, full, equal, decorrelated
+//!
+//! [budget]
+//! window = "10s"
+//! retry_ratio = 0.1
+//! min_retries_per_sec = 1.0
+//! # adaptive_throttle = { window = "2m", k = 2.0 }
+//!
+//! [breaker]
+//! consecutive_failures = 5
+//! open_duration = "30s"
+//!
+//! [models.gpt-4o]
+//! upstream = "openai"
+//! base_uri = "https://api.openai.com/v1"
+//! credential = { env = "OPENAI_API_KEY" }          # sent as `authorization: Bearer …`
+//!
+//! [models.claude-sonnet]
+//! upstream = "anthropic"
+//! base_uri = "https://api.anthropic.com/v1"
+//! model = "claude-sonnet-4-5"
+//! credential = { header = "x-api-key", env = "ANTHROPIC_API_KEY" }
+//!
+//! [chains]
+//! models = { "gpt-4o" = ["claude-sonnet"] }
+//! ```
+//!
+//! Credentials are never written in the file: each names an environment variable,
+//! read when the layer is built.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use backstop_breaker::BreakerConfig;
+use backstop_classify::{Profile, Rules};
+use backstop_fallback::{Chains, FallbackConfig, Target};
+use backstop_retry::{Jitter, RetryConfig};
+use serde::{Deserialize, Deserializer};
+
+use crate::stack::{BackstopBuilder, BackstopLayer};
+
+/// The whole stack's configuration, as read from TOML.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// The classification profile (`generic`, `openai`, `azure`, `anthropic`, `gemini`).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The total deadline across every attempt, wait and fallback hop.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub total_deadline: Option<Duration>,
+    /// The cap on a request body, in bytes.
+    #[serde(default)]
+    pub max_request_body: Option<usize>,
+    /// The retry layer.
+    #[serde(default)]
+    pub retry: RetrySection,
+    /// The retry budget.
+    #[serde(default)]
+    pub budget: BudgetSection,
+    /// The circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerSection,
+    /// Where each model is served.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelSection>,
+    /// The fallback chains (see `backstop_fallback::Chains`).
+    #[serde(default)]
+    pub chains: Chains,
+}
+
+/// `[retry]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    /// `interactive` (default) or `batch`.
+    pub preset: Option<String>,
+    /// Attempts per model, the first included.
+    pub max_attempts: Option<u32>,
+    /// Total time for all attempts and waits on one model.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub deadline: Option<Duration>,
+    /// Time one attempt may take to its response head (or first SSE event).
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub attempt_timeout: Option<Duration>,
+    /// The longest delay hint worth waiting on.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub max_hint: Option<Duration>,
+    /// `none`, `full`, `equal` or `decorrelated`.
+    pub jitter: Option<String>,
+    /// Seed for the jitter (reproducible runs).
+    pub seed: Option<u64>,
+}
+
+/// `[budget]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    /// How long a deposit counts.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub window: Option<Duration>,
+    /// Retries allowed per request, on average (0.1 = 10 %).
+    pub retry_ratio: Option<f64>,
+    /// Retries per second always allowed.
+    pub min_retries_per_sec: Option<f64>,
+    /// Google SRE adaptive throttling, off unless given.
+    pub adaptive_throttle: Option<ThrottleSection>,
+}
+
+/// `[budget.adaptive_throttle]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSection {
+    /// The sliding window of requests and accepts.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub window: Option<Duration>,
+    /// The multiplier K (default 2).
+    pub k: Option<f64>,
+    /// Seed for the rejection draws.
+    pub seed: Option<u64>,
+}
+
+/// `[breaker]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSection {
+    /// Consecutive failures that open a key.
+    pub consecutive_failures: Option<u32>,
+    /// Failure ratio over the window that opens a key.
+    pub failure_ratio: Option<f64>,
+    /// The sliding window.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub window: Option<Duration>,
+    /// Calls in the window before the ratio counts.
+    pub minimum_calls: Option<u32>,
+    /// How long a key stays open.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub open_duration: Option<Duration>,
+    /// Concurrent trial requests when half-open.
+    pub half_open_probes: Option<u32>,
+    /// How long a probe may take before it counts as failed.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub probe_timeout: Option<Duration>,
+    /// How long a quota-exhausted key stays open.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub quota_cooldown: Option<Duration>,
+}
+
+/// `[models.NAME]`: where a model is served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The upstream's name (for records and breaker keys).
+    pub upstream: String,
+    /// Scheme, authority and path prefix, e.g. `https://api.openai.com/v1`.
+    pub base_uri: String,
+    /// The model as the upstream spells it (defaults to the section's name).
+    pub model: Option<String>,
+    /// The credential to send, read from the environment.
+    pub credential: Option<CredentialSection>,
+    /// Extra headers (`anthropic-version`, …).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A credential read from an environment variable.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSection {
+    /// The environment variable holding the key.
+    pub env: String,
+    /// The header (default `authorization`).
+    pub header: Option<String>,
+    /// Text before the key (default `Bearer ` for `authorization`, none otherwise).
+    pub prefix: Option<String>,
+    /// A non-secret label for records and breaker keys.
+    pub label: Option<String>,
+}
+
+/// Why a configuration was refused. Every message names the setting to change.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TOML did not parse or has an unknown key.
+    Parse(String),
+    /// `retry.attempt_timeout` is longer than `retry.deadline`.
+    AttemptTimeoutExceedsDeadline {
+        /// The attempt timeout.
+        attempt_timeout: Duration,
+        /// The retry deadline.
+        deadline: Duration,
+    },
+    /// `retry.deadline` is longer than `total_deadline`.
+    RetryDeadlineExceedsTotal {
+        /// The retry deadline.
+        retry_deadline: Duration,
+        /// The total deadline.
+        total: Duration,
+    },
+    /// `breaker.window` is shorter than two attempt timeouts.
+    BreakerWindowTooShort {
+        /// The breaker window.
+        window: Duration,
+        /// The attempt timeout.
+        attempt_timeout: Duration,
+    },
+    /// `breaker.probe_timeout` is shorter than an attempt may take.
+    ProbeTimeoutTooShort {
+        /// The probe timeout.
+        probe_timeout: Duration,
+        /// The attempt timeout.
+        attempt_timeout: Duration,
+    },
+    /// A model's credential names an environment variable that is not set (or empty).
+    MissingCredential {
+        /// The model.
+        model: String,
+        /// The variable.
+        env: String,
+    },
+    /// An unknown name where one of a fixed set is expected.
+    UnknownName {
+        /// The setting.
+        setting: &'static str,
+        /// What was given.
+        given: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A layer refused its part of the configuration.
+    Invalid {
+        /// The section.
+        section: &'static str,
+        /// The layer's message.
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |d: &Duration| humantime::format_duration(*d).to_string();
+        match self {
+            ConfigError::Parse(e) => write!(f, "invalid configuration: {e}"),
+            ConfigError::AttemptTimeoutExceedsDeadline {
+                attempt_timeout,
+                deadline,
+            } => write!(
+                f,
+                "retry.attempt_timeout ({}) is longer than retry.deadline ({}): one attempt could never finish inside the deadline; lower attempt_timeout or raise deadline",
+                d(attempt_timeout),
+                d(deadline)
+            ),
+            ConfigError::RetryDeadlineExceedsTotal {
+                retry_deadline,
+                total,
+            } => write!(
+                f,
+                "retry.deadline ({}) is longer than total_deadline ({}): retries on the first model would leave no time for fallback; lower retry.deadline or raise total_deadline",
+                d(retry_deadline),
+                d(total)
+            ),
+            ConfigError::BreakerWindowTooShort {
+                window,
+                attempt_timeout,
+            } => write!(
+                f,
+                "breaker.window ({}) must span at least two attempt timeouts (retry.attempt_timeout = {}): failures would slide out of the window before the attempts they belong to end; raise breaker.window",
+                d(window),
+                d(attempt_timeout)
+            ),
+            ConfigError::ProbeTimeoutTooShort {
+                probe_timeout,
+                attempt_timeout,
+            } => write!(
+                f,
+                "breaker.probe_timeout ({}) is shorter than retry.attempt_timeout ({}): a healthy but slow probe would be counted as failed; raise breaker.probe_timeout",
+                d(probe_timeout),
+                d(attempt_timeout)
+            ),
+            ConfigError::MissingCredential { model, env } => write!(
+                f,
+                "models.{model}.credential: environment variable {env} is not set or is empty; export it or remove the credential"
+            ),
+            ConfigError::UnknownName {
+                setting,
+                given,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "{setting} = {given:?} is not known; expected one of: {expected}"
+                )
+            }
+            ConfigError::Invalid { section, message } => write!(f, "[{section}]: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl StackConfig {
+    /// Parses TOML (unknown keys are refused).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Builds the layer, reading credentials from the process environment.
+    pub fn into_layer(self) -> Result<BackstopLayer, ConfigError> {
+        self.into_layer_with_env(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the layer, reading credentials through `env` (tests pass a map).
+    pub fn into_layer_with_env(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<BackstopLayer, ConfigError> {
+        self.into_builder(env)?.build()
+    }
+
+    /// The builder this configuration describes, before the cross-layer checks.
+    pub fn into_builder(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<BackstopBuilder, ConfigError> {
+        let mut builder = BackstopLayer::builder();
+        let profile = match self.provider.as_deref() {
+            None | Some("generic") => Profile::Generic,
+            Some("openai") => Profile::OpenAi,
+            Some("azure") => Profile::Azure,
+            Some("anthropic") => Profile::Anthropic,
+            Some("gemini") => Profile::Gemini,
+            Some(other) => {
+                return Err(ConfigError::UnknownName {
+                    setting: "provider",
+                    given: other.into(),
+                    expected: "generic, openai, azure, anthropic, gemini",
+                });
+            }
+        };
+        builder = builder.rules(Rules::new(profile));
+        if let Some(bytes) = self.max_request_body {
+            builder = builder.max_request_body(bytes);
+        }
+        builder = builder.retry(retry_config(&self.retry)?);
+        if let Some(seed) = self.retry.seed {
+            builder = builder.retry_seed(seed);
+        }
+        let mut budget = backstop_budget::WindowedBudgetConfig::default();
+        if let Some(w) = self.budget.window {
+            budget.window = w;
+        }
+        if let Some(r) = self.budget.retry_ratio {
+            budget.retry_ratio = r;
+        }
+        if let Some(m) = self.budget.min_retries_per_sec {
+            budget.min_retries_per_sec = m;
+        }
+        builder = builder.budget(budget);
+        if let Some(t) = &self.budget.adaptive_throttle {
+            let mut config = backstop_budget::AdaptiveThrottleConfig::default();
+            if let Some(w) = t.window {
+                config.window = w;
+            }
+            if let Some(k) = t.k {
+                config.k = k;
+            }
+            builder = builder.adaptive_throttle(config, t.seed);
+        }
+        builder = builder.breaker(breaker_config(&self.breaker));
+        builder = builder.fallback(fallback_config(
+            self.models,
+            self.chains,
+            self.total_deadline,
+            env,
+        )?);
+        Ok(builder)
+    }
+}
+
+fn retry_config(section: &RetrySection) -> Result<RetryConfig, ConfigError> {
+    let invalid = |e: backstop_retry::ConfigError| ConfigError::Invalid {
+        section: "retry",
+        message: e.to_string(),
+    };
+    let mut retry = match section.preset.as_deref() {
+        None | Some("interactive") => RetryConfig::interactive(),
+        Some("batch") => RetryConfig::batch(),
+        Some(other) => {
+            return Err(ConfigError::UnknownName {
+                setting: "retry.preset",
+                given: other.into(),
+                expected: "interactive, batch",
+            });
+        }
+    };
+    if let Some(n) = section.max_attempts {
+        retry = retry.with_max_attempts(n).map_err(invalid)?;
+    }
+    // Check the pair here, so the message names both settings as the file spells them.
+    let deadline = section.deadline.or(retry.deadline());
+    if let (Some(timeout), Some(deadline)) = (section.attempt_timeout, deadline)
+        && timeout > deadline
+    {
+        return Err(ConfigError::AttemptTimeoutExceedsDeadline {
+            attempt_timeout: timeout,
+            deadline,
+        });
+    }
+    if section.deadline.is_some() {
+        retry = retry.with_deadline(section.deadline).map_err(invalid)?;
+    }
+    if section.attempt_timeout.is_some() {
+        retry = retry
+            .with_attempt_timeout(section.attempt_timeout)
+            .map_err(invalid)?;
+    }
+    if let Some(max_hint) = section.max_hint {
+        retry = retry.with_max_hint(max_hint);
+    }
+    if let Some(jitter) = section.jitter.as_deref() {
+        let jitter = match jitter {
+            "none" => Jitter::None,
+            "full" => Jitter::Full,
+            "equal" => Jitter::Equal,
+            "decorrelated" => Jitter::Decorrelated,
+            other => {
+                return Err(ConfigError::UnknownName {
+                    setting: "retry.jitter",
+                    given: other.into(),
+                    expected: "none, full, equal, decorrelated",
+                });
+            }
+        };
+        retry = retry.with_jitter(jitter);
+    }
+    Ok(retry)
+}
+
+fn breaker_config(section: &BreakerSection) -> BreakerConfig {
+    let mut c = BreakerConfig::default();
+    macro_rules! set {
+        ($($field:ident),*) => {$( if let Some(v) = section.$field { c.$field = v; } )*};
+    }
+    set!(
+        consecutive_failures,
+        failure_ratio,
+        window,
+        minimum_calls,
+        open_duration,
+        half_open_probes,
+        probe_timeout,
+        quota_cooldown
+    );
+    c
+}
+
+fn fallback_config(
+    models: BTreeMap<String, ModelSection>,
+    chains: Chains,
+    total_deadline: Option<Duration>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<FallbackConfig, ConfigError> {
+    let mut builder = FallbackConfig::builder();
+    for (name, section) in models {
+        let mut target = Target::new(section.upstream, section.base_uri);
+        if let Some(model) = section.model {
+            target = target.model(model);
+        }
+        if let Some(cred) = section.credential {
+            let key = env(&cred.env)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| ConfigError::MissingCredential {
+                    model: name.clone(),
+                    env: cred.env.clone(),
+                })?;
+            let header = cred.header.unwrap_or_else(|| "authorization".into());
+            let prefix = cred.prefix.unwrap_or_else(|| {
+                if header.eq_ignore_ascii_case("authorization") {
+                    "Bearer ".into()
+                } else {
+                    String::new()
+                }
+            });
+            target = target.credential(header, format!("{prefix}{key}"));
+            if let Some(label) = cred.label {
+                target = target.credential_label(label);
+            }
+        }
+        for (h, v) in section.headers {
+            target = target.header(h, v);
+        }
+        builder = builder.target(name, target);
+    }
+    for (model, fallbacks) in chains.models {
+        builder = builder.chain(model, fallbacks);
+    }
+    builder = builder
+        .default_chain(chains.default)
+        .context_chain(chains.context_length)
+        .content_chain(chains.content_filter);
+    if let Some(total) = total_deadline {
+        builder = builder.total_deadline(total);
+    }
+    builder.build().map_err(|e| ConfigError::Invalid {
+        section: "models/chains",
+        message: e.to_string(),
+    })
+}
+
+fn human_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+        .transpose()
+}

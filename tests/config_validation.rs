@@ -1,0 +1,130 @@
+//! Every invalid stack configuration is refused with a message that names the setting.
+
+use std::collections::HashMap;
+
+use backstop::{ConfigError, StackConfig};
+
+fn build(toml: &str, env: &[(&str, &str)]) -> Result<backstop::BackstopLayer, ConfigError> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    StackConfig::from_toml_str(toml)?.into_layer_with_env(|name| env.get(name).cloned())
+}
+
+fn message(toml: &str) -> String {
+    match build(toml, &[]) {
+        Ok(_) => panic!("config should be refused:\n{toml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn an_empty_config_builds_the_default_stack() {
+    build("", &[]).expect("defaults are valid");
+}
+
+#[test]
+fn attempt_timeout_longer_than_the_deadline_is_refused() {
+    let m = message("[retry]\ndeadline = \"10s\"\nattempt_timeout = \"30s\"\n");
+    assert_eq!(
+        m,
+        "retry.attempt_timeout (30s) is longer than retry.deadline (10s): one attempt could never finish inside the deadline; lower attempt_timeout or raise deadline"
+    );
+    // The batch preset's own 60 s deadline counts too.
+    let m = message("[retry]\npreset = \"batch\"\nattempt_timeout = \"2m\"\n");
+    assert!(
+        m.starts_with("retry.attempt_timeout (2m) is longer than retry.deadline (1m)"),
+        "{m}"
+    );
+}
+
+#[test]
+fn retry_deadline_longer_than_the_total_deadline_is_refused() {
+    let m = message("total_deadline = \"30s\"\n[retry]\ndeadline = \"60s\"\n");
+    assert!(
+        m.starts_with("retry.deadline (1m) is longer than total_deadline (30s)"),
+        "{m}"
+    );
+}
+
+#[test]
+fn breaker_window_shorter_than_two_attempt_timeouts_is_refused() {
+    let m = message("[retry]\nattempt_timeout = \"20s\"\n[breaker]\nwindow = \"30s\"\n");
+    assert!(m.starts_with("breaker.window (30s) must span at least two attempt timeouts (retry.attempt_timeout = 20s)"), "{m}");
+}
+
+#[test]
+fn probe_timeout_shorter_than_an_attempt_is_refused() {
+    let m = message(
+        "[retry]\nattempt_timeout = \"20s\"\n[breaker]\nwindow = \"60s\"\nprobe_timeout = \"5s\"\n",
+    );
+    assert!(
+        m.starts_with("breaker.probe_timeout (5s) is shorter than retry.attempt_timeout (20s)"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_chain_naming_an_unknown_model_is_refused() {
+    let m = message(
+        "[models.gpt-4o]\nupstream = \"openai\"\nbase_uri = \"https://api.openai.com/v1\"\n[chains]\nmodels = { \"gpt-4o\" = [\"gpt-5-typo\"] }\n",
+    );
+    assert!(m.starts_with("[models/chains]:"), "{m}");
+    assert!(m.contains("gpt-5-typo"), "{m}");
+}
+
+#[test]
+fn a_missing_credential_names_the_variable_and_never_a_value() {
+    let toml = "[models.gpt-4o]\nupstream = \"openai\"\nbase_uri = \"https://api.openai.com/v1\"\ncredential = { env = \"OPENAI_API_KEY\" }\n";
+    let m = message(toml);
+    assert_eq!(
+        m,
+        "models.gpt-4o.credential: environment variable OPENAI_API_KEY is not set or is empty; export it or remove the credential"
+    );
+    // Set but empty counts as missing.
+    let err = build(toml, &[("OPENAI_API_KEY", "  ")])
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ConfigError::MissingCredential { .. }));
+    // Present: builds, and the key never shows in Debug.
+    let layer = build(toml, &[("OPENAI_API_KEY", "sk-test-very-secret-key")]).expect("builds");
+    let debug = format!("{layer:?}");
+    assert!(!debug.contains("very-secret"), "{debug}");
+    assert!(!debug.contains("sk-test"), "{debug}");
+}
+
+#[test]
+fn unknown_names_and_keys_are_refused() {
+    assert_eq!(
+        message("provider = \"openia\"\n"),
+        "provider = \"openia\" is not known; expected one of: generic, openai, azure, anthropic, gemini"
+    );
+    assert_eq!(
+        message("[retry]\njitter = \"fuzzy\"\n"),
+        "retry.jitter = \"fuzzy\" is not known; expected one of: none, full, equal, decorrelated"
+    );
+    assert_eq!(
+        message("[retry]\npreset = \"fast\"\n"),
+        "retry.preset = \"fast\" is not known; expected one of: interactive, batch"
+    );
+    let m = message("[retry]\nmax_attempt = 3\n");
+    assert!(
+        m.starts_with("invalid configuration:") && m.contains("max_attempt"),
+        "{m}"
+    );
+    let m = message("[retry]\ndeadline = \"soon\"\n");
+    assert!(m.starts_with("invalid configuration:"), "{m}");
+}
+
+#[test]
+fn each_layer_s_own_validation_is_reported_with_its_section() {
+    let m = message("[retry]\nmax_attempts = 0\n");
+    assert!(m.starts_with("[retry]:"), "{m}");
+    let m = message("[breaker]\nfailure_ratio = 1.5\n");
+    assert!(m.starts_with("[breaker]:"), "{m}");
+    let m = message("[budget]\nretry_ratio = -1.0\n");
+    assert!(m.starts_with("[budget]:"), "{m}");
+    let m = message("max_request_body = 0\n");
+    assert!(m.starts_with("[max_request_body]:"), "{m}");
+}
