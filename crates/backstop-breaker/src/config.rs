@@ -103,11 +103,6 @@ impl BreakerConfig {
         }
         Ok(())
     }
-
-    /// The length of one window bucket.
-    pub(crate) fn bucket_nanos(&self) -> u128 {
-        (self.window.as_nanos() / u128::from(self.window_buckets)).max(1)
-    }
 }
 
 /// A [`BreakerConfig`] that cannot work.

@@ -38,7 +38,7 @@ impl KeySnapshot {
     pub fn of(route: &ModelRoute, state: &KeyState, now: Instant, config: &BreakerConfig) -> Self {
         let mut state = state.clone();
         state.advance(now, config, &mut |_| {});
-        let (window_calls, window_failures) = state.window_counts(now, config);
+        let (window_calls, window_failures) = state.window_counts(now);
         KeySnapshot {
             route: route.clone(),
             state: state.state(),

@@ -154,24 +154,35 @@ struct Bucket {
 #[derive(Clone, Debug)]
 struct FailureWindow {
     origin: Instant,
+    /// One bucket's length in nanoseconds (u64 arithmetic: u128 division would
+    /// dominate the hot path).
+    bucket_nanos: u64,
     buckets: Box<[Bucket]>,
 }
 
 impl FailureWindow {
-    fn new(origin: Instant, buckets: u32) -> Self {
+    fn new(origin: Instant, config: &BreakerConfig) -> Self {
+        let bucket_nanos = config.window.as_nanos() / u128::from(config.window_buckets.max(1));
         FailureWindow {
             origin,
-            buckets: vec![Bucket::default(); buckets.max(1) as usize].into_boxed_slice(),
+            bucket_nanos: u64::try_from(bucket_nanos).unwrap_or(u64::MAX).max(1),
+            buckets: vec![Bucket::default(); config.window_buckets.max(1) as usize]
+                .into_boxed_slice(),
         }
     }
 
-    fn index(&self, now: Instant, config: &BreakerConfig) -> u64 {
-        let nanos = now.saturating_duration_since(self.origin).as_nanos() / config.bucket_nanos();
-        u64::try_from(nanos).unwrap_or(u64::MAX)
+    fn index(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin);
+        // u64 nanoseconds cover 584 years of uptime.
+        let nanos = elapsed
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(elapsed.subsec_nanos()));
+        nanos / self.bucket_nanos
     }
 
-    fn record(&mut self, now: Instant, failed: bool, config: &BreakerConfig) {
-        let index = self.index(now, config);
+    fn record(&mut self, now: Instant, failed: bool) {
+        let index = self.index(now);
         let len = self.buckets.len() as u64;
         let bucket = &mut self.buckets[(index % len) as usize];
         if bucket.index != index {
@@ -188,8 +199,8 @@ impl FailureWindow {
     }
 
     /// (calls, failures) in the buckets still inside the window at `now`.
-    fn totals(&self, now: Instant, config: &BreakerConfig) -> (u32, u32) {
-        let index = self.index(now, config);
+    fn totals(&self, now: Instant) -> (u32, u32) {
+        let index = self.index(now);
         let len = self.buckets.len() as u64;
         self.buckets
             .iter()
@@ -213,7 +224,8 @@ struct Probe {
 /// The breaker state of one key (one [`ModelRoute`](backstop_classify::ModelRoute)).
 ///
 /// Pure: every method takes the current instant, and reports each state change to the
-/// `emit` callback. A [`BreakerStore`](crate::BreakerStore) keeps one per key.
+/// `emit` callback. A [`BreakerStore`](crate::BreakerStore) keeps one per key. Pass
+/// every method the configuration the key was created with.
 #[derive(Clone, Debug)]
 pub struct KeyState {
     state: BreakerState,
@@ -235,7 +247,7 @@ impl KeyState {
             state: BreakerState::Closed,
             epoch: 0,
             consecutive: 0,
-            window: FailureWindow::new(now, config.window_buckets),
+            window: FailureWindow::new(now, config),
             open_until: None,
             last_reason: None,
             probes: Vec::new(),
@@ -260,8 +272,8 @@ impl KeyState {
     }
 
     /// (calls, failures) in the sliding window at `now` (counted while closed).
-    pub fn window_counts(&self, now: Instant, config: &BreakerConfig) -> (u32, u32) {
-        self.window.totals(now, config)
+    pub fn window_counts(&self, now: Instant) -> (u32, u32) {
+        self.window.totals(now)
     }
 
     /// Half-open probes in flight.
@@ -388,7 +400,7 @@ impl KeyState {
                 match self.state {
                     BreakerState::Closed => {
                         self.consecutive = 0;
-                        self.window.record(now, false, config);
+                        self.window.record(now, false);
                     }
                     BreakerState::HalfOpen => {
                         if self.take_probe(ticket) {
@@ -421,7 +433,7 @@ impl KeyState {
                 let hinted_delay = hinted.map_or(Duration::ZERO, |h| h.delay);
                 if current && self.state == BreakerState::Closed {
                     self.consecutive = self.consecutive.saturating_add(1);
-                    self.window.record(now, true, config);
+                    self.window.record(now, true);
                     if let Some(reason) = self.trip_reason(now, config) {
                         let cooldown = config.open_duration.max(hinted_delay);
                         self.open_at_least(now + cooldown, now, reason, emit);
@@ -486,7 +498,7 @@ impl KeyState {
             });
         }
         if config.minimum_calls > 0 {
-            let (calls, failures) = self.window.totals(now, config);
+            let (calls, failures) = self.window.totals(now);
             if calls >= config.minimum_calls
                 && f64::from(failures) >= config.failure_ratio * f64::from(calls)
             {

@@ -340,7 +340,7 @@ proptest! {
             prop_assert_eq!(real.consecutive_failures(), model.consecutive, "step {}", step);
             prop_assert_eq!(real.probes_in_flight() as usize, model.probes.len(), "step {}", step);
             if real.state() == BreakerState::Closed {
-                prop_assert_eq!(real.window_counts(now, &config), model.window(now), "step {}", step);
+                prop_assert_eq!(real.window_counts(now), model.window(now), "step {}", step);
             }
         }
     }
