@@ -43,6 +43,9 @@ pub struct ModelPlan {
     /// Delay between consecutive SSE frames (the first frame goes with the head).
     #[serde(with = "human_duration")]
     pub chunk_delay: Duration,
+    /// Anthropic-style `event: ping` keep-alive frames sent before the first chunk
+    /// of every stream (default 0); they count as frames for `chunk_delay`.
+    pub stream_pings: usize,
 }
 
 impl Default for ModelPlan {
@@ -63,6 +66,7 @@ impl ModelPlan {
             capacity: None,
             stream_chunks: 3,
             chunk_delay: Duration::ZERO,
+            stream_pings: 0,
         }
     }
 
@@ -136,6 +140,14 @@ impl ModelPlan {
     #[must_use]
     pub fn chunk_delay(mut self, delay: Duration) -> Self {
         self.chunk_delay = delay;
+        self
+    }
+
+    /// Sends `n` Anthropic-style `event: ping` frames before the first chunk of
+    /// every stream, which a client must skip (default 0).
+    #[must_use]
+    pub fn stream_pings(mut self, n: usize) -> Self {
+        self.stream_pings = n;
         self
     }
 

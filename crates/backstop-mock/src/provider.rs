@@ -243,6 +243,7 @@ impl MockProvider {
             },
             stream: fields.stream,
             chunks: plan.stream_chunks,
+            pings: plan.stream_pings,
         };
         let wire = render(&fault, &cx);
         let (latency, in_flight) = match decision {

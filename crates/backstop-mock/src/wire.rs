@@ -20,6 +20,8 @@ pub(crate) struct WireContext<'a> {
     pub(crate) stream: bool,
     /// Chunks in a normal stream.
     pub(crate) chunks: usize,
+    /// `event: ping` keep-alives sent before the first chunk of a stream.
+    pub(crate) pings: usize,
 }
 
 /// What the mock does on the wire for one attempt.
@@ -444,9 +446,8 @@ pub(crate) fn render(fault: &Fault, cx: &WireContext<'_>) -> Wire {
 fn success(cx: &WireContext<'_>, finish_reason: &str) -> Wire {
     if cx.stream {
         let total = cx.chunks.max(1);
-        let mut frames: Vec<Bytes> = (0..total)
-            .map(|k| chunk_frame(&cx.served, k, total, Some(finish_reason)))
-            .collect();
+        let mut frames = pings(cx);
+        frames.extend((0..total).map(|k| chunk_frame(&cx.served, k, total, Some(finish_reason))));
         frames.push(Bytes::from_static(DONE_FRAME));
         respond(
             StatusCode::OK,
@@ -469,10 +470,17 @@ fn success(cx: &WireContext<'_>, finish_reason: &str) -> Wire {
 /// chunks, so none of them carries a finish reason.
 fn partial_chunks(cx: &WireContext<'_>, k: usize) -> Vec<Bytes> {
     let total = cx.chunks.max(k + 1);
-    (0..k)
-        .map(|i| chunk_frame(&cx.served, i, total, None))
-        .collect()
+    let mut frames = pings(cx);
+    frames.extend((0..k).map(|i| chunk_frame(&cx.served, i, total, None)));
+    frames
 }
+
+/// Anthropic's keep-alive events, which a client must skip.
+fn pings(cx: &WireContext<'_>) -> Vec<Bytes> {
+    vec![Bytes::from_static(PING_FRAME); cx.pings]
+}
+
+const PING_FRAME: &[u8] = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
 
 fn openai_error(
     status: u16,

@@ -544,3 +544,32 @@ async fn record_limit_keeps_the_newest_attempts_and_exact_counts() {
     mock.reset_records();
     assert_eq!((mock.attempt_count(), mock.attempts_for("a")), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn stream_pings_come_first_then_the_usual_chunks() {
+    let mock = MockProvider::new(
+        Scenario::new(1).model(
+            "m",
+            ModelPlan::ok()
+                .stream_pings(2)
+                .stream_chunks(1)
+                .chunk_delay(Duration::from_millis(10)),
+        ),
+    );
+    let start = Instant::now();
+    let mut body = send(&mock, chat("m", true)).await.unwrap().into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        frames.push((start.elapsed(), String::from_utf8(data.to_vec()).unwrap()));
+    }
+    let ping = "event: ping\ndata: {\"type\": \"ping\"}\n\n";
+    assert_eq!(frames.len(), 4);
+    assert_eq!(frames[0], (Duration::ZERO, ping.to_owned()));
+    assert_eq!(frames[1], (Duration::from_millis(10), ping.to_owned()));
+    assert!(frames[2].1.starts_with("data: {"));
+    assert_eq!(
+        frames[3],
+        (Duration::from_millis(30), "data: [DONE]\n\n".to_owned())
+    );
+}
