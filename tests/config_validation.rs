@@ -83,9 +83,7 @@ fn a_missing_credential_names_the_variable_and_never_a_value() {
         "models.gpt-4o.credential: environment variable OPENAI_API_KEY is not set or is empty; export it or remove the credential"
     );
     // Set but empty counts as missing.
-    let err = build(toml, &[("OPENAI_API_KEY", "  ")])
-        .err()
-        .expect("refused");
+    let err = build(toml, &[("OPENAI_API_KEY", "  ")]).expect_err("refused");
     assert!(matches!(err, ConfigError::MissingCredential { .. }));
     // Present: builds, and the key never shows in Debug.
     let layer = build(toml, &[("OPENAI_API_KEY", "sk-test-very-secret-key")]).expect("builds");
