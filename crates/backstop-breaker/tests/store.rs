@@ -25,7 +25,7 @@ fn server_error() -> Outcome {
 fn every_route_finds_its_own_key_among_many() {
     let breaker = Breaker::new(BreakerConfig::default()).unwrap();
     let now = Instant::now();
-    for i in 0..500 {
+    for i in 0..500usize {
         let outcome = if i.is_multiple_of(3) {
             Outcome::QuotaExhausted { hint: None }
         } else {
@@ -36,7 +36,7 @@ fn every_route_finds_its_own_key_among_many() {
             .unwrap()
             .record_at(outcome, now);
     }
-    for i in 0..500 {
+    for i in 0..500usize {
         let expected = if i.is_multiple_of(3) {
             BreakerState::Open
         } else {
