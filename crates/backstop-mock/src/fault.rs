@@ -33,7 +33,7 @@ pub enum Fault {
         retry_after_ms: Option<String>,
     },
     /// OpenAI: 429 `rate_limit_exceeded`, type `tokens`, "Request too large for
-    /// <model> … Limit 30000, Requested 30601": one request larger than the whole
+    /// `<model>` … Limit 30000, Requested 30601": one request larger than the whole
     /// TPM limit, which can never succeed.
     #[serde(rename = "openai_request_too_large")]
     OpenAiRequestTooLarge,

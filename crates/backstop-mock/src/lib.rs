@@ -109,6 +109,7 @@
 //!
 //! [models."claude-sonnet"]
 //! then = { kind = "anthropic_overloaded" }
+//! stream_pings = 1           # `event: ping` keep-alives before a stream's chunks
 //!
 //! [models."gemini-flash"]
 //! script = [{ kind = "gemini_resource_exhausted", retry_delay = "58s", per_day = false }]
