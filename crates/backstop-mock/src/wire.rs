@@ -70,6 +70,11 @@ pub(crate) enum SseEnd {
 const OPENAI_SERVER_ERROR_MESSAGE: &str =
     "The server had an error while processing your request. Sorry about that!";
 
+// Literal bytes, in the providers' own key order, so the events are identical
+// whatever serde_json features the workspace enables.
+const OPENAI_STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"The server had an error while processing your request. Sorry about that!\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
+const ANTHROPIC_STREAM_ERROR_EVENT: &[u8] = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+
 /// Renders `fault` for the attempt described by `cx`.
 pub(crate) fn render(fault: &Fault, cx: &WireContext<'_>) -> Wire {
     let model = cx.served.model;
@@ -416,19 +421,8 @@ pub(crate) fn render(fault: &Fault, cx: &WireContext<'_>) -> Wire {
         Fault::StreamErrorAfter { chunks, style } => {
             let mut frames = partial_chunks(cx, *chunks);
             frames.push(match style {
-                StreamStyle::OpenAi => {
-                    let event = json!({"error": {
-                        "message": OPENAI_SERVER_ERROR_MESSAGE,
-                        "type": "server_error",
-                        "param": null,
-                        "code": null,
-                    }});
-                    Bytes::from(format!("data: {event}\n\n"))
-                }
-                StreamStyle::Anthropic => {
-                    let event = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
-                    Bytes::from(format!("event: error\ndata: {event}\n\n"))
-                }
+                StreamStyle::OpenAi => Bytes::from_static(OPENAI_STREAM_ERROR_EVENT),
+                StreamStyle::Anthropic => Bytes::from_static(ANTHROPIC_STREAM_ERROR_EVENT),
             });
             respond(
                 StatusCode::OK,

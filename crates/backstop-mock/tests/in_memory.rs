@@ -164,7 +164,7 @@ async fn stream_error_after_k_chunks_ends_with_an_openai_error_event_and_no_done
     assert_eq!(events.len(), 3);
     assert_eq!(
         events[2],
-        r#"data: {"error":{"code":null,"message":"The server had an error while processing your request. Sorry about that!","param":null,"type":"server_error"}}"#
+        r#"data: {"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}"#
     );
     assert!(!text.contains("[DONE]"));
 }
@@ -181,7 +181,7 @@ async fn anthropic_style_stream_error_is_an_error_event() {
     let body = body_bytes(send(&mock, chat("m", true)).await.unwrap()).await;
     let text = String::from_utf8(body.to_vec()).unwrap();
     assert!(text.ends_with(
-        "event: error\ndata: {\"error\":{\"message\":\"Overloaded\",\"type\":\"overloaded_error\"},\"type\":\"error\"}\n\n"
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n"
     ), "{text}");
 }
 
