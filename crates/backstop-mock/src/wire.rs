@@ -562,10 +562,10 @@ fn scenario_error(problem: &str) -> Wire {
     )
 }
 
-/// Appends a header built from trusted, known-valid literals.
+/// Appends a header whose name is a known-valid literal.
 fn headers_push(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    // Values that came from a scenario may be invalid; those are skipped here and
-    // reported by scenario validation instead.
+    // A value that came from a scenario built in code may be invalid: it is left
+    // out here (scenarios read from text are validated up front instead).
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.append(HeaderName::from_static(name), value);
     }

@@ -192,6 +192,7 @@ async fn hang_never_answers_and_is_recorded() {
         tokio::time::timeout(Duration::from_secs(3600), send(&mock, chat("m", false))).await;
     assert!(outcome.is_err(), "a hang must outlast any timeout");
     assert_eq!(mock.attempt_count(), 1);
+    assert_eq!(mock.in_flight("m"), 0, "giving up on a hang frees its slot");
     assert_eq!(mock.attempts()[0].fault, Fault::Hang);
     assert!(mock.attempts()[0].delivered);
 }
