@@ -245,20 +245,32 @@ fn anthropic_bucket_reset(
     headers: &http::HeaderMap,
     now: std::time::SystemTime,
 ) -> Option<DelayHint> {
-    let resets: Vec<(Option<Duration>, bool)> =
-        ["requests", "tokens", "input-tokens", "output-tokens"]
-            .into_iter()
-            .map(|bucket| {
-                let reset = headers
-                    .get_all(format!("anthropic-ratelimit-{bucket}-reset"))
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .filter_map(|v| humantime::parse_rfc3339(v.trim()).ok())
-                    .find_map(|at| until(at, now));
-                let empty =
-                    bucket_empty(headers, &format!("anthropic-ratelimit-{bucket}-remaining"));
-                (reset, empty)
-            })
-            .collect();
+    const BUCKETS: [(&str, &str); 4] = [
+        (
+            "anthropic-ratelimit-requests-reset",
+            "anthropic-ratelimit-requests-remaining",
+        ),
+        (
+            "anthropic-ratelimit-tokens-reset",
+            "anthropic-ratelimit-tokens-remaining",
+        ),
+        (
+            "anthropic-ratelimit-input-tokens-reset",
+            "anthropic-ratelimit-input-tokens-remaining",
+        ),
+        (
+            "anthropic-ratelimit-output-tokens-reset",
+            "anthropic-ratelimit-output-tokens-remaining",
+        ),
+    ];
+    let resets = BUCKETS.map(|(reset_name, remaining_name)| {
+        let reset = headers
+            .get_all(reset_name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| humantime::parse_rfc3339(v.trim()).ok())
+            .find_map(|at| until(at, now));
+        (reset, bucket_empty(headers, remaining_name))
+    });
     pick_bucket(&resets).map(|d| DelayHint::new(d, HintSource::AnthropicRateLimitReset))
 }

@@ -962,3 +962,16 @@ fn provider_error_strings_are_capped() {
     assert_eq!(pe.error_type.map(|s| s.len()), Some(128));
     assert_eq!(pe.code.map(|s| s.len()), Some(128));
 }
+
+#[test]
+fn verdicts_never_carry_the_provider_message() {
+    // OpenAI echoes part of a refused key in its message; the verdict keeps only the
+    // type and code, so neither Debug nor Display can leak it.
+    let body = r#"{"error":{"message":"Incorrect API key provided: sk-proj-SECRET123. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+    let f = classify(&Rules::openai(), 401, &[], body);
+    assert_eq!(f.kind, AuthFailed);
+    for text in [format!("{f:?}"), format!("{f}")] {
+        assert!(!text.contains("SECRET123"), "{text}");
+    }
+    assert_eq!(format!("{f}"), "auth_failed (HTTP 401) [invalid_api_key]");
+}
