@@ -21,10 +21,16 @@ use tokio::time::Instant;
 pub(crate) const SLOTS: usize = 10;
 
 /// Maps instants to tick numbers: tick `n` covers `[origin + n·slot, origin + (n+1)·slot)`.
-#[derive(Debug, Clone, Copy)]
+///
+/// Remembers the last tick it computed: a 64-bit division costs more than the rest
+/// of a deposit, and nearly every call falls in the same slot as the one before.
+#[derive(Debug)]
 pub(crate) struct Ticker {
     origin: Instant,
     slot_nanos: u64,
+    /// Some recently computed tick. Any value is safe: it is used only after
+    /// checking that `now` falls inside it.
+    recent: AtomicU64,
 }
 
 impl Ticker {
@@ -36,6 +42,7 @@ impl Ticker {
         Ticker {
             origin,
             slot_nanos: (nanos / SLOTS as u64).max(1),
+            recent: AtomicU64::new(0),
         }
     }
 
@@ -43,7 +50,14 @@ impl Ticker {
     pub(crate) fn tick(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.origin);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        nanos / self.slot_nanos
+        let recent = self.recent.load(Ordering::Relaxed);
+        let start = recent.saturating_mul(self.slot_nanos);
+        if nanos >= start && nanos - start < self.slot_nanos {
+            return recent;
+        }
+        let tick = nanos / self.slot_nanos;
+        self.recent.store(tick, Ordering::Relaxed);
+        tick
     }
 }
 
@@ -232,5 +246,9 @@ mod tests {
         assert_eq!(ticker.tick(origin + Duration::from_millis(999)), 0);
         assert_eq!(ticker.tick(origin + Duration::from_millis(1000)), 1);
         assert_eq!(ticker.tick(origin + Duration::from_secs(25)), 25);
+        // The remembered tick never answers for an instant outside it.
+        assert_eq!(ticker.tick(origin + Duration::from_millis(24_999)), 24);
+        assert_eq!(ticker.tick(origin + Duration::from_millis(25_000)), 25);
+        assert_eq!(ticker.tick(origin), 0);
     }
 }
