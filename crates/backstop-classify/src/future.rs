@@ -158,6 +158,11 @@ where
     }
 }
 
+/// Frames read in one poll before yielding to the executor: a body that is always
+/// ready with empty frames must not spin forever inside one poll, where no attempt
+/// timeout could interrupt it.
+const FRAMES_PER_POLL: usize = 64;
+
 /// Reads frames until the body ends, fails, sends trailers, or more than `cap` bytes
 /// are held. Never holds more than `cap` plus one frame.
 fn read_up_to<B: Body>(
@@ -166,7 +171,13 @@ fn read_up_to<B: Body>(
     cap: usize,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
+    let mut budget = FRAMES_PER_POLL;
     while !read.ended && read.error.is_none() && read.trailers.is_none() && read.len <= cap {
+        if budget == 0 {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        budget -= 1;
         match ready!(body.as_mut().poll_frame(cx)) {
             None => read.ended = true,
             Some(Err(error)) => read.error = Some(error),

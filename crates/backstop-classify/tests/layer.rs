@@ -583,3 +583,56 @@ async fn trace_layer_accepts_the_classifier() {
         b"x"
     );
 }
+
+/// Always ready with an empty data frame, `empty` times, then `tail`, then the end.
+struct EmptyFrames {
+    empty: usize,
+    tail: Option<Bytes>,
+}
+
+impl Body for EmptyFrames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.empty > 0 {
+            self.empty -= 1;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
+        }
+        Poll::Ready(self.tail.take().map(|tail| Ok(Frame::data(tail))))
+    }
+}
+
+#[tokio::test]
+async fn an_always_ready_body_of_empty_frames_never_monopolises_a_poll() {
+    let endless = EmptyFrames {
+        empty: usize::MAX,
+        tail: None,
+    };
+    let response = Response::builder().status(500).body(endless).unwrap();
+    let future = ClassifyLayer::default()
+        .layer(answer_once(response))
+        .oneshot(Request::new(()));
+    // One poll returns (Pending, having asked to be woken) instead of spinning forever.
+    assert!(future.now_or_never().is_none());
+
+    // A finite run of empty frames still ends in a classified, exact body.
+    let body = EmptyFrames {
+        empty: 1_000,
+        tail: Some(Bytes::from_static(
+            br#"{"error":{"code":"insufficient_quota"}}"#,
+        )),
+    };
+    let response = Response::builder().status(429).body(body).unwrap();
+    let response = ClassifyLayer::default()
+        .layer(answer_once(response))
+        .oneshot(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(failure(&response).kind, FailureKind::QuotaExhausted);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&bytes[..], br#"{"error":{"code":"insufficient_quota"}}"#);
+}
