@@ -1,5 +1,6 @@
 //! After an outage drains the budget, retries come back within one window once the
-//! provider recovers.
+//! provider recovers. Real retry layer (backstop-retry, 3 retries, interactive
+//! backoff), scripted provider (it needs per-request transient failures).
 
 mod support;
 
@@ -10,7 +11,8 @@ use backstop_budget::{
     BudgetModel, RetryBudgetLayer, RetryThrottle, RetryThrottleConfig, WindowedBudget,
     WindowedBudgetConfig,
 };
-use support::{Provider, ScriptedRetry, request};
+use backstop_retry::{RetryConfig, RetryLayer};
+use support::{Provider, request};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
@@ -29,15 +31,15 @@ fn provider(start: Instant) -> Provider {
     })
 }
 
+fn retry_layer() -> RetryLayer {
+    RetryLayer::new(RetryConfig::interactive().with_max_attempts(4).unwrap()).with_rng_seed(3)
+}
+
 /// Runs the traffic; returns, per request, (start offset, status of the final answer).
 async fn run<M: BudgetModel>(model: M) -> Vec<(Duration, u16)> {
     let start = Instant::now();
     let layer = RetryBudgetLayer::new(model);
-    let stack = layer.layer(ScriptedRetry::new(
-        provider(start),
-        3,
-        Duration::from_millis(100),
-    ));
+    let stack = layer.layer(retry_layer().layer(provider(start)));
     let results = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     let count = (RUN.as_millis() / SPACING.as_millis()) as u64;
@@ -113,16 +115,20 @@ async fn the_outage_really_drains_the_windowed_budget() {
     let start = Instant::now();
     let provider = provider(start);
     let layer = RetryBudgetLayer::new(WindowedBudget::default());
-    let stack = layer.layer(ScriptedRetry::new(
-        provider.clone(),
-        3,
-        Duration::from_millis(100),
-    ));
+    let stack = layer.layer(retry_layer().layer(provider.clone()));
+    let mut tasks = Vec::new();
     for id in 0..2_000u64 {
         tokio::time::sleep_until(start + SPACING * id as u32).await;
-        let _ = stack.clone().oneshot(request(id)).await;
+        tasks.push(tokio::spawn(stack.clone().oneshot(request(id))));
     }
     let snapshot = layer.snapshot();
-    assert!(snapshot.retries_refused > 1_500, "{snapshot:?}");
-    assert!(snapshot.retries_available == 0, "{snapshot:?}");
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // 20 s of a full outage at 100 requests/s: the budget is spent, nearly every
+    // request had its first retry refused.
+    assert_eq!(snapshot.retries_available, 0, "{snapshot:?}");
+    let snapshot = layer.snapshot();
+    assert!(snapshot.retries_refused > 1_700, "{snapshot:?}");
+    assert_eq!(provider.attempts(), 2_000 + snapshot.retries_allowed);
 }
