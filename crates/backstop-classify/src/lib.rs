@@ -161,7 +161,8 @@ pub use hint::{DelayHint, HintSource, parse_delay_hint};
 pub use layer::ClassifyLayer;
 pub use response_body::ClassifiedBody;
 pub use rules::{
-    DEFAULT_MAX_ERROR_BODY, DEFAULT_QUOTA_WAIT_THRESHOLD, Profile, Rule, Rules, classify_status,
+    DEFAULT_MAX_ERROR_BODY, DEFAULT_QUOTA_WAIT_THRESHOLD, Profile, Rule, Rules, UnknownProfile,
+    classify_status,
 };
 pub use service::Classify;
 pub use trace::BackstopClassifier;

@@ -40,6 +40,63 @@ pub enum Profile {
     Gemini,
 }
 
+impl Profile {
+    /// Every profile, for configuration help texts and tests.
+    pub const ALL: [Profile; 5] = [
+        Profile::Generic,
+        Profile::OpenAi,
+        Profile::Azure,
+        Profile::Anthropic,
+        Profile::Gemini,
+    ];
+
+    /// The profile's name in configuration files: `generic`, `openai`, `azure`,
+    /// `anthropic`, `gemini`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Generic => "generic",
+            Profile::OpenAi => "openai",
+            Profile::Azure => "azure",
+            Profile::Anthropic => "anthropic",
+            Profile::Gemini => "gemini",
+        }
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A profile name that is not one of [`Profile::ALL`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownProfile(pub String);
+
+impl std::fmt::Display for UnknownProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unknown provider profile `{}`; use one of generic, openai, azure, anthropic, gemini",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownProfile {}
+
+impl std::str::FromStr for Profile {
+    type Err = UnknownProfile;
+
+    /// Parses a profile name, ASCII case-insensitively.
+    fn from_str(name: &str) -> Result<Self, UnknownProfile> {
+        Profile::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(name.trim()))
+            .ok_or_else(|| UnknownProfile(name.to_owned()))
+    }
+}
+
 /// A user rule: conditions on the response, and the verdict to use when all of them
 /// hold. Built with [`Rule::new`] and the `when_*` / `then_*` methods.
 ///

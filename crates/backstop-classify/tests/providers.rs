@@ -975,3 +975,20 @@ fn verdicts_never_carry_the_provider_message() {
     }
     assert_eq!(format!("{f}"), "auth_failed (HTTP 401) [invalid_api_key]");
 }
+
+#[test]
+fn profiles_parse_from_their_names() {
+    use backstop_classify::{Profile, UnknownProfile};
+    for profile in Profile::ALL {
+        assert_eq!(profile.as_str().parse::<Profile>(), Ok(profile));
+        assert_eq!(Rules::new(profile).profile(), profile);
+    }
+    assert_eq!(" OpenAI ".parse::<Profile>(), Ok(Profile::OpenAi));
+    let err = "bedrock".parse::<Profile>().unwrap_err();
+    assert_eq!(err, UnknownProfile("bedrock".into()));
+    assert_eq!(
+        err.to_string(),
+        "unknown provider profile `bedrock`; use one of generic, openai, azure, anthropic, gemini"
+    );
+    assert_eq!(Rules::default().profile(), Profile::Generic);
+}
