@@ -38,7 +38,8 @@
 //!   with a mid-read error re-delivered where it happened ([`ClassifiedBody`]).
 //! - Never buffers a success: a 200 SSE stream passes through frame by frame. (An
 //!   error *inside* such a stream is classified by whoever reads the stream, with
-//!   [`Rules::classify_stream_error`].)
+//!   [`Rules::classify_stream_error`]; a 200 whose `finish_reason` is
+//!   `content_filter`, with [`Rules::classify_completion`].)
 //! - Never retries, waits, caps a hint or times out: reading an error body that never
 //!   ends is bounded by the attempt timeout outside it.
 //!

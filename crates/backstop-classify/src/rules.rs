@@ -386,6 +386,45 @@ impl Rules {
         self.finish(None, envelope, kind, hint, None)
     }
 
+    /// Classifies a *successful* completion's content: a 200 whose choices ended with
+    /// `finish_reason: "content_filter"` (OpenAI, Azure) is a content-policy refusal
+    /// reported as a success. `completion` is a whole `chat.completion` JSON or the
+    /// data of one streamed `chat.completion.chunk`; anything else (no choices, not
+    /// JSON, over [`Rules::max_inspected_body`]) is [`Classification::Success`].
+    ///
+    /// The layer never buffers a success, so it cannot call this itself: whoever reads
+    /// the body (a fallback layer with a content-policy chain, the application) does.
+    /// The failure has no status (the HTTP status was a success).
+    pub fn classify_completion(&self, completion: &[u8]) -> Classification {
+        let data = completion.trim_ascii();
+        let data = data
+            .strip_prefix(b"data:")
+            .map(<[u8]>::trim_ascii)
+            .unwrap_or(data);
+        if data.len() > self.max_inspected_body {
+            return Classification::Success;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return Classification::Success;
+        };
+        let filtered = value
+            .get("choices")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|choices| {
+                choices.iter().any(|choice| {
+                    choice
+                        .get("finish_reason")
+                        .and_then(serde_json::Value::as_str)
+                        == Some("content_filter")
+                })
+            });
+        if filtered {
+            Failure::new(FailureKind::ContentFiltered).into()
+        } else {
+            Classification::Success
+        }
+    }
+
     /// Applies what follows the built-in kind: `x-should-retry`, the long-wait quota
     /// rule, then the user rules.
     fn finish(

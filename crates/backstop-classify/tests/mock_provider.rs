@@ -467,10 +467,18 @@ async fn anthropic_429_without_retry_after_carries_x_should_retry() {
 
 #[tokio::test(start_paused = true)]
 async fn successes_are_success_and_untouched() {
-    for fault in [Fault::Ok, Fault::OpenAiContentFilterFinish] {
+    for (fault, content_filtered) in [(Fault::Ok, false), (Fault::OpenAiContentFilterFinish, true)]
+    {
         let (response, direct, classification) = through_layer(Rules::openai(), fault).await;
         assert_eq!(classification, Some(Classification::Success));
-        assert_eq!(Some(response.unwrap().into_body()), direct);
+        let body = response.unwrap().into_body();
+        assert_eq!(Some(body.clone()), direct);
+        // Whoever reads the body finds the refusal a 200 hides.
+        let content = Rules::openai().classify_completion(&body);
+        assert_eq!(
+            content.failure().map(|f| f.kind),
+            content_filtered.then_some(FailureKind::ContentFiltered)
+        );
     }
 }
 

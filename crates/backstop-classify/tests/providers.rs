@@ -992,3 +992,33 @@ fn profiles_parse_from_their_names() {
     );
     assert_eq!(Rules::default().profile(), Profile::Generic);
 }
+
+#[test]
+fn content_filter_finish_reason_in_a_200_is_content_filtered() {
+    let rules = Rules::openai();
+    let filtered = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":null},"finish_reason":"content_filter"}]}"#;
+    let f = rules
+        .classify_completion(filtered)
+        .failure()
+        .cloned()
+        .unwrap();
+    assert_eq!((f.kind, f.retryable, f.status), (ContentFiltered, No, None));
+    assert_eq!(f.fallback_route(), FallbackRoute::ContentChain);
+    // A streamed chunk, with its `data:` prefix.
+    let chunk = br#"data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"content_filter"}]}"#;
+    assert!(!rules.classify_completion(chunk).is_success());
+    for fine in [
+        &br#"{"choices":[{"index":0,"message":{"content":"hi"},"finish_reason":"stop"}]}"#[..],
+        br#"{"choices":[{"delta":{"content":"x"},"finish_reason":null}]}"#,
+        b"data: [DONE]",
+        b"",
+        b"not json",
+        br#"{"choices":"content_filter"}"#,
+    ] {
+        assert!(
+            rules.classify_completion(fine).is_success(),
+            "{:?}",
+            String::from_utf8_lossy(fine)
+        );
+    }
+}
