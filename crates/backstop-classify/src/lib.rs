@@ -101,10 +101,10 @@
 //! | OpenAI, any | code `context_length_exceeded`; message "maximum context length", "exceed context limit", "is longer than the model's context length", "exceeds the available context size" (llama.cpp), "exceeds the maximum number of tokens allowed" (Gemini), "prompt is too long" (Anthropic) | `ContextLengthExceeded` | no |
 //! | OpenAI, Azure, any | code `content_policy_violation`, `content_filter`, inner code `ResponsibleAIPolicyViolation`; message "content_filter", "content management policy", "your request was rejected as a result of our safety system" | `ContentFiltered` | no |
 //! | OpenAI, Anthropic, any | code `model_not_found`; Anthropic `not_found_error` "model: …"; a 404 whose message names a model "not found" / "does not exist" | `ModelNotFound` | no |
+//! | Gemini | message "API key not valid" (a 400 `INVALID_ARGUMENT`) | `AuthFailed` | no |
 //! | OpenAI, Anthropic, Gemini | code `slow_down`, `server_is_overloaded`, type `service_unavailable_error`, `overloaded_error` (529), status `UNAVAILABLE` | `Overloaded` | yes |
 //! | Anthropic, Gemini, OpenAI | type `rate_limit_error`, `requests`, `tokens`, code `rate_limit_exceeded`, status `RESOURCE_EXHAUSTED` | `RateLimited` | yes |
 //! | Anthropic, Gemini, OpenAI | type `api_error`, `server_error`, `timeout_error`, status `INTERNAL`, `DEADLINE_EXCEEDED` | `ServerError` | yes |
-//! | Gemini | message "API key not valid" (a 400 `INVALID_ARGUMENT`) | `AuthFailed` | no |
 //! | Anthropic, Gemini, OpenAI | type `authentication_error`, `permission_error`, code `invalid_api_key`, status `UNAUTHENTICATED`, `PERMISSION_DENIED` | `AuthFailed` | no |
 //! | Anthropic | type `request_too_large` (413) | `InvalidRequest` | no |
 //! | status | 408 / 409 / 429 / 503, 529 / 401, 403 | `RequestTimeout` / `Conflict` / `RateLimited` / `Overloaded` / `AuthFailed` | yes / yes / yes / yes / no |
@@ -134,6 +134,7 @@
 #![deny(missing_docs)]
 
 mod body;
+mod builtin;
 mod classification;
 mod context;
 mod duration_text;
@@ -142,7 +143,9 @@ mod error;
 mod future;
 mod hint;
 mod layer;
+mod profile;
 mod response_body;
+mod rule;
 mod rules;
 mod service;
 mod trace;
@@ -160,11 +163,10 @@ pub use error::{BoxError, ClassifiedError};
 pub use future::ResponseFuture;
 pub use hint::{DelayHint, HintSource, parse_delay_hint};
 pub use layer::ClassifyLayer;
+pub use profile::{Profile, UnknownProfile};
 pub use response_body::ClassifiedBody;
-pub use rules::{
-    DEFAULT_MAX_ERROR_BODY, DEFAULT_QUOTA_WAIT_THRESHOLD, Profile, Rule, Rules, UnknownProfile,
-    classify_status,
-};
+pub use rule::Rule;
+pub use rules::{DEFAULT_MAX_ERROR_BODY, DEFAULT_QUOTA_WAIT_THRESHOLD, Rules, classify_status};
 pub use service::Classify;
 pub use trace::BackstopClassifier;
 pub use transport::classify_transport_error;
