@@ -139,13 +139,13 @@ where
 }
 
 fn print_ratios() {
-    let (n, rounds) = (50_000, 7);
+    let (n, rounds) = (20_000, 5);
     let mut plain = bare();
     let mut tower_retry = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
     let mut backstop = RetryLayer::new(RetryConfig::interactive()).layer(bare());
     // Interleaved, so drift in machine load hits all three alike.
     let (mut b, mut t, mut r) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
-    for _ in 0..3 {
+    for _ in 0..6 {
         b = b.min(per_call(&mut plain, n, rounds));
         t = t.min(per_call(&mut tower_retry, n, rounds));
         r = r.min(per_call(&mut backstop, n, rounds));

@@ -32,37 +32,52 @@ pin_project! {
     pub struct RetryBody<B> {
         #[pin]
         inner: B,
-        held: VecDeque<Frame<Bytes>>,
-        watch: Option<Box<StreamWatch>>,
-        ready: VecDeque<Bytes>,
-        trailers: Option<Frame<Bytes>>,
-        error: Option<ClassifiedError>,
+        // Boxed: a plain pass-through (every non-stream response) stays small.
+        state: Option<Box<Watched>>,
         delivered: u64,
-        done: bool,
     }
+}
+
+/// What a body that is replaying held frames or watching a stream keeps.
+struct Watched {
+    held: VecDeque<Frame<Bytes>>,
+    stream: Option<StreamWatch>,
+    ready: VecDeque<Bytes>,
+    trailers: Option<Frame<Bytes>>,
+    error: Option<ClassifiedError>,
+    done: bool,
 }
 
 impl<B> RetryBody<B> {
     /// Passes `inner` through untouched.
     pub(crate) fn passthrough(inner: B) -> Self {
-        Self::new(inner, VecDeque::new(), None)
+        RetryBody {
+            inner,
+            state: None,
+            delivered: 0,
+        }
     }
 
-    /// Replays `held` first, then `inner`, watching the events when `watch_cap` is set.
+    /// Replays `held` first, then `inner`, watching the events when `watch` is set.
     pub(crate) fn new(
         inner: B,
         held: VecDeque<Frame<Bytes>>,
         watch: Option<(usize, Arc<Rules>)>,
     ) -> Self {
+        if held.is_empty() && watch.is_none() {
+            return Self::passthrough(inner);
+        }
         RetryBody {
             inner,
-            held,
-            watch: watch.map(|(cap, rules)| Box::new(StreamWatch::new(cap, rules))),
-            ready: VecDeque::new(),
-            trailers: None,
-            error: None,
+            state: Some(Box::new(Watched {
+                held,
+                stream: watch.map(|(cap, rules)| StreamWatch::new(cap, rules)),
+                ready: VecDeque::new(),
+                trailers: None,
+                error: None,
+                done: false,
+            })),
             delivered: 0,
-            done: false,
         }
     }
 
@@ -86,42 +101,54 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClassifiedError>>> {
         let mut this = self.project();
+        let Some(state) = this.state.as_mut() else {
+            return match ready!(this.inner.poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(bytes) = frame.data_ref() {
+                        *this.delivered += bytes.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(verdict::classified_error(e.into())))),
+                None => Poll::Ready(None),
+            };
+        };
         loop {
-            if let Some(bytes) = this.ready.pop_front() {
+            if let Some(bytes) = state.ready.pop_front() {
                 *this.delivered += bytes.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
-            if let Some(trailers) = this.trailers.take() {
+            if let Some(trailers) = state.trailers.take() {
                 return Poll::Ready(Some(Ok(trailers)));
             }
-            if let Some(error) = this.error.take() {
+            if let Some(error) = state.error.take() {
                 return Poll::Ready(Some(Err(error)));
             }
-            if *this.done {
+            if state.done {
                 return Poll::Ready(None);
             }
-            let frame = match this.held.pop_front() {
+            let frame = match state.held.pop_front() {
                 Some(frame) => frame,
                 None => match ready!(this.inner.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => frame,
                     Some(Err(e)) => {
-                        *this.done = true;
-                        if let Some(watch) = this.watch.as_mut() {
-                            watch.flush(this.ready);
+                        state.done = true;
+                        if let Some(stream) = state.stream.as_mut() {
+                            stream.flush(&mut state.ready);
                         }
-                        *this.error = Some(verdict::classified_error(e.into()));
+                        state.error = Some(verdict::classified_error(e.into()));
                         continue;
                     }
                     None => {
-                        *this.done = true;
-                        if let Some(watch) = this.watch.as_mut() {
-                            watch.flush(this.ready);
+                        state.done = true;
+                        if let Some(stream) = state.stream.as_mut() {
+                            stream.flush(&mut state.ready);
                         }
                         continue;
                     }
                 },
             };
-            let Some(watch) = this.watch.as_mut() else {
+            let Some(stream) = state.stream.as_mut() else {
                 if let Some(bytes) = frame.data_ref() {
                     *this.delivered += bytes.len() as u64;
                 }
@@ -129,10 +156,10 @@ where
             };
             match frame.into_data() {
                 Ok(bytes) => {
-                    if let Some(failure) = watch.process(bytes, this.ready) {
-                        *this.done = true;
-                        let queued: u64 = this.ready.iter().map(|b| b.len() as u64).sum();
-                        *this.error = Some(ClassifiedError::new(
+                    if let Some(failure) = stream.process(bytes, &mut state.ready) {
+                        state.done = true;
+                        let queued: u64 = state.ready.iter().map(|b| b.len() as u64).sum();
+                        state.error = Some(ClassifiedError::new(
                             failure,
                             RetryError::StreamInterrupted {
                                 delivered: *this.delivered + queued,
@@ -141,43 +168,55 @@ where
                     }
                 }
                 Err(trailers) => {
-                    watch.flush(this.ready);
-                    *this.trailers = Some(trailers);
+                    stream.flush(&mut state.ready);
+                    state.trailers = Some(trailers);
                 }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.ready.is_empty() && self.trailers.is_none() && self.error.is_none()
-            || (self.watch.is_none() && self.held.is_empty() && self.inner.is_end_stream())
+        match &self.state {
+            None => self.inner.is_end_stream(),
+            Some(state) => {
+                state.done
+                    && state.ready.is_empty()
+                    && state.trailers.is_none()
+                    && state.error.is_none()
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.watch.is_some() || self.done {
-            return SizeHint::default();
+        match &self.state {
+            None => self.inner.size_hint(),
+            Some(state) if state.stream.is_none() && !state.done => {
+                let held: u64 = state
+                    .held
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|b| b.len() as u64))
+                    .sum();
+                let inner = self.inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(held));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(held));
+                }
+                hint
+            }
+            Some(_) => SizeHint::default(),
         }
-        let held: u64 = self
-            .held
-            .iter()
-            .filter_map(|f| f.data_ref().map(|b| b.len() as u64))
-            .sum();
-        let inner = self.inner.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower().saturating_add(held));
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(held));
-        }
-        hint
     }
 }
 
 impl<B> std::fmt::Debug for RetryBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RetryBody")
-            .field("watching", &self.watch.is_some())
+            .field(
+                "watching",
+                &self.state.as_ref().is_some_and(|s| s.stream.is_some()),
+            )
             .field("delivered", &self.delivered)
-            .field("done", &self.done)
             .finish_non_exhaustive()
     }
 }

@@ -6,10 +6,11 @@ use std::task::{Context, Poll};
 
 use backstop_classify::ClassifiedError;
 use http::Response;
+use tracing::instrument::Instrumented;
 
 use crate::RetryBody;
 
-type Boxed<RB> =
+pub(crate) type Boxed<RB> =
     Pin<Box<dyn Future<Output = Result<Response<RetryBody<RB>>, ClassifiedError>> + Send>>;
 
 /// The future of one logical request: every attempt, wait and readiness check.
@@ -19,14 +20,14 @@ type Boxed<RB> =
 /// machine whose size depends on the inner future; one allocation per logical
 /// request (see the benchmark in the crate docs).
 pub struct ResponseFuture<RB> {
-    pub(crate) inner: Boxed<RB>,
+    pub(crate) inner: Instrumented<Boxed<RB>>,
 }
 
 impl<RB> Future for ResponseFuture<RB> {
     type Output = Result<Response<RetryBody<RB>>, ClassifiedError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+        Pin::new(&mut self.inner).poll(cx)
     }
 }
 

@@ -1,5 +1,174 @@
 //! # backstop-retry
-//! (docs being written)
+//!
+//! The retry layer: it repeats a failed attempt when, and only when, the
+//! classification says a retry can help, waits the right amount of time, and gives up
+//! early enough that the layers outside it still have time to act.
+//!
+//! ## Where it sits
+//!
+//! **fallback → breaker → budget → retry → attempt timeout → classify → transport.**
+//! Put [`ReplayBodyLayer`] just outside it when request bodies are not already
+//! bytes-backed: the retry layer needs a body it can replay for the cost of a
+//! reference-count bump (`B: Clone`, such as [`ReplayBody`](backstop_classify::ReplayBody)).
+//!
+//! ## What it reads
+//!
+//! - The [`Classification`](backstop_classify::Classification) the classify layer put
+//!   on the response, or the [`Failure`](backstop_classify::Failure) inside a
+//!   [`ClassifiedError`](backstop_classify::ClassifiedError). Without a classify layer
+//!   inside it, it classifies the status and headers itself with the same rules
+//!   ([`RetryConfig::with_rules`]; transport errors by their source chain) rather than
+//!   fail.
+//! - From the request's extensions: a [`Deadline`](backstop_classify::Deadline) (the
+//!   sooner of it and the layer's own deadline applies), a
+//!   [`RetryBudgetHandle`](backstop_classify::RetryBudgetHandle) (asked before every
+//!   retry), [`Idempotent`](backstop_classify::Idempotent), [`StreamRequest`],
+//!   [`ModelRoute`](backstop_classify::ModelRoute) (for the trace's
+//!   `gen_ai.request.model`). From its headers: `Idempotency-Key`.
+//!
+//! ## What it adds
+//!
+//! - To every response and every error: an [`AttemptLog`](backstop_classify::AttemptLog)
+//!   (each attempt's number, classification, status, provider request id, the wait
+//!   before it and the delay hint that set it; and the [`StopReason`](backstop_classify::StopReason)).
+//!   A failure response it classified itself also gets that `Classification` (a
+//!   success without one stays without: every Backstop layer reads that as success).
+//! - To every attempt's request: the effective `Deadline`; optionally one stable
+//!   `Idempotency-Key` ([`RetryConfig::with_idempotency_key`]) and an attempt-number
+//!   header ([`RetryConfig::with_attempt_header`]).
+//! - A `backstop.retry` tracing span per logical request and a `debug` event per
+//!   attempt with OpenTelemetry field names (`gen_ai.request.model`,
+//!   `http.response.status_code`, `error.type` = the failure kind). Headers, and so
+//!   credentials, are never logged.
+//!
+//! ## What it never does
+//!
+//! - Never retries what the classification marks non-retryable (quota, context length,
+//!   content filter, model not found, auth, invalid request): one attempt, no wait.
+//! - Never sleeps past the deadline, nor starts an attempt at or after it: when the next
+//!   wait would cross it, it returns the last outcome at once, so the fallback layer
+//!   gets the remaining time.
+//! - Never waits on a delay hint longer than `max_hint` (120 s) or than the time left:
+//!   it returns the provider's response at once, hint preserved.
+//! - Never replays a stream that has reached the caller, and never copies the request
+//!   body (a test with a counting allocator checks it).
+//! - Never calls the inner service without driving it to ready first.
+//!
+//! ## Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use backstop_classify::{AttemptLog, ClassifyLayer, Rules, StopReason};
+//! use backstop_retry::{ReplayBodyLayer, RetryConfig, RetryLayer};
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! // Stands in for the HTTP client: overloaded once, then fine.
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let counter = calls.clone();
+//! let provider = tower::service_fn(move |_req: http::Request<backstop_classify::ReplayBody>| {
+//!     let n = counter.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         let status = if n == 0 { 503 } else { 200 };
+//!         http::Response::builder()
+//!             .status(status)
+//!             .body(Full::new(Bytes::from_static(b"{}")))
+//!     }
+//! });
+//!
+//! let config = RetryConfig::interactive()
+//!     .with_deadline(Some(Duration::from_secs(30)))?
+//!     .with_attempt_timeout(Some(Duration::from_secs(10)))?;
+//! let service = ServiceBuilder::new()
+//!     .layer(ReplayBodyLayer::default())
+//!     .layer(RetryLayer::new(config))
+//!     .layer(ClassifyLayer::new(Rules::openai()))
+//!     .service(provider);
+//!
+//! let request = http::Request::post("https://api.openai.com/v1/chat/completions")
+//!     .body(Full::new(Bytes::from_static(br#"{"model":"gpt-4o","messages":[]}"#)))?;
+//! let response = service.oneshot(request).await?;
+//! assert_eq!(response.status(), 200);
+//! let log = response.extensions().get::<AttemptLog>().expect("always there");
+//! assert_eq!(log.attempts.len(), 2);
+//! assert_eq!(log.stop, Some(StopReason::Succeeded));
+//! assert_eq!(calls.load(Ordering::SeqCst), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Defaults
+//!
+//! | setting | [`interactive`](RetryConfig::interactive) (the default) | [`batch`](RetryConfig::batch) |
+//! |---|---|---|
+//! | attempts (first included) | 3 | 4 |
+//! | backoff | 0.5 s doubling, cap 8 s | 2 s doubling, cap 30 s: waits 2, 4, 8 s |
+//! | jitter | [`Jitter::Equal`]: each wait in `[t/2, t]` | [`Jitter::None`] (tenacity's schedule) |
+//! | total deadline | none of its own | 60 s |
+//! | attempt timeout | none of its own | none of its own |
+//! | max delay hint waited on | 120 s | 120 s |
+//! | extra wait on a hint ([`HintJitter`]) | up to 10 % of the hint, at most 1 s | same |
+//! | `Idempotency-Key` added | no | no |
+//! | attempt-number header | none | none |
+//! | hold streams for the first event | [`HoldFirstEvent::Auto`]: for `"stream": true` requests | same |
+//! | bytes held for a first event | 64 KiB | 64 KiB |
+//! | request body cap ([`ReplayBodyLayer`]) | 8 MiB | 8 MiB |
+//!
+//! Waits are whole milliseconds (tokio's timer tick), rounded up.
+//!
+//! ## The decision
+//!
+//! After each failed attempt the [`RetryPolicy`] decides: retry after a wait, or stop
+//! with a reason. [`StandardPolicy`] documents its rules; a replacement only has to
+//! implement one method and is tested without a runtime. Whatever the policy says,
+//! the layer still enforces `max_attempts`, the deadline and the retry budget. A
+//! budget refusal returns the last outcome (the provider's response keeps its own
+//! classification; the log says [`BudgetExhausted`](backstop_classify::StopReason::BudgetExhausted)).
+//!
+//! ## Streams
+//!
+//! A success is handed on as soon as its head arrives, except a `text/event-stream`
+//! answer to a request that asked for a stream ([`HoldFirstEvent`]): it is held, within
+//! the attempt timeout and at most 64 KiB, until its first event that is not a
+//! keep-alive. If that event is an error (`data: {"error": …}`, Anthropic's
+//! `event: error`), nothing reached the caller, so the attempt counts as failed and is
+//! retried like any other (or returned as a `ClassifiedError` whose cause is
+//! [`RetryError::FirstEventWasError`]). An error event after content has been
+//! delivered ends the body with one `Err(ClassifiedError)` carrying the event's
+//! verdict ([`RetryError::StreamInterrupted`]), after every byte before that event,
+//! and is never replayed. See [`RetryBody`] and the [`sse`] reader.
+//!
+//! ## The peers' known failures, and what this layer does instead
+//!
+//! | complaint (peers.md) | here |
+//! |---|---|
+//! | 1. quota and billing 429s retried like rate limits | the classify layer marks them [`Retryable::No`](backstop_classify::Retryable::No): exactly one attempt, no wait (tested for every non-retryable kind and every provider's quota format from the mock) |
+//! | 2. Retry-After ignored, or obeyed without a cap (2.3 days) | a retry instruction is waited on exactly, plus at most 10 % / 1 s of jitter; a hint over `max_hint` (120 s) or over the time left stops at once with the provider's response and the hint, for the caller or the fallback layer; rate-limit *reset* times are weaker hints used only when they fit |
+//! | 3. retries multiplying across layers | one layer retries, under one total deadline and the shared [`RetryBudget`](backstop_classify::RetryBudget); the classify and transport layers never retry; the attempt header lets a gateway see it is being retried. Turn your SDK's own retries off (`max_retries=0`) |
+//! | 7. bodies that cannot be replayed | [`ReplayBodyLayer`] turns any body into `Bytes` once, under a cap, with a typed [`BodyLimitError`]; every attempt shares that allocation; `stream: true` requests are retried up to their first event |
+//! | 9. total deadline vs per-attempt timeout | both exist and are validated (`attempt_timeout <= deadline`, [`ConfigError`]); each attempt gets the sooner of its timeout and the deadline; no wait or attempt starts past the deadline (property-tested) |
+//! | 10. cloned inner service called without readiness | the service that was driven to ready makes the first attempt; every retry first awaits `ServiceExt::ready` on it (tested with a service that is pending before every call) |
+//! | 11. retries invisible | every response and error carries the [`AttemptLog`](backstop_classify::AttemptLog); a span per request, an event per attempt; nothing is shared between attempts but the body bytes and the idempotency key |
+//!
+//! ## Overhead
+//!
+//! The success path (no retry), `benches/retry_overhead.rs`: one request through a bare
+//! in-memory service, through `tower::retry::Retry` with a comparable policy, and
+//! through this layer (`RetryConfig::interactive()`), measured on the shared 2-core
+//! development machine, 2026-11-24:
+//!
+//! | service | ns per call |
+//! |---|---|
+//! | bare | BENCH_BARE |
+//! | `tower::retry::Retry` | BENCH_TOWER |
+//! | backstop `Retry` | BENCH_OURS |
+//!
+//! BENCH_NOTE
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::first_event::{FirstEvent, read_first_event};
+use crate::future::Boxed;
 use crate::{
     Decision, FailedAttempt, HoldFirstEvent, ResponseFuture, RetryBody, RetryConfig, RetryError,
     RetryPolicy, StreamRequest, stream_requested, verdict,
@@ -138,7 +140,8 @@ where
             span.record("gen_ai.request.model", &*route.model);
         }
         ResponseFuture {
-            inner: Box::pin(run(inner, shared, request).instrument(span)),
+            // Boxed first, then wrapped: the large state machine is moved once.
+            inner: (Box::pin(run(inner, shared, request)) as Boxed<RB>).instrument(span),
         }
     }
 }
@@ -146,7 +149,13 @@ where
 /// How one attempt ended, before the policy looks at it.
 type Outcome<RB> = Result<Response<RetryBody<RB>>, ClassifiedError>;
 
-async fn run<S, B, RB>(mut inner: S, shared: Arc<Shared>, request: Request<B>) -> Outcome<RB>
+/// The synchronous set-up runs at once; the returned future holds only what the
+/// attempts need (its size is one allocation per request: kept small on purpose).
+fn run<S, B, RB>(
+    mut inner: S,
+    shared: Arc<Shared>,
+    request: Request<B>,
+) -> impl Future<Output = Outcome<RB>> + Send
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Error: Into<BoxError> + Send,
@@ -156,11 +165,12 @@ where
     RB::Error: Into<BoxError>,
 {
     let config = &shared.config;
-    let start = Instant::now();
     let (mut parts, body) = request.into_parts();
 
+    // The clock is read only when a deadline needs it (it is not free: a thread-local
+    // lookup, and a lock under tokio's test clock).
     let deadline = earliest(
-        config.deadline.map(|d| start + d),
+        config.deadline.map(|d| Instant::now() + d),
         parts.extensions.get::<Deadline>().map(|d| d.0),
     );
     if let Some(deadline) = deadline {
@@ -190,144 +200,160 @@ where
         HoldFirstEvent::Auto => HoldChoice::ScanBody(body.clone()),
     };
 
-    let mut log = AttemptLog::default();
-    let mut waited = Duration::ZERO;
-    let mut hint_used = None;
-    let mut previous_wait = None;
-    let mut last_failure: Option<Failure> = None;
-    let mut number: u32 = 0;
-
-    loop {
-        number += 1;
-        if number > 1 {
-            // Readiness is checked before every retry on the service we own: no
-            // stale readiness from a clone, and backpressure bounds the wait.
-            let ready = match deadline {
-                Some(at) => timeout_at(at, inner.ready()).await.ok(),
-                None => Some(inner.ready().await),
-            };
-            match ready {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    log.stop = Some(StopReason::NotRetryable);
-                    return Err(verdict::classified_error(e.into()).with_attempt_log(log));
-                }
-                None => {
-                    log.stop = Some(StopReason::Deadline);
-                    let failure =
-                        last_failure.unwrap_or_else(|| Failure::new(FailureKind::TimedOut));
-                    return Err(
-                        ClassifiedError::new(failure, RetryError::NotReadyBeforeDeadline)
-                            .with_attempt_log(log),
-                    );
-                }
-            }
-        }
-
-        let mut attempt = Request::from_parts(parts.clone(), body.clone());
-        if let Some(name) = &config.attempt_header {
-            attempt
-                .headers_mut()
-                .insert(name.clone(), HeaderValue::from(number));
-        }
-        let attempt_start = Instant::now();
-        let attempt_deadline =
-            earliest(config.attempt_timeout.map(|t| attempt_start + t), deadline);
-        let (outcome, first_event_failed) = attempt_once(
-            &mut inner,
-            attempt,
-            attempt_start,
-            attempt_deadline,
-            &mut hold,
-            config,
-        )
-        .await;
-
-        let (classification, status, request_id) = match &outcome {
-            Ok(response) => (
-                response
-                    .extensions()
-                    .get::<Classification>()
-                    .cloned()
-                    .unwrap_or(Classification::Success),
-                Some(response.status()),
-                provider_request_id(response.headers()),
-            ),
-            Err(error) => (
-                Classification::Failure(error.failure().clone()),
-                error.failure().status,
-                first_event_failed
-                    .as_ref()
-                    .and_then(|f| f.request_id.clone()),
-            ),
+    async move {
+        let config = &shared.config;
+        let mut log = AttemptLog {
+            // Sized for the common case, a first attempt that succeeds.
+            attempts: Vec::with_capacity(1),
+            stop: None,
         };
-        let mut record = AttemptRecord::new(number, classification.clone());
-        record.status = status;
-        record.provider_request_id = request_id;
-        record.waited = waited;
-        record.hint_used = hint_used;
-        log.attempts.push(record);
-        tracing::debug!(
-            attempt = number,
-            "http.response.status_code" = status.map(|s| s.as_u16()),
-            "error.type" = classification.failure().map(|f| f.kind.as_str()),
-            waited_ms = waited.as_millis() as u64,
-            "attempt finished"
-        );
+        let mut waited = Duration::ZERO;
+        let mut hint_used = None;
+        let mut previous_wait = None;
+        let mut last_failure: Option<Failure> = None;
+        let mut number: u32 = 0;
 
-        let Classification::Failure(failure) = classification else {
-            log.stop = Some(StopReason::Succeeded);
-            return finish(outcome, log);
-        };
-
-        let time_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let rng = rng.get_or_insert_with(|| shared.request_rng());
-        let mut decision = shared.policy.decide(
-            &FailedAttempt {
-                failure: &failure,
-                attempts_made: number,
-                time_left,
-                idempotent,
-                previous_wait,
-            },
-            rng,
-        );
-        // The layer's own limits hold whatever the policy said.
-        if let Decision::RetryAfter(wait, hint) = decision {
-            // tokio's timer counts whole milliseconds: round up, so the wait that is
-            // checked against the deadline and recorded is the one that happens.
-            let wait = whole_millis(wait);
-            decision = Decision::RetryAfter(wait, hint);
-            if number >= config.max_attempts {
-                decision = Decision::Stop(StopReason::MaxAttempts);
-            } else if time_left.is_some_and(|left| wait >= left) {
-                decision = Decision::Stop(StopReason::Deadline);
-            } else if budget.as_ref().is_some_and(|b| !b.0.try_withdraw()) {
-                decision = Decision::Stop(StopReason::BudgetExhausted);
-            }
-        }
-        match decision {
-            Decision::Stop(reason) => {
-                let reason = match reason {
-                    StopReason::NotRetryable if first_event_failed.is_some() => {
-                        StopReason::StreamFailed
-                    }
-                    other => other,
+        loop {
+            number += 1;
+            if number > 1 {
+                // Readiness is checked before every retry on the service we own: no
+                // stale readiness from a clone, and backpressure bounds the wait.
+                let ready = match deadline {
+                    Some(at) => Box::pin(timeout_at(at, inner.ready())).await.ok(),
+                    None => Some(inner.ready().await),
                 };
-                log.stop = Some(reason);
-                tracing::Span::current().record("attempts", number);
-                return finish(outcome, log);
+                match ready {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        log.stop = Some(StopReason::NotRetryable);
+                        return Err(verdict::classified_error(e.into()).with_attempt_log(log));
+                    }
+                    None => {
+                        log.stop = Some(StopReason::Deadline);
+                        let failure =
+                            last_failure.unwrap_or_else(|| Failure::new(FailureKind::TimedOut));
+                        return Err(ClassifiedError::new(
+                            failure,
+                            RetryError::NotReadyBeforeDeadline,
+                        )
+                        .with_attempt_log(log));
+                    }
+                }
             }
-            Decision::RetryAfter(wait, hint) => {
-                // The failed response is dropped before the wait, so its connection
-                // goes back to the pool instead of idling through the sleep.
-                drop(outcome);
-                last_failure = Some(failure);
-                tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting before retry");
-                sleep(wait).await;
-                waited = wait;
-                hint_used = hint;
-                previous_wait = Some(wait);
+
+            let mut attempt = Request::from_parts(parts.clone(), body.clone());
+            if let Some(name) = &config.attempt_header {
+                attempt
+                    .headers_mut()
+                    .insert(name.clone(), HeaderValue::from(number));
+            }
+            let attempt_start =
+                (config.attempt_timeout.is_some() || deadline.is_some()).then(Instant::now);
+            let attempt_deadline = earliest(
+                config
+                    .attempt_timeout
+                    .zip(attempt_start)
+                    .map(|(t, start)| start + t),
+                deadline,
+            );
+            let call = inner.call(attempt);
+            let (outcome, first_event_failed) = Box::pin(attempt_once(
+                call,
+                attempt_start,
+                attempt_deadline,
+                &mut hold,
+                config,
+            ))
+            .await;
+
+            let (classification, status, request_id) = match &outcome {
+                Ok(response) => (
+                    response
+                        .extensions()
+                        .get::<Classification>()
+                        .cloned()
+                        .unwrap_or(Classification::Success),
+                    Some(response.status()),
+                    provider_request_id(response.headers()),
+                ),
+                Err(error) => (
+                    Classification::Failure(error.failure().clone()),
+                    error.failure().status,
+                    first_event_failed
+                        .as_ref()
+                        .and_then(|f| f.request_id.clone()),
+                ),
+            };
+            let mut record = AttemptRecord::new(number, classification.clone());
+            record.status = status;
+            record.provider_request_id = request_id;
+            record.waited = waited;
+            record.hint_used = hint_used;
+            log.attempts.push(record);
+            tracing::debug!(
+                attempt = number,
+                "http.response.status_code" = status.map(|s| s.as_u16()),
+                "error.type" = classification.failure().map(|f| f.kind.as_str()),
+                waited_ms = waited.as_millis() as u64,
+                "attempt finished"
+            );
+
+            let Classification::Failure(failure) = classification else {
+                log.stop = Some(StopReason::Succeeded);
+                return finish(outcome, log);
+            };
+
+            let time_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let rng = rng.get_or_insert_with(|| shared.request_rng());
+            let mut decision = shared.policy.decide(
+                &FailedAttempt {
+                    failure: &failure,
+                    attempts_made: number,
+                    time_left,
+                    idempotent,
+                    previous_wait,
+                },
+                rng,
+            );
+            // The layer's own limits hold whatever the policy said.
+            if let Decision::RetryAfter(wait, hint) = decision {
+                // tokio's timer counts whole milliseconds: round up, so the wait that is
+                // checked against the deadline and recorded is the one that happens.
+                let wait = whole_millis(wait);
+                decision = Decision::RetryAfter(wait, hint);
+                if number >= config.max_attempts {
+                    decision = Decision::Stop(StopReason::MaxAttempts);
+                } else if time_left.is_some_and(|left| wait >= left) {
+                    decision = Decision::Stop(StopReason::Deadline);
+                } else if budget.as_ref().is_some_and(|b| !b.0.try_withdraw()) {
+                    decision = Decision::Stop(StopReason::BudgetExhausted);
+                }
+            }
+            match decision {
+                Decision::Stop(reason) => {
+                    let reason = match reason {
+                        StopReason::NotRetryable if first_event_failed.is_some() => {
+                            StopReason::StreamFailed
+                        }
+                        other => other,
+                    };
+                    log.stop = Some(reason);
+                    tracing::Span::current().record("attempts", number);
+                    return finish(outcome, log);
+                }
+                Decision::RetryAfter(wait, hint) => {
+                    // The failed response is dropped before the wait, so its connection
+                    // goes back to the pool instead of idling through the sleep.
+                    drop(outcome);
+                    last_failure = Some(failure);
+                    tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting before retry");
+                    // Boxed, like every future only a retry needs: the success path's
+                    // state machine stays small.
+                    Box::pin(sleep(wait)).await;
+                    waited = wait;
+                    hint_used = hint;
+                    previous_wait = Some(wait);
+                }
             }
         }
     }
@@ -361,29 +387,29 @@ struct FirstEventFailed {
 
 /// Makes one attempt and classifies it; the second value is set when the failure was
 /// a held stream's first event.
-async fn attempt_once<S, B, RB>(
-    inner: &mut S,
-    request: Request<B>,
-    started: Instant,
+async fn attempt_once<F, E, B, RB>(
+    call: F,
+    started: Option<Instant>,
     until: Option<Instant>,
     hold: &mut HoldChoice<B>,
     config: &RetryConfig,
 ) -> (Outcome<RB>, Option<FirstEventFailed>)
 where
-    S: Service<Request<B>, Response = Response<RB>>,
-    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
     B: 'static,
     RB: Body<Data = Bytes> + Unpin,
     RB::Error: Into<BoxError>,
 {
-    let call = inner.call(request);
     let result = match until {
-        Some(at) => timeout_at(at, call).await.ok(),
+        Some(at) => Box::pin(timeout_at(at, call)).await.ok(),
         None => Some(call.await),
     };
     let response = match result {
         None => {
-            let after = until.map_or(Duration::ZERO, |at| at - started);
+            let after = until
+                .zip(started)
+                .map_or(Duration::ZERO, |(at, started)| at - started);
             let failure = Failure::new(FailureKind::TimedOut);
             return (
                 Err(ClassifiedError::new(
@@ -401,13 +427,17 @@ where
     let (mut parts, mut body) = response.into_parts();
     let is_stream = is_event_stream(&parts.headers);
     if !classification.is_success() {
-        parts.extensions.insert(classification);
+        if parts.extensions.get::<Classification>().is_none() {
+            parts.extensions.insert(classification);
+        }
         return (
             Ok(Response::from_parts(parts, RetryBody::passthrough(body))),
             None,
         );
     }
-    parts.extensions.insert(classification);
+    // A success without a classification stays without one: every Backstop layer
+    // reads a response below 400 without one as a success, and the insert would cost
+    // an allocation on every request.
     let watch = is_stream.then(|| (config.first_event_cap, config.rules.clone()));
     if !(is_stream && hold.resolve()) {
         return (
@@ -419,11 +449,15 @@ where
         );
     }
 
-    let first = read_first_event(&mut body, config.first_event_cap, &config.rules);
-    let first = match until {
-        Some(at) => timeout_at(at, first).await.ok(),
-        None => Some(first.await),
-    };
+    // Boxed: only held streams pay for this state.
+    let first = Box::pin(async {
+        let first = read_first_event(&mut body, config.first_event_cap, &config.rules);
+        match until {
+            Some(at) => timeout_at(at, first).await.ok(),
+            None => Some(first.await),
+        }
+    })
+    .await;
     match first {
         Some(FirstEvent::Deliver(held)) => (
             Ok(Response::from_parts(
@@ -447,7 +481,9 @@ where
         }
         Some(FirstEvent::BodyFailed(e)) => (Err(verdict::classified_error(e)), None),
         None => {
-            let after = until.map_or(Duration::ZERO, |at| at - started);
+            let after = until
+                .zip(started)
+                .map_or(Duration::ZERO, |(at, started)| at - started);
             (
                 Err(ClassifiedError::new(
                     Failure::new(FailureKind::TimedOut),
@@ -513,4 +549,28 @@ fn body_asks_for_stream<B: 'static>(body: &B) -> bool {
         return stream_requested(b.as_bytes());
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use tower_layer::Layer;
+
+    /// The whole per-request state is one allocation; it grows silently when a
+    /// rarely used future (a wait, a held stream) is stored inline. Those are boxed.
+    #[test]
+    fn the_request_future_stays_under_one_and_a_half_kib() {
+        let svc = tower::service_fn(|_r: http::Request<backstop_classify::ReplayBody>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                http_body_util::Full::new(bytes::Bytes::new()),
+            )))
+        });
+        let retry = crate::RetryLayer::new(crate::RetryConfig::interactive()).layer(svc);
+        let future = super::run(
+            *retry.get_ref(),
+            retry.shared.clone(),
+            http::Request::new(backstop_classify::ReplayBody::default()),
+        );
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 1536, "the request future is {size} bytes");
+    }
 }

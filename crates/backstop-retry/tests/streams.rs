@@ -227,12 +227,12 @@ async fn a_first_event_larger_than_the_cap_is_handed_on_unchecked() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_success_response_keeps_a_success_classification() {
+async fn a_success_is_logged_as_success_and_gets_no_classification_of_its_own() {
     let fake = Fake::new(vec![good_stream()]);
     let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
     let response = svc.oneshot(request(STREAM_REQUEST)).await.unwrap();
-    assert_eq!(
-        response.extensions().get::<Classification>(),
-        Some(&Classification::Success)
-    );
+    let log = response.extensions().get::<AttemptLog>().unwrap();
+    assert_eq!(log.attempts[0].classification, Classification::Success);
+    // Below 400 without a classification reads as success to every layer.
+    assert_eq!(response.extensions().get::<Classification>(), None);
 }
