@@ -37,6 +37,10 @@ impl Body for ChunkBody {
         }
         Poll::Ready(self.error.take().map(Err))
     }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.chunks.iter().map(|c| c.len() as u64).sum())
+    }
 }
 
 /// Header names the classifier reads, plus a few it must ignore.
@@ -245,6 +249,10 @@ proptest! {
         prop_assert_eq!(response.headers(), &headers);
         let classification = response.extensions().get::<Classification>().cloned().unwrap();
         prop_assert_eq!(classification.is_success(), status < 400);
+
+        // What the caller is told about the length stays exact (a proxy re-serving the
+        // response sets content-length from it).
+        prop_assert_eq!(response.body().size_hint().exact(), Some(sent.len() as u64));
 
         let mut received = Vec::new();
         let mut body = response.into_body();
