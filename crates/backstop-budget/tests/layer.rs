@@ -381,3 +381,47 @@ async fn a_custom_model_is_driven_exactly_as_the_trait_documents() {
     assert_eq!(layer.snapshot().model, "ledger");
     assert_eq!(layer.snapshot().deposits, 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_the_real_retry_layer_a_refused_retry_stops_with_budget_exhausted() {
+    use backstop_classify::{AttemptLog, StopReason};
+    use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
+    use backstop_retry::{RetryConfig, RetryLayer};
+
+    let mock = MockProvider::new(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::OpenAiServerError)),
+    );
+    // 10 % and no floor: the first nine requests cannot pay for a retry, the tenth can.
+    let layer = RetryBudgetLayer::new(ratio_budget(0.1));
+    let retry =
+        RetryLayer::new(RetryConfig::interactive().with_max_attempts(4).unwrap()).with_rng_seed(1);
+    let svc = layer.layer(retry.layer(mock.clone()));
+    let call = || {
+        svc.clone().oneshot(
+            http::Request::post("/v1/chat/completions")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"model":"gpt-4o","messages":[]}"#,
+                )))
+                .unwrap(),
+        )
+    };
+    for _ in 0..9 {
+        let response = call().await.unwrap();
+        assert_eq!(response.status(), 500);
+        let log = response.extensions().get::<AttemptLog>().unwrap();
+        assert_eq!(log.attempts.len(), 1);
+        assert_eq!(log.stop, Some(StopReason::BudgetExhausted));
+    }
+    let response = call().await.unwrap();
+    let log = response.extensions().get::<AttemptLog>().unwrap();
+    assert_eq!(
+        (log.attempts.len(), log.stop),
+        (2, Some(StopReason::BudgetExhausted))
+    );
+    assert_eq!(mock.attempt_count(), 11);
+    let s = layer.snapshot();
+    assert_eq!(
+        (s.deposits, s.retries_allowed, s.retries_refused),
+        (10, 1, 10)
+    );
+}
