@@ -511,12 +511,12 @@ where
 
 #[tokio::test]
 async fn sse_stream_passes_through_chunk_by_chunk() {
-    // 150 ms between events: TCP cannot merge them, so if the layer buffered the
-    // stream the caller would see one big frame (or none until the end).
+    // 250 ms between events: the first event is alone on the wire, so if the layer
+    // buffered the stream the caller's first frame would hold more than one event.
     let server = server(
         ModelPlan::ok()
             .stream_chunks(3)
-            .chunk_delay(Duration::from_millis(150)),
+            .chunk_delay(Duration::from_millis(250)),
     )
     .await;
     let response = ClassifyLayer::default()
@@ -542,17 +542,18 @@ async fn sse_stream_passes_through_chunk_by_chunk() {
 
     let (rest, failed) = data_frames(body).await;
     assert!(!failed);
-    let events: Vec<String> = std::iter::once(&first)
-        .chain(rest.iter())
-        .map(|f| String::from_utf8_lossy(f).into_owned())
-        .collect();
-    // 3 chunks then [DONE], each in its own frame.
-    assert_eq!(events.len(), 4, "{events:?}");
-    assert!(
-        events.iter().all(|e| e.matches("data:").count() == 1),
-        "{events:?}"
-    );
-    assert_eq!(events[3], "data: [DONE]\n\n");
+    // 3 chunks then [DONE], all delivered. (Only the first frame's boundaries are
+    // asserted: a test runner starved for longer than the gap could read two later
+    // events in one go, which says nothing about the layer.)
+    let text = String::from_utf8(
+        std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .concat(),
+    )
+    .unwrap();
+    assert_eq!(text.matches("data:").count(), 4, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     server.shutdown().await;
 }
 
