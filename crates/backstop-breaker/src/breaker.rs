@@ -7,8 +7,8 @@ use backstop_classify::{ClassifiedError, DelayHint, Failure, FailureKind, HintSo
 use tokio::time::Instant;
 
 use crate::{
-    BreakerConfig, BreakerState, BreakerStore, ConfigError, InProcessStore, KeySnapshot, Outcome,
-    Rejection, events,
+    AdmittedCall, BreakerConfig, BreakerState, BreakerStore, ConfigError, InProcessStore,
+    KeySnapshot, Outcome, Rejection, events,
 };
 
 /// A circuit breaker over many keys. Clones share state; the
@@ -66,10 +66,7 @@ impl<St: BreakerStore> Breaker<St> {
         now: Instant,
     ) -> Result<BreakerPermit<St>, Rejection> {
         match self.store.admit(route, now, &mut events::announce) {
-            Ok(permit) => Ok(BreakerPermit {
-                store: Arc::clone(&self.store),
-                permit: Some(permit),
-            }),
+            Ok(permit) => Ok(BreakerPermit { permit }),
             Err(rejection) => {
                 events::refused(route, &rejection);
                 Err(rejection)
@@ -107,8 +104,7 @@ impl<St: BreakerStore> Breaker<St> {
 /// [`BreakerPermit::record`]; dropping it unrecorded (a cancelled call) frees a
 /// half-open probe slot without counting anything.
 pub struct BreakerPermit<St: BreakerStore = InProcessStore> {
-    store: Arc<St>,
-    permit: Option<St::Permit>,
+    permit: St::Permit,
 }
 
 impl<St: BreakerStore> std::fmt::Debug for BreakerPermit<St>
@@ -129,20 +125,8 @@ impl<St: BreakerStore> BreakerPermit<St> {
     }
 
     /// Records the call's outcome at `now`.
-    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
-        if let Some(permit) = self.permit.take() {
-            self.store
-                .record(permit, outcome, now, &mut events::announce);
-        }
-    }
-}
-
-impl<St: BreakerStore> Drop for BreakerPermit<St> {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.store
-                .release(permit, Instant::now(), &mut events::announce);
-        }
+    pub fn record_at(self, outcome: Outcome, now: Instant) {
+        self.permit.record(outcome, now, &mut events::announce);
     }
 }
 

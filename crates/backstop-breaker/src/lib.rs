@@ -192,4 +192,4 @@ pub use outcome::Outcome;
 pub use service::BreakerService;
 pub use snapshot::KeySnapshot;
 pub use state::{BreakerState, KeyState, Rejection, Ticket, Transition, TransitionReason};
-pub use store::{BreakerStore, InProcessPermit, InProcessStore, TransitionSink};
+pub use store::{AdmittedCall, BreakerStore, InProcessPermit, InProcessStore, TransitionSink};

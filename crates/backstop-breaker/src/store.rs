@@ -17,11 +17,11 @@ pub type TransitionSink<'a> = &'a mut dyn FnMut(&ModelRoute, Transition);
 ///
 /// The default, [`InProcessStore`], keeps it in this process. A store shared across
 /// processes (so that N replicas do not each send their own probes and counts to a
-/// model that is down) implements the same four operations, typically by running
+/// model that is down) implements the same operations, typically by running
 /// [`KeyState`] against a shared record.
 pub trait BreakerStore: Send + Sync + 'static {
     /// What an admitted call holds until it records its outcome.
-    type Permit: Send + 'static;
+    type Permit: AdmittedCall;
 
     /// Asks to make one call to `route` at `now`.
     fn admit(
@@ -31,23 +31,21 @@ pub trait BreakerStore: Send + Sync + 'static {
         emit: TransitionSink<'_>,
     ) -> Result<Self::Permit, Rejection>;
 
-    /// Records the outcome of an admitted call, finished at `now`.
-    fn record(
-        &self,
-        permit: Self::Permit,
-        outcome: Outcome,
-        now: Instant,
-        emit: TransitionSink<'_>,
-    );
-
-    /// Gives back the permit of a call dropped before it finished.
-    fn release(&self, permit: Self::Permit, now: Instant, emit: TransitionSink<'_>);
-
     /// Every key, as of `now`, sorted by route.
     fn snapshot(&self, now: Instant) -> Vec<KeySnapshot>;
 
     /// One key as of `now`, if it is known.
     fn key_snapshot(&self, route: &ModelRoute, now: Instant) -> Option<KeySnapshot>;
+}
+
+/// An admitted call's hold on its key. It records the call's outcome itself, so the
+/// hot path needs no second lookup and no handle on the whole store.
+///
+/// Dropping it unrecorded (the call was cancelled) must release it: free a half-open
+/// probe slot and count nothing.
+pub trait AdmittedCall: Send + 'static {
+    /// Records the outcome of the call, finished at `now`.
+    fn record(self, outcome: Outcome, now: Instant, emit: TransitionSink<'_>);
 }
 
 /// A keyed multiply-rotate hash for routes (the constant is rustc-hash's): a few
@@ -87,11 +85,42 @@ impl Hasher for RouteHasher {
             self.add(u64::from_le_bytes(word));
         }
         let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
-        }
+        // The tail as one word from whole-width reads (a partial copy into a zeroed
+        // buffer stalls store forwarding), tagged with its length.
+        let tail = match rest.len() {
+            0 => return,
+            1..=3 => {
+                u64::from(rest[0])
+                    | u64::from(rest[rest.len() / 2]) << 8
+                    | u64::from(rest[rest.len() - 1]) << 16
+            }
+            n => {
+                let mut lo = [0u8; 4];
+                let mut hi = [0u8; 4];
+                lo.copy_from_slice(&rest[..4]);
+                hi.copy_from_slice(&rest[n - 4..]);
+                u64::from(u32::from_le_bytes(lo)) | u64::from(u32::from_le_bytes(hi)) << 32
+            }
+        };
+        self.add(tail ^ ((rest.len() as u64) << 59));
+    }
+
+    // The derived `Hash` of a route writes each string's bytes, a 0xff terminator and
+    // the credential's discriminant: take the small ones as words directly.
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn write_isize(&mut self, i: isize) {
+        self.add(i as u64);
     }
 
     fn finish(&self) -> u64 {
@@ -99,6 +128,22 @@ impl Hasher for RouteHasher {
         let h = (self.0 ^ (self.0 >> 31)).wrapping_mul(Self::K);
         h ^ (h >> 29)
     }
+}
+
+/// Route equality with a pointer fast path: the fallback layer clones its routes'
+/// `Arc<str>`s from its configuration, so the strings are usually the same
+/// allocation (std's `Arc` pointer shortcut does not apply to `str`).
+fn same_route(a: &ModelRoute, b: &ModelRoute) -> bool {
+    fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+        Arc::ptr_eq(a, b) || a == b
+    }
+    same(&a.model, &b.model)
+        && same(&a.upstream, &b.upstream)
+        && match (&a.credential, &b.credential) {
+            (None, None) => true,
+            (Some(a), Some(b)) => same(a, b),
+            _ => false,
+        }
 }
 
 /// Enough shards that two threads working on different keys rarely share a lock.
@@ -111,6 +156,9 @@ type Shard = RwLock<Vec<(u64, Arc<KeyCell>)>>;
 
 struct KeyCell {
     route: ModelRoute,
+    /// The store's configuration, shared read-only, so a permit can record and
+    /// release through its cell alone.
+    config: Arc<BreakerConfig>,
     state: Mutex<KeyState>,
 }
 
@@ -130,7 +178,7 @@ impl KeyCell {
 /// it allocates nothing. At most
 /// [`BreakerConfig::max_keys`] keys are tracked; calls for further keys pass untracked.
 pub struct InProcessStore {
-    config: BreakerConfig,
+    config: Arc<BreakerConfig>,
     shards: Box<[Shard]>,
     route_hashing: RouteHashing,
     keys: AtomicUsize,
@@ -146,7 +194,8 @@ impl std::fmt::Debug for InProcessStore {
     }
 }
 
-/// An admitted call's hold on an [`InProcessStore`] key.
+/// An admitted call's hold on an [`InProcessStore`] key (released when dropped
+/// unrecorded).
 pub struct InProcessPermit {
     held: Option<(Arc<KeyCell>, crate::Ticket)>,
 }
@@ -169,7 +218,7 @@ impl InProcessStore {
     pub fn new(config: BreakerConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(InProcessStore {
-            config,
+            config: Arc::new(config),
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             route_hashing: RouteHashing {
                 seed: RandomState::new().hash_one(0x0062_7265_616b_6572_u64),
@@ -194,7 +243,7 @@ impl InProcessStore {
         cells[start..]
             .iter()
             .take_while(|(h, _)| *h == hash)
-            .position(|(_, cell)| cell.route == *route)
+            .position(|(_, cell)| same_route(&cell.route, route))
             .map(|i| start + i)
             .ok_or(start)
     }
@@ -238,6 +287,7 @@ impl InProcessStore {
         self.keys.fetch_add(1, Ordering::Relaxed);
         let cell = Arc::new(KeyCell {
             route: route.clone(),
+            config: Arc::clone(&self.config),
             state: Mutex::new(KeyState::new(now, &self.config)),
         });
         cells.insert(at, (hash, Arc::clone(&cell)));
@@ -264,30 +314,6 @@ impl BreakerStore for InProcessStore {
         })
     }
 
-    fn record(
-        &self,
-        permit: InProcessPermit,
-        outcome: Outcome,
-        now: Instant,
-        emit: TransitionSink<'_>,
-    ) {
-        if let Some((cell, ticket)) = permit.held {
-            cell.with_state(|s| {
-                s.record(ticket, outcome, now, &self.config, &mut |t| {
-                    emit(&cell.route, t)
-                })
-            });
-        }
-    }
-
-    fn release(&self, permit: InProcessPermit, now: Instant, emit: TransitionSink<'_>) {
-        if let Some((cell, ticket)) = permit.held {
-            cell.with_state(|s| {
-                s.release(ticket, now, &self.config, &mut |t| emit(&cell.route, t))
-            });
-        }
-    }
-
     fn snapshot(&self, now: Instant) -> Vec<KeySnapshot> {
         let mut all = Vec::with_capacity(self.keys.load(Ordering::Relaxed));
         for shard in self.shards.iter() {
@@ -303,5 +329,31 @@ impl BreakerStore for InProcessStore {
     fn key_snapshot(&self, route: &ModelRoute, now: Instant) -> Option<KeySnapshot> {
         let cell = self.lookup(route)?;
         Some(cell.with_state(|s| KeySnapshot::of(&cell.route, s, now, &self.config)))
+    }
+}
+
+impl AdmittedCall for InProcessPermit {
+    fn record(mut self, outcome: Outcome, now: Instant, emit: TransitionSink<'_>) {
+        if let Some((cell, ticket)) = self.held.take() {
+            cell.with_state(|s| {
+                s.record(ticket, outcome, now, &cell.config, &mut |t| {
+                    emit(&cell.route, t)
+                })
+            });
+        }
+    }
+}
+
+impl Drop for InProcessPermit {
+    fn drop(&mut self) {
+        // Only a probe holds something (its slot); a closed-state call releases nothing.
+        if let Some((cell, ticket)) = self.held.take().filter(|(_, t)| t.is_probe()) {
+            let now = Instant::now();
+            cell.with_state(|s| {
+                s.release(ticket, now, &cell.config, &mut |t| {
+                    crate::events::announce(&cell.route, t)
+                })
+            });
+        }
     }
 }
