@@ -9,9 +9,9 @@ use crate::builtin::{azure_message_delay, builtin_kind};
 use crate::envelope::ErrorEnvelope;
 use crate::hint::HeaderHints;
 use crate::{
-    Classification, DelayHint, Failure, FailureKind, HintSource, ProviderError, Retryable,
+    Classification, DelayHint, Failure, FailureKind, HintSource, Profile, ProviderError, Retryable,
+    Rule,
 };
-use crate::{Profile, Rule};
 
 /// Default cap on how much of an error body is inspected (and, in the layer, buffered).
 pub const DEFAULT_MAX_ERROR_BODY: usize = 64 * 1024;
