@@ -117,3 +117,28 @@ async fn a_ten_percent_budget_bounds_a_full_outage_to_1_121_attempts_per_request
         "{per_request}: the budget refused retries it had"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_grpc_style_throttle_allows_fewer_retries_than_half_its_tokens_in_a_full_outage() {
+    use backstop_budget::{RetryThrottle, RetryThrottleConfig};
+
+    // Tokens start at 10 and only fall while nothing succeeds; a retry needs more
+    // than 5 left after its own failure is counted. So the whole outage gets at most
+    // 4 retries, whatever the traffic.
+    let provider = failing_provider();
+    let budget = RetryBudgetLayer::new(RetryThrottle::new(RetryThrottleConfig::default()).unwrap());
+    drive(
+        ServiceBuilder::new()
+            .layer(budget.clone())
+            .layer(retry_layer())
+            .service(provider.clone()),
+    )
+    .await;
+    let snapshot = budget.snapshot();
+    assert!(snapshot.retries_allowed <= 4, "{snapshot:?}");
+    assert_eq!(
+        provider.attempt_count() as u64,
+        REQUESTS + snapshot.retries_allowed
+    );
+    assert_eq!(snapshot.balance, 0.0, "every failure took a token");
+}

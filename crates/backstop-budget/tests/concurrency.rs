@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backstop_budget::{
-    BudgetModel, RetryBudget, RetryBudgetLayer, RetryThrottle, RetryThrottleConfig, WindowedBudget,
-    WindowedBudgetConfig,
+    AdaptiveThrottle, AdaptiveThrottleConfig, BudgetModel, RetryBudget, RetryBudgetLayer,
+    RetryThrottle, RetryThrottleConfig, WindowedBudget, WindowedBudgetConfig,
 };
 use support::{Provider, ScriptedRetry, request};
 use tower::{Layer, ServiceExt};
@@ -182,4 +182,26 @@ async fn many_tasks_through_the_layer_spend_exactly_the_budget() {
     assert_eq!(provider.attempts(), 4_000 + s.retries_allowed);
     assert!(s.retries_allowed <= 400);
     assert_eq!(s.retries_allowed + s.retries_available, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_throttle_records_are_all_counted() {
+    let config = AdaptiveThrottleConfig {
+        window: Duration::from_secs(3600),
+        ..AdaptiveThrottleConfig::default()
+    };
+    let throttle = Arc::new(AdaptiveThrottle::with_seed(config, 9).unwrap());
+    in_parallel(|task| {
+        let throttle = Arc::clone(&throttle);
+        async move {
+            for i in 0..1_000 {
+                throttle.record((task + i) % 4 != 0);
+            }
+            0
+        }
+    })
+    .await;
+    let s = throttle.snapshot();
+    assert_eq!((s.requests, s.accepts), (8_000, 6_000));
+    assert_eq!(s.rejection_probability, 0.0);
 }
