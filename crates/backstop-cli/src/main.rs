@@ -1,4 +1,5 @@
-//! `backstop`: simulate resilience policies in virtual time (the main job).
+//! `backstop`: simulate resilience policies in virtual time (the main job), run the
+//! sidecar proxy, serve the mock provider.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -52,6 +53,22 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Run the OpenAI-compatible sidecar: every request goes through the Backstop stack
+    /// to the upstreams the configuration names. Without --config it fronts the
+    /// built-in mock provider (gpt-4o falling back to claude-sonnet). Logs go to stderr
+    /// (level from BACKSTOP_LOG: error, warn, info, debug, trace). Stops on Ctrl-C or
+    /// SIGTERM, draining in-flight requests.
+    Proxy {
+        /// The stack's configuration file (TOML; `[models.NAME]` are the served models).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// How long shutdown waits for in-flight requests (e.g. `30s`).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +97,93 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Proxy {
+            config,
+            listen,
+            drain_timeout,
+        } => match run_proxy(config, listen, drain_timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("backstop proxy: {message}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_proxy(
+    config: Option<PathBuf>,
+    listen: std::net::SocketAddr,
+    drain_timeout: std::time::Duration,
+) -> Result<(), String> {
+    let level = match std::env::var("BACKSTOP_LOG").ok().as_deref() {
+        None | Some("") => tracing::Level::INFO,
+        Some(text) => text.parse::<tracing::Level>().map_err(|_| {
+            format!("BACKSTOP_LOG={text:?}: expected error, warn, info, debug or trace")
+        })?,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .init();
+    let config = match config {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Some(
+                backstop_cli::proxy::ProxyConfig::from_toml_str(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .drain_timeout(drain_timeout),
+            )
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let handle = match config {
+            Some(config) => backstop_cli::proxy::serve(config, listener).await,
+            None => {
+                backstop_cli::proxy::serve_builtin_mock(backstop_mock::Scenario::new(0), listener)
+                    .await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(mock) = handle.mock() {
+            eprintln!(
+                "no --config: serving gpt-4o (falling back to claude-sonnet) from the built-in mock provider at {}",
+                mock.base_url()
+            );
+        }
+        eprintln!("backstop proxy listening: OPENAI_BASE_URL={}", handle.base_url());
+        shutdown_signal().await?;
+        eprintln!("shutting down: draining in-flight requests (up to {})", humantime::format_duration(drain_timeout));
+        handle.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Ctrl-C, or SIGTERM (what container runtimes send) where there is one.
+async fn shutdown_signal() -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot wait for SIGTERM: {e}"))?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.map_err(|e| format!("cannot wait for Ctrl-C: {e}")),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))
     }
 }
 

@@ -1,0 +1,55 @@
+//! Why the proxy could not start.
+
+use std::fmt;
+use std::io;
+
+use backstop::ConfigError;
+
+/// Why the proxy could not start. Messages say what to change and never include a
+/// credential (configuration errors name the environment variable, not its value).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The stack's configuration was refused.
+    Config(ConfigError),
+    /// A target is reached over HTTPS but the system has no usable root certificates.
+    RootCertificates(io::Error),
+    /// The listening socket's address could not be read.
+    Listener(io::Error),
+    /// The built-in mock provider could not start.
+    Mock(io::Error),
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::Config(e) => write!(f, "{e}"),
+            ProxyError::RootCertificates(e) => write!(
+                f,
+                "an upstream is reached over https but no root certificates could be loaded ({e}); install the system's CA certificates (e.g. the ca-certificates package) or set SSL_CERT_FILE"
+            ),
+            ProxyError::Listener(e) => write!(f, "cannot read the listening address: {e}"),
+            ProxyError::Mock(e) => write!(
+                f,
+                "cannot start the built-in mock provider on 127.0.0.1: {e}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProxyError::Config(e) => Some(e),
+            ProxyError::RootCertificates(e) | ProxyError::Listener(e) | ProxyError::Mock(e) => {
+                Some(e)
+            }
+        }
+    }
+}
+
+impl From<ConfigError> for ProxyError {
+    fn from(e: ConfigError) -> Self {
+        ProxyError::Config(e)
+    }
+}

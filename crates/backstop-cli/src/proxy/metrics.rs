@@ -1,0 +1,258 @@
+//! `/metrics`: request counters by outcome, upstream attempts and fallbacks, the
+//! breaker state of every key and the retry budget, in the Prometheus text format.
+//!
+//! Hand-written (a few counters need no exporter crate): [`Counters`] are atomics
+//! bumped once per request; [`render`] is a pure function of their values and the
+//! stack's snapshots.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use backstop::breaker::KeySnapshot;
+use backstop::budget::BudgetSnapshot;
+
+/// How a request through the proxy ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The requested model served.
+    Served,
+    /// Another model in the chain served.
+    ServedByFallback,
+    /// Backstop gave up and passed the provider's error response on.
+    UpstreamError,
+    /// Backstop gave up with an error of its own (breaker open, transport failure,
+    /// timeout, budget).
+    LocalError,
+    /// The proxy refused the request before the stack (unknown route or model, body
+    /// too large, not JSON).
+    Rejected,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Served,
+        Outcome::ServedByFallback,
+        Outcome::UpstreamError,
+        Outcome::LocalError,
+        Outcome::Rejected,
+    ];
+
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Served => "served",
+            Outcome::ServedByFallback => "served_by_fallback",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::LocalError => "local_error",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The proxy's counters, shared by every connection.
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: [AtomicU64; 5],
+    attempts: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+/// The counters' values at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValues {
+    /// Requests per [`Outcome`], in [`Outcome`] declaration order.
+    pub requests: [u64; 5],
+    /// Upstream attempts.
+    pub attempts: u64,
+    /// Requests on which a fallback fired.
+    pub fallbacks: u64,
+}
+
+impl Counters {
+    /// Counts one finished request.
+    pub fn record(&self, outcome: Outcome, attempts: usize, fallback: bool) {
+        self.requests[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        self.attempts.fetch_add(attempts as u64, Ordering::Relaxed);
+        if fallback {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The current values.
+    pub fn values(&self) -> CounterValues {
+        CounterValues {
+            requests: std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed)),
+            attempts: self.attempts.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The Prometheus text exposition (format 0.0.4) of the counters, every breaker key
+/// and the budget.
+pub fn render(
+    counters: &CounterValues,
+    breakers: &[KeySnapshot],
+    budget: &BudgetSnapshot,
+) -> String {
+    let mut out = String::with_capacity(2048);
+    // Writing to a String cannot fail; the results are ignored on purpose.
+    let _ = writeln!(
+        out,
+        "# HELP backstop_proxy_requests_total Requests through the proxy, by how they ended.\n\
+         # TYPE backstop_proxy_requests_total counter"
+    );
+    for outcome in Outcome::ALL {
+        let _ = writeln!(
+            out,
+            "backstop_proxy_requests_total{{outcome=\"{}\"}} {}",
+            outcome.as_str(),
+            counters.requests[outcome.index()]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP backstop_proxy_upstream_attempts_total Attempts sent to upstream providers, retries and fallbacks included.\n\
+         # TYPE backstop_proxy_upstream_attempts_total counter\n\
+         backstop_proxy_upstream_attempts_total {}\n\
+         # HELP backstop_proxy_fallbacks_total Requests on which another model than the requested one was tried.\n\
+         # TYPE backstop_proxy_fallbacks_total counter\n\
+         backstop_proxy_fallbacks_total {}",
+        counters.attempts, counters.fallbacks
+    );
+    let _ = writeln!(
+        out,
+        "# HELP backstop_breaker_state 1 for the state each breaker key is in.\n\
+         # TYPE backstop_breaker_state gauge"
+    );
+    for key in breakers {
+        let labels = format!(
+            "upstream=\"{}\",model=\"{}\",credential=\"{}\"",
+            escape(&key.route.upstream),
+            escape(&key.route.model),
+            escape(key.route.credential.as_deref().unwrap_or(""))
+        );
+        for state in ["closed", "open", "half_open"] {
+            let on = u8::from(key.state.as_str() == state);
+            let _ = writeln!(
+                out,
+                "backstop_breaker_state{{{labels},state=\"{state}\"}} {on}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP backstop_breaker_retry_in_seconds Time until an open breaker key half-opens.\n\
+         # TYPE backstop_breaker_retry_in_seconds gauge"
+    );
+    for key in breakers {
+        if let Some(retry_in) = key.retry_in {
+            let _ = writeln!(
+                out,
+                "backstop_breaker_retry_in_seconds{{upstream=\"{}\",model=\"{}\",credential=\"{}\"}} {}",
+                escape(&key.route.upstream),
+                escape(&key.route.model),
+                escape(key.route.credential.as_deref().unwrap_or("")),
+                retry_in.as_secs_f64()
+            );
+        }
+    }
+    let model = escape(budget.model);
+    let _ = writeln!(
+        out,
+        "# HELP backstop_budget_balance Retry budget balance, in retries.\n\
+         # TYPE backstop_budget_balance gauge\n\
+         backstop_budget_balance{{model=\"{model}\"}} {}\n\
+         # HELP backstop_budget_retries_available Retries the budget would allow right now.\n\
+         # TYPE backstop_budget_retries_available gauge\n\
+         backstop_budget_retries_available{{model=\"{model}\"}} {}\n\
+         # HELP backstop_budget_deposits_total Logical requests deposited in the budget.\n\
+         # TYPE backstop_budget_deposits_total counter\n\
+         backstop_budget_deposits_total{{model=\"{model}\"}} {}\n\
+         # HELP backstop_budget_retries_total Retries asked of the budget, by decision.\n\
+         # TYPE backstop_budget_retries_total counter\n\
+         backstop_budget_retries_total{{model=\"{model}\",decision=\"allowed\"}} {}\n\
+         backstop_budget_retries_total{{model=\"{model}\",decision=\"refused\"}} {}",
+        budget.balance,
+        budget.retries_available,
+        budget.deposits,
+        budget.retries_allowed,
+        budget.retries_refused
+    );
+    out
+}
+
+/// A label value as the text format requires: backslash, double quote and newline
+/// escaped.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_add_up_per_outcome() {
+        let counters = Counters::default();
+        counters.record(Outcome::Served, 1, false);
+        counters.record(Outcome::ServedByFallback, 3, true);
+        counters.record(Outcome::Rejected, 0, false);
+        counters.record(Outcome::Served, 2, false);
+        assert_eq!(
+            counters.values(),
+            CounterValues {
+                requests: [2, 1, 0, 0, 1],
+                attempts: 6,
+                fallbacks: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn rendering_lists_each_outcome_and_the_budget() {
+        let values = CounterValues {
+            requests: [5, 1, 2, 0, 3],
+            attempts: 11,
+            fallbacks: 1,
+        };
+        let mut budget = BudgetSnapshot::new("windowed");
+        budget.deposits = 9;
+        budget.retries_refused = 2;
+        let text = render(&values, &[], &budget);
+        for line in [
+            "backstop_proxy_requests_total{outcome=\"served\"} 5",
+            "backstop_proxy_requests_total{outcome=\"served_by_fallback\"} 1",
+            "backstop_proxy_requests_total{outcome=\"upstream_error\"} 2",
+            "backstop_proxy_requests_total{outcome=\"local_error\"} 0",
+            "backstop_proxy_requests_total{outcome=\"rejected\"} 3",
+            "backstop_proxy_upstream_attempts_total 11",
+            "backstop_proxy_fallbacks_total 1",
+            "backstop_budget_deposits_total{model=\"windowed\"} 9",
+            "backstop_budget_retries_total{model=\"windowed\",decision=\"refused\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

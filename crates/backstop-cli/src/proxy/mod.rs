@@ -1,0 +1,220 @@
+//! `backstop proxy`: the sidecar. An OpenAI-compatible HTTP server that puts the
+//! whole Backstop stack in front of real providers, so any client (the official
+//! Python and Node SDKs, curl, LangChain) gets it without code changes.
+//!
+//! ## Where it sits
+//!
+//! ```text
+//! client ──► proxy ──► fallback → breaker → budget → retry → attempt timeout → classify ──► hyper-util client ──► providers
+//! ```
+//!
+//! The proxy is the outermost piece: it reads the caller's request, hands it to
+//! [`BackstopLayer`](backstop::BackstopLayer) over a pooled hyper-util client
+//! (HTTP/1.1 and HTTP/2 over rustls, plain HTTP for `http://` targets), and turns
+//! the stack's typed records ([`ServedBy`](backstop::fallback::ServedBy), the
+//! [`AttemptLog`](backstop::classify::AttemptLog)s, the
+//! [`ClassifiedError`](backstop::classify::ClassifiedError)) into headers and status
+//! codes the caller can read. It serves HTTP/1.1 and h2c (HTTP/2 with prior
+//! knowledge), chosen per connection.
+//!
+//! ## Routes
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /v1/chat/completions` | through the stack, to the model the body names (JSON or SSE) |
+//! | `GET /v1/models` | the configured models, from the configuration (no upstream call) |
+//! | `GET /healthz` | `200 ok` |
+//! | `GET /metrics` | Prometheus text: requests by outcome, upstream attempts, fallbacks, breaker state per key, the retry budget |
+//!
+//! ## What it reads
+//!
+//! The body's top-level `"model"`: it must name a `[models.NAME]` of the
+//! configuration, or the answer is a 404 `model_not_found` listing the served
+//! models. The body is read up to `max_request_body` (8 MiB by default): a
+//! `Content-Length` over it is answered 413 before a byte is read, a longer body
+//! without one as soon as it crosses the cap.
+//!
+//! ## What it adds to every answer from the stack
+//!
+//! | header | value |
+//! |---|---|
+//! | `x-backstop-model` | the configured model whose answer this is (the fallback's, when one served) |
+//! | `x-backstop-attempts` | upstream attempts on every model tried |
+//! | `x-backstop-fallback` | `true` when another model than the requested one was tried |
+//! | `x-should-retry: false` | on every final failure, so SDKs do not retry on top of Backstop (their 2 retries would triple every attempt, peers.md complaint 3) |
+//! | `Retry-After` | on a final failure when every model tried is cooling down (breakers open, rate limited): whole seconds, rounded up, until the first may serve again |
+//!
+//! Errors Backstop raises itself become OpenAI-style bodies
+//! (`{"error": {"message", "type", "param", "code"}}`): 413 for a body over the cap,
+//! 503 when breakers, the budget or the throttle refuse, 504 for timeouts, 502 for
+//! transport failures. A provider's own failure, passed on after Backstop gave up,
+//! keeps its status, headers and bytes.
+//!
+//! ## What it never does
+//!
+//! - Never forwards the caller's credentials (`Authorization`, `api-key`,
+//!   `x-api-key`, `x-goog-api-key`): each upstream gets the key its configuration
+//!   names, read from an environment variable at start-up.
+//! - Never logs a header, a body or a key: one `info` line per request with the
+//!   models, status, attempts, fallback and latency (`tracing`, to stderr).
+//! - Never alters a stream: SSE passes frame by frame; when a stream breaks after
+//!   content reached the caller (it cannot be replayed), one final OpenAI-style
+//!   `data: {"error": …}` event says so instead of a cut connection.
+//! - Never keeps an upstream request running for a caller who left: a dropped
+//!   connection drops the response body, which drops the upstream request.
+//!
+//! ## Configuration
+//!
+//! The file is the stack's own TOML ([`StackConfig`](backstop::StackConfig)); each
+//! `[models.NAME]` is served under `NAME`:
+//!
+//! ```toml
+//! provider = "openai"
+//! total_deadline = "60s"
+//! max_request_body = 8388608
+//!
+//! [retry]
+//! max_attempts = 3
+//! deadline = "30s"
+//! attempt_timeout = "20s"
+//!
+//! [models.gpt-4o]
+//! upstream = "openai"
+//! base_uri = "https://api.openai.com/v1"
+//! credential = { env = "OPENAI_API_KEY" }
+//!
+//! [models.claude-sonnet]
+//! upstream = "anthropic"
+//! base_uri = "https://api.anthropic.com/v1"
+//! model = "claude-sonnet-4-5"
+//! credential = { header = "x-api-key", env = "ANTHROPIC_API_KEY" }
+//! headers = { "anthropic-version" = "2023-06-01" }
+//!
+//! [chains]
+//! models = { "gpt-4o" = ["claude-sonnet"] }
+//! ```
+//!
+//! Without a file, `backstop proxy` starts the built-in mock provider on a free
+//! loopback port and serves `gpt-4o` (falling back to `claude-sonnet`) from it, so
+//! it runs out of the box ([`serve_builtin_mock`]).
+//!
+//! ## Example
+//!
+//! The proxy in-process, in front of a mock provider whose `gpt-4o` is out of
+//! quota:
+//!
+//! ```
+//! use backstop::mock::{Fault, MockServer, ModelPlan, Scenario};
+//! use backstop_cli::proxy::{self, ProxyConfig};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let scenario = Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::OpenAiInsufficientQuota));
+//! let mock = MockServer::start(scenario, "127.0.0.1:0".parse()?).await?;
+//! let config = ProxyConfig::from_toml_str(&format!(r#"
+//!     [models.gpt-4o]
+//!     upstream = "mock"
+//!     base_uri = "{url}"
+//!     [models.claude-sonnet]
+//!     upstream = "mock"
+//!     base_uri = "{url}"
+//!     [chains]
+//!     models = {{ "gpt-4o" = ["claude-sonnet"] }}
+//! "#, url = mock.base_url()))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let handle = proxy::serve(config, listener).await?;
+//! // Point any OpenAI client at handle.base_url(); here, a bare hyper request.
+//! # use http_body_util::{BodyExt, Full};
+//! # let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+//! #     .build_http::<Full<bytes::Bytes>>();
+//! let request = http::Request::post(format!("{}/chat/completions", handle.base_url()))
+//!     .header("authorization", "Bearer caller-key-never-forwarded")
+//!     .body(Full::from(r#"{"model":"gpt-4o","messages":[]}"#))?;
+//! let response = client.request(request).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(response.headers()["x-backstop-model"], "claude-sonnet");
+//! assert_eq!(response.headers()["x-backstop-fallback"], "true");
+//! assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+//! handle.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod body;
+mod config;
+mod error;
+mod metrics;
+mod outcome;
+mod server;
+mod service;
+mod upstream;
+
+use std::sync::Arc;
+
+use backstop::mock::{MockServer, Scenario};
+use tokio::net::TcpListener;
+use tower::Layer;
+
+pub use body::{ProxyBody, error_event};
+pub use config::{DEFAULT_DRAIN_TIMEOUT, ProxyConfig, builtin_mock};
+pub use error::ProxyError;
+pub use metrics::{CounterValues, Outcome, render as render_metrics};
+pub use outcome::{
+    ATTEMPTS_HEADER, ErrorStatus, FALLBACK_HEADER, MODEL_HEADER, Report, SHOULD_RETRY_HEADER,
+    error_status,
+};
+pub use server::ProxyHandle;
+pub use upstream::Upstream;
+
+use metrics::Counters;
+use service::Shared;
+
+/// Starts the proxy on `listener` (bind it first, e.g. to `127.0.0.1:0` in tests)
+/// and returns once it is accepting. Builds and validates the stack, reading
+/// credentials from the environment (or [`ProxyConfig::with_env`]).
+pub async fn serve(
+    mut config: ProxyConfig,
+    listener: TcpListener,
+) -> Result<ProxyHandle, ProxyError> {
+    let layer = config.build_layer()?;
+    let client = upstream::client(config.needs_tls())?;
+    let local_addr = listener.local_addr().map_err(ProxyError::Listener)?;
+    let shared = Arc::new(Shared {
+        stack: layer.layer(client),
+        layer,
+        models: config.models(),
+        max_request_body: config.max_request_body(),
+        counters: Counters::default(),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(server::accept_loop(
+        listener,
+        shared,
+        stopped,
+        config.drain(),
+    ));
+    tracing::info!(target: "backstop::proxy", %local_addr, models = ?config.models().iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), "proxy listening");
+    Ok(ProxyHandle {
+        local_addr,
+        stop: Some(stop),
+        task,
+        mock: None,
+    })
+}
+
+/// Starts the built-in mock provider (answering `scenario`) on a free loopback port
+/// and the proxy in front of it with [`builtin_mock`]'s configuration. The mock
+/// stops with the proxy.
+pub async fn serve_builtin_mock(
+    scenario: Scenario,
+    listener: TcpListener,
+) -> Result<ProxyHandle, ProxyError> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let mock = MockServer::start(scenario, addr)
+        .await
+        .map_err(ProxyError::Mock)?;
+    let config = builtin_mock(&mock.base_url())?;
+    let mut handle = serve(config, listener).await?;
+    handle.mock = Some(mock);
+    Ok(handle)
+}
