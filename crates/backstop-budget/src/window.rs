@@ -79,6 +79,12 @@ fn saturating_value(sum: i64) -> i32 {
     sum.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    Saturate,
+    Refuse,
+}
+
 /// The ring of slots. Values are in whatever unit the owner chooses (milli-tokens,
 /// request counts); they saturate at ±2³¹ per slot.
 #[derive(Debug)]
@@ -140,21 +146,43 @@ impl SlotRing {
     /// An owner keeping a running total adds this, so the total stays exactly the
     /// ring's sum.
     pub(crate) fn add(&self, tick: u64, amount: i64) -> i64 {
+        self.update(tick, amount, Overflow::Saturate)
+            .unwrap_or_default()
+    }
+
+    /// Like [`SlotRing::add`], but changes nothing and returns `None` when the slot
+    /// cannot hold the whole `amount` (for withdrawals: a partly recorded withdrawal
+    /// would be a partly free retry).
+    pub(crate) fn try_add(&self, tick: u64, amount: i64) -> Option<i64> {
+        self.update(tick, amount, Overflow::Refuse)
+    }
+
+    fn update(&self, tick: u64, amount: i64, overflow: Overflow) -> Option<i64> {
         let slot = &self.slots[(tick % SLOTS as u64) as usize];
         let mut word = slot.load(Ordering::Acquire);
         loop {
             let (tag, value) = unpack(word);
-            let (next, change) = if age(tick, tag) <= 0 {
-                // Same tick, or a later one written by a thread that read the clock
-                // after us: our event joins it (it then expires slightly late).
-                let new = saturating_value(i64::from(value) + amount);
-                (pack(tag, new), i64::from(new) - i64::from(value))
+            // Same tick, or a later one written by a thread that read the clock after
+            // us: our event joins it (it then expires slightly late). An older tick
+            // has expired: our event replaces it.
+            let (tag, base) = if age(tick, tag) <= 0 {
+                (tag, i64::from(value))
             } else {
-                let new = saturating_value(amount);
-                (pack(tick as u32, new), i64::from(new) - i64::from(value))
+                (tick as u32, 0)
             };
-            match slot.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return change,
+            let wanted = base + amount;
+            let new = saturating_value(wanted);
+            if overflow == Overflow::Refuse && i64::from(new) != wanted {
+                return None;
+            }
+            let change = i64::from(new) - i64::from(value);
+            match slot.compare_exchange_weak(
+                word,
+                pack(tag, new),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(change),
                 Err(current) => word = current,
             }
         }
@@ -205,6 +233,18 @@ mod tests {
         );
         assert_eq!(ring.add(1, 10), 3, "only what fits is reported as added");
         assert_eq!(ring.sum(1), 5 + i64::from(i32::MAX));
+    }
+
+    #[test]
+    fn try_add_refuses_what_a_slot_cannot_hold_whole() {
+        let ring = SlotRing::new();
+        assert_eq!(
+            ring.try_add(0, i64::from(i32::MIN) + 5),
+            Some(i64::from(i32::MIN) + 5)
+        );
+        assert_eq!(ring.try_add(0, -6), None);
+        assert_eq!(ring.sum(0), i64::from(i32::MIN) + 5, "left unchanged");
+        assert_eq!(ring.try_add(0, -5), Some(-5));
     }
 
     #[test]

@@ -55,6 +55,11 @@ impl Default for WindowedBudgetConfig {
 /// Time is [`tokio::time::Instant`]: under a paused test clock the window runs in
 /// virtual time.
 ///
+/// Each tenth of the window records up to about two million retries' worth of
+/// deposits and as many withdrawals; beyond that, further deposits in the same tenth
+/// are dropped and withdrawals refused, so a saturated budget errs toward fewer
+/// retries, never more.
+///
 /// ```
 /// use backstop_budget::{BudgetModel, WindowedBudget, WindowedBudgetConfig};
 /// use backstop_classify::RetryBudget;
@@ -165,12 +170,22 @@ impl WindowedBudget {
             self.retries_refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        // The balance already paid RETRY_COST; correct it by whatever the ring did
-        // differently (saturation, or a displaced stale value).
-        let change = self.ring.add(tick, -RETRY_COST);
-        if change != -RETRY_COST {
-            self.balance
-                .fetch_add(change + RETRY_COST, Ordering::AcqRel);
+        match self.ring.try_add(tick, -RETRY_COST) {
+            // The balance already paid RETRY_COST; correct it if the ring changed by
+            // something else (a displaced stale value).
+            Some(change) => {
+                if change != -RETRY_COST {
+                    self.balance
+                        .fetch_add(change + RETRY_COST, Ordering::AcqRel);
+                }
+            }
+            // This slot already holds over two million retries' worth of
+            // withdrawals: refuse rather than let one go unrecorded (and so free).
+            None => {
+                self.balance.fetch_add(RETRY_COST, Ordering::AcqRel);
+                self.retries_refused.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
         }
         self.retries_allowed.fetch_add(1, Ordering::Relaxed);
         true
@@ -325,6 +340,19 @@ mod tests {
             "still paying off the expired deposits"
         );
         assert_eq!(b.snapshot_at(t0 + Duration::from_secs(15)).balance, 1.0);
+    }
+
+    #[test]
+    fn a_slot_full_of_withdrawals_refuses_instead_of_forgetting_one() {
+        let t0 = Instant::now();
+        // A reserve of 2.5 million retries, more than one slot can record.
+        let b = budget(10, 250_000.0, 0.0, t0);
+        let slot_capacity = u32::try_from(-(i64::from(i32::MIN) / RETRY_COST)).unwrap();
+        assert_eq!(withdraw_all(&b, t0), slot_capacity);
+        let s = b.snapshot_at(t0);
+        assert_eq!(s.retries_available, 2_500_000 - u64::from(slot_capacity));
+        // The next tenth of the window has its own slot.
+        assert!(b.try_withdraw_at(t0 + Duration::from_secs(1)));
     }
 
     #[test]
