@@ -80,6 +80,9 @@ impl BreakerConfig {
         if self.window_buckets == 0 {
             return Err(ConfigError::ZeroBuckets);
         }
+        if self.window_buckets > MAX_WINDOW_BUCKETS {
+            return Err(ConfigError::TooManyBuckets(self.window_buckets));
+        }
         if self.window < Duration::from_nanos(u64::from(self.window_buckets)) {
             return Err(ConfigError::WindowTooShort);
         }
@@ -105,6 +108,9 @@ impl BreakerConfig {
     }
 }
 
+/// The most buckets a window may have (each key holds one array of them).
+pub const MAX_WINDOW_BUCKETS: u32 = 1000;
+
 /// A [`BreakerConfig`] that cannot work.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -113,6 +119,8 @@ pub enum ConfigError {
     FailureRatio(f64),
     /// `window_buckets` is 0.
     ZeroBuckets,
+    /// `window_buckets` is above [`MAX_WINDOW_BUCKETS`].
+    TooManyBuckets(u32),
     /// `window` is shorter than one nanosecond per bucket.
     WindowTooShort,
     /// A field that must be positive is zero.
@@ -128,6 +136,10 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::ZeroBuckets => f.write_str(
                 "breaker window_buckets is 0; use at least 1 (the default is 10)",
+            ),
+            ConfigError::TooManyBuckets(n) => write!(
+                f,
+                "breaker window_buckets {n} is above {MAX_WINDOW_BUCKETS}; 10 to 100 buckets slide smoothly enough"
             ),
             ConfigError::WindowTooShort => f.write_str(
                 "breaker window is shorter than its number of buckets in nanoseconds; use a window of seconds",

@@ -185,7 +185,7 @@ mod state;
 mod store;
 
 pub use breaker::{Breaker, BreakerPermit};
-pub use config::{BreakerConfig, ConfigError};
+pub use config::{BreakerConfig, ConfigError, MAX_WINDOW_BUCKETS};
 pub use future::ResponseFuture;
 pub use layer::BreakerLayer;
 pub use outcome::Outcome;

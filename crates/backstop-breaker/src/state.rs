@@ -293,7 +293,7 @@ impl KeyState {
         &mut self,
         now: Instant,
         config: &BreakerConfig,
-        emit: &mut impl FnMut(Transition),
+        emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         loop {
             match self.state {
@@ -338,7 +338,7 @@ impl KeyState {
         &mut self,
         now: Instant,
         config: &BreakerConfig,
-        emit: &mut impl FnMut(Transition),
+        emit: &mut (impl FnMut(Transition) + ?Sized),
     ) -> Result<Ticket, Rejection> {
         self.advance(now, config, emit);
         match self.state {
@@ -383,7 +383,7 @@ impl KeyState {
         outcome: Outcome,
         now: Instant,
         config: &BreakerConfig,
-        emit: &mut impl FnMut(Transition),
+        emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         self.advance(now, config, emit);
         let current = ticket.epoch == self.epoch;
@@ -470,7 +470,7 @@ impl KeyState {
         ticket: Ticket,
         now: Instant,
         config: &BreakerConfig,
-        emit: &mut impl FnMut(Transition),
+        emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         self.advance(now, config, emit);
         if ticket.epoch == self.epoch {
@@ -515,7 +515,7 @@ impl KeyState {
         until: Instant,
         now: Instant,
         reason: TransitionReason,
-        emit: &mut impl FnMut(Transition),
+        emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         if self.state == BreakerState::Open {
             if self.open_until.is_some_and(|current| until > current) {
@@ -540,7 +540,7 @@ impl KeyState {
         at: Instant,
         reason: TransitionReason,
         open_until: Option<Instant>,
-        emit: &mut impl FnMut(Transition),
+        emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         let from = self.state;
         self.state = to;

@@ -169,6 +169,48 @@ impl KeyCell {
         let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut guard)
     }
+
+    /// Runs `f` on the state and reports its transitions to `emit` once the lock is
+    /// released: a tracing subscriber or metrics recorder that is slow, or that reads
+    /// the breaker, never runs under the key's lock.
+    fn change<R>(
+        &self,
+        emit: TransitionSink<'_>,
+        f: impl FnOnce(&mut KeyState, &mut dyn FnMut(Transition)) -> R,
+    ) -> R {
+        let mut pending = PendingTransitions::default();
+        let result = self.with_state(|s| f(s, &mut |t| pending.push(t)));
+        for transition in pending.drain() {
+            emit(&self.route, transition);
+        }
+        result
+    }
+}
+
+/// The transitions of one operation, held until the key's lock is released. One
+/// operation makes at most four (open → half-open → open on a probe's timeout →
+/// half-open, then the recorded outcome's), kept inline; more would spill to the heap.
+#[derive(Default)]
+struct PendingTransitions {
+    inline: [Option<Transition>; 4],
+    len: usize,
+    spilled: Vec<Transition>,
+}
+
+impl PendingTransitions {
+    fn push(&mut self, transition: Transition) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(transition);
+                self.len += 1;
+            }
+            None => self.spilled.push(transition),
+        }
+    }
+
+    fn drain(self) -> impl Iterator<Item = Transition> {
+        self.inline.into_iter().flatten().chain(self.spilled)
+    }
 }
 
 /// The in-process store: a sharded map from route to a mutex-guarded [`KeyState`].
@@ -307,8 +349,7 @@ impl BreakerStore for InProcessStore {
         let Some(cell) = self.cell(route, now) else {
             return Ok(InProcessPermit { held: None });
         };
-        let ticket =
-            cell.with_state(|s| s.admit(now, &self.config, &mut |t| emit(&cell.route, t)))?;
+        let ticket = cell.change(emit, |s, emit| s.admit(now, &self.config, emit))?;
         Ok(InProcessPermit {
             held: Some((cell, ticket)),
         })
@@ -335,10 +376,8 @@ impl BreakerStore for InProcessStore {
 impl AdmittedCall for InProcessPermit {
     fn record(mut self, outcome: Outcome, now: Instant, emit: TransitionSink<'_>) {
         if let Some((cell, ticket)) = self.held.take() {
-            cell.with_state(|s| {
-                s.record(ticket, outcome, now, &cell.config, &mut |t| {
-                    emit(&cell.route, t)
-                })
+            cell.change(emit, |s, emit| {
+                s.record(ticket, outcome, now, &cell.config, emit)
             });
         }
     }
@@ -349,10 +388,8 @@ impl Drop for InProcessPermit {
         // Only a probe holds something (its slot); a closed-state call releases nothing.
         if let Some((cell, ticket)) = self.held.take().filter(|(_, t)| t.is_probe()) {
             let now = Instant::now();
-            cell.with_state(|s| {
-                s.release(ticket, now, &cell.config, &mut |t| {
-                    crate::events::announce(&cell.route, t)
-                })
+            cell.change(&mut crate::events::announce, |s, emit| {
+                s.release(ticket, now, &cell.config, emit)
             });
         }
     }

@@ -146,3 +146,65 @@ fn transitions_set_the_state_gauge_and_count_transitions_and_refusals() {
         ]
     );
 }
+
+/// A recorder that reads the breaker's state from inside a metric update.
+struct ReadsTheBreaker {
+    breaker: Breaker,
+    route: ModelRoute,
+    seen: Arc<Mutex<Vec<backstop_breaker::BreakerState>>>,
+}
+
+impl GaugeFn for ReadsTheBreaker {
+    fn increment(&self, _: f64) {}
+    fn decrement(&self, _: f64) {}
+    fn set(&self, _: f64) {
+        let state = self.breaker.state(&self.route);
+        self.seen.lock().unwrap().push(state);
+    }
+}
+
+struct Reentrant(Arc<ReadsTheBreaker>);
+
+impl Recorder for Reentrant {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::noop()
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(Arc::clone(&self.0))
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+#[test]
+fn transitions_are_reported_after_the_key_lock_is_released() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let breaker = Breaker::new(BreakerConfig::default()).unwrap();
+        let route = ModelRoute::new("openai", "gpt-4o");
+        let reader = Arc::new(ReadsTheBreaker {
+            breaker: breaker.clone(),
+            route: route.clone(),
+            seen: Arc::default(),
+        });
+        let recorder = Reentrant(Arc::clone(&reader));
+        let now = Instant::now();
+        metrics::with_local_recorder(&recorder, || {
+            breaker
+                .admit_at(&route, now)
+                .unwrap()
+                .record_at(Outcome::QuotaExhausted { hint: None }, now);
+        });
+        let seen = reader.seen.lock().unwrap().clone();
+        done.send(seen).unwrap();
+    });
+    // Were the gauge updated under the key's lock, reading the key would deadlock.
+    let seen = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no deadlock");
+    assert_eq!(seen, vec![backstop_breaker::BreakerState::Open]);
+}
