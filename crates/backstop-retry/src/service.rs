@@ -187,8 +187,6 @@ where
             parts.headers.insert(IDEMPOTENCY_KEY, value);
         }
     }
-    let idempotent = parts.extensions.get::<Idempotent>().is_some()
-        || parts.headers.contains_key(IDEMPOTENCY_KEY);
     let budget = parts.extensions.get::<RetryBudgetHandle>().cloned();
     let mut hold = match config.hold_first_event {
         HoldFirstEvent::Never => HoldChoice::Decided(false),
@@ -320,7 +318,10 @@ where
                         failure,
                         attempts_made: number,
                         time_left,
-                        idempotent,
+                        // Looked up only when a failure needs it: a header lookup is
+                        // not free on the success path.
+                        idempotent: parts.extensions.get::<Idempotent>().is_some()
+                            || parts.headers.contains_key(IDEMPOTENCY_KEY),
                         previous_wait,
                     },
                     rng,
