@@ -106,6 +106,7 @@ impl Rig {
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {CLIENT_KEY}"))
             .header("x-api-key", CLIENT_KEY)
+            .header("accept-encoding", "gzip, deflate, br")
             .body(Full::new(body.into()))
             .unwrap()
     }
@@ -247,6 +248,8 @@ async fn quota_falls_back_at_once_with_each_targets_own_key_and_never_the_caller
     assert_eq!(attempts[0].header("x-api-key"), None);
     assert_eq!(attempts[1].header("x-api-key"), Some(ANTHROPIC_KEY));
     assert_eq!(attempts[1].header("authorization"), None);
+    // Compressed error bodies could not be classified: upstreams get identity.
+    assert_eq!(attempts[0].header("accept-encoding"), None);
     for attempt in &attempts {
         for (name, value) in &attempt.headers {
             let value = value.to_str().unwrap_or("");
@@ -624,4 +627,104 @@ async fn shutdown_finishes_the_stream_in_flight_and_stops_accepting() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no new connections after shutdown"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_a_hung_request_once_the_drain_bound_passes() {
+    let mock = MockServer::start(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::Hang)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = config(&mock.base_url(), "").drain_timeout(Duration::from_millis(200));
+    let proxy = proxy::serve(config, listener).await.unwrap();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+        .body(Full::new(Bytes::from(chat_body("gpt-4o", false))))
+        .unwrap();
+    let in_flight = tokio::spawn(client.request(request));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while mock.provider().attempts_for("gpt-4o") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let started = tokio::time::Instant::now();
+    proxy.shutdown().await;
+    // The 5 s attempt timeout has not fired: the drain bound (200 ms) ended it.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the hung request was closed"
+    );
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_alone_also_replaces_the_callers_key_with_each_targets() {
+    // The proxy strips the caller's credentials before the stack; the fallback layer
+    // strips them again for every target. This checks the second guard on its own.
+    use backstop::mock::MockProvider;
+    use tower::{Layer, ServiceExt};
+
+    let mock = MockProvider::new(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::OpenAiInsufficientQuota)),
+    );
+    let layer = backstop::StackConfig::from_toml_str(
+        r#"
+        [models.gpt-4o]
+        upstream = "openai"
+        base_uri = "http://mock.local/v1"
+        credential = { env = "OPENAI_KEY" }
+        [models.claude-sonnet]
+        upstream = "anthropic"
+        base_uri = "http://mock.local/v1"
+        credential = { header = "x-api-key", env = "ANTHROPIC_KEY" }
+        [chains]
+        models = { "gpt-4o" = ["claude-sonnet"] }
+        "#,
+    )
+    .unwrap()
+    .into_layer_with_env(|name| match name {
+        "OPENAI_KEY" => Some(OPENAI_KEY.into()),
+        "ANTHROPIC_KEY" => Some(ANTHROPIC_KEY.into()),
+        _ => None,
+    })
+    .unwrap();
+    let request = http::Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("x-api-key", CLIENT_KEY)
+        .header("api-key", CLIENT_KEY)
+        .body(Full::new(Bytes::from(chat_body("gpt-4o", false))))
+        .unwrap();
+    let response = layer.layer(mock.clone()).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let attempts = mock.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(
+        attempts[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+    assert_eq!(attempts[1].header("x-api-key"), Some(ANTHROPIC_KEY));
+    for attempt in &attempts {
+        assert_eq!(attempt.header("api-key"), None);
+        assert!(
+            attempt
+                .headers
+                .values()
+                .all(|v| !v.to_str().unwrap_or("").contains(CLIENT_KEY)),
+            "the caller's key reached {:?}",
+            attempt.model
+        );
+    }
 }

@@ -9,7 +9,7 @@ use backstop::fallback::{ServedBy, read_model};
 use backstop::retry::{BodyLimitError, collect};
 use backstop::{BackstopLayer, BackstopService};
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -154,6 +154,10 @@ async fn chat(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Proxy
     for name in CREDENTIAL_HEADERS.iter().chain(HOP_BY_HOP.iter()) {
         parts.headers.remove(*name);
     }
+    // The classify layer reads provider error bodies (quota vs rate limit, context
+    // length…); a gzip-compressed body would hide them, so upstreams are asked for
+    // identity encoding whatever the caller accepts.
+    parts.headers.remove(ACCEPT_ENCODING);
     // The upstream connection is chosen by the client (HTTP/1.1, or HTTP/2 by
     // ALPN); an HTTP/2 caller's version must not be forced onto an HTTP/1 pool.
     parts.version = Version::HTTP_11;
