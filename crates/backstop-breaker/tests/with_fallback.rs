@@ -13,6 +13,7 @@ use backstop_classify::{
 };
 use backstop_fallback::{FallbackConfig, FallbackLayer, ServedBy, Target};
 use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
+use backstop_retry::{Jitter, RetryConfig, RetryLayer};
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -193,4 +194,80 @@ async fn when_every_model_is_cooling_down_the_caller_gets_the_earliest_time_to_r
     // Neither provider was called again.
     assert_eq!(upstreams.primary().attempt_count(), 1);
     assert_eq!(upstreams.secondary().attempt_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_retries_inside_the_breaker_counts_logical_calls_not_attempts() {
+    let upstreams = Upstreams::new(
+        ModelPlan::ok().outage(
+            Duration::ZERO,
+            Duration::from_secs(60),
+            Fault::OpenAiServerError,
+        ),
+        ModelPlan::ok(),
+    );
+    let breaker_layer = BreakerLayer::new(BreakerConfig::default()).unwrap();
+    let breaker = breaker_layer.breaker().clone();
+    // fallback → breaker → retry (3 attempts, 0.5 s then 1 s, no jitter) → classify.
+    let mut stack = ServiceBuilder::new()
+        .layer(FallbackLayer::new(config()))
+        .layer(breaker_layer)
+        .layer(RetryLayer::new(
+            RetryConfig::interactive().with_jitter(Jitter::None),
+        ))
+        .layer(ClassifyLayer::new(Rules::openai()))
+        .service(upstreams.clone());
+    let primary = ModelRoute::new("openai", "gpt-4o");
+    let start = Instant::now();
+
+    let mut served_by_primary_from = None;
+    for tick in 0..1200u64 {
+        tokio::time::sleep_until(start + ms(100 * tick)).await;
+        let response = stack.ready().await.unwrap().call(chat()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let served = response.extensions().get::<ServedBy>().unwrap();
+        if &*served.model == "gpt-4o" {
+            served_by_primary_from.get_or_insert(start.elapsed());
+        }
+    }
+    let attempts: Vec<Duration> = upstreams
+        .primary()
+        .attempts()
+        .iter()
+        .map(|a| a.since_start)
+        .collect();
+    let secs = |s: f64| Duration::from_secs_f64(s);
+    // Five logical calls of three attempts each (waits 0.5 s and 1 s) open the key at
+    // 7.5 s; the probe at 37.5 s makes its three attempts and reopens it at 39 s
+    // until 69 s; the probe at 69 s finds the primary recovered.
+    assert_eq!(
+        attempts[..19],
+        [
+            secs(0.0),
+            secs(0.5),
+            secs(1.5),
+            secs(1.5),
+            secs(2.0),
+            secs(3.0),
+            secs(3.0),
+            secs(3.5),
+            secs(4.5),
+            secs(4.5),
+            secs(5.0),
+            secs(6.0),
+            secs(6.0),
+            secs(6.5),
+            secs(7.5),
+            secs(37.5),
+            secs(38.0),
+            secs(39.0),
+            secs(69.0),
+        ]
+    );
+    // Recovered at 60 s, traffic back at 69 s: within one open period.
+    assert_eq!(served_by_primary_from, Some(secs(69.0)));
+    // Everything before that was served by the fallback, one call per request.
+    let primary_served = attempts.len() - 18;
+    assert_eq!(upstreams.secondary().attempt_count() + primary_served, 1200);
+    assert_eq!(breaker.state(&primary), BreakerState::Closed);
 }
