@@ -728,3 +728,47 @@ async fn the_stack_alone_also_replaces_the_callers_key_with_each_targets() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_timeout_on_a_non_idempotent_request_is_one_504_json_error() {
+    let mock = MockServer::start(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::Hang)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = config(&mock.base_url(), "").map_stack(|builder| {
+        builder.retry(
+            fast_retry()
+                .with_attempt_timeout(Some(Duration::from_millis(200)))
+                .unwrap(),
+        )
+    });
+    let proxy = proxy::serve(config, listener).await.unwrap();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+        .body(Full::new(Bytes::from(chat_body("gpt-4o", false))))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(parts.status, 504);
+    assert_eq!(
+        report(&parts.headers),
+        [
+            Some("gpt-4o"),
+            Some("1"),
+            Some("false"),
+            Some("false"),
+            None
+        ]
+    );
+    assert_eq!(error_code(&body), "timed_out");
+    // The provider may have accepted (and billed) it: neither retried nor sent to
+    // another model without an Idempotency-Key.
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    assert_eq!(mock.provider().attempts_for("claude-sonnet"), 0);
+    proxy.shutdown().await;
+}
