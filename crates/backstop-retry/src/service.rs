@@ -134,7 +134,6 @@ where
         let span = tracing::debug_span!(
             "backstop.retry",
             "gen_ai.request.model" = tracing::field::Empty,
-            attempts = tracing::field::Empty,
         );
         if let Some(route) = request.extensions().get::<ModelRoute>() {
             span.record("gen_ai.request.model", &*route.model);
@@ -350,7 +349,6 @@ where
                             other => other,
                         };
                         log.stop = Some(reason);
-                        tracing::Span::current().record("attempts", number);
                         return finish(outcome, log);
                     }
                     Decision::RetryAfter(wait, hint) => {
