@@ -105,19 +105,6 @@ pub struct ModelSpan {
 
 /// Validates `body` and finds its top-level `model` string.
 pub fn locate_model(body: &[u8]) -> Result<ModelSpan, RewriteError> {
-    // One vectorised UTF-8 check up front: afterwards string contents only need the
-    // JSON-specific checks, and everything outside strings is ASCII by grammar.
-    if let Err(e) = std::str::from_utf8(body) {
-        // Report the earlier of a grammar error in the valid prefix and the first
-        // invalid UTF-8 byte, so the offset is the first thing wrong with the body.
-        let valid = e.valid_up_to();
-        return Err(match Scanner::new(&body[..valid]).scan() {
-            Err(RewriteError::Malformed { offset }) if offset < valid => {
-                RewriteError::Malformed { offset }
-            }
-            _ => RewriteError::Malformed { offset: valid },
-        });
-    }
     Scanner::new(body).scan()
 }
 
@@ -488,20 +475,71 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> ScanResult<bool> {
         self.i += 1;
         let mut escaped = false;
+        // Eight bytes at a time: a word's flagged bytes are handled in turn without
+        // loading it again, so message text with an escape every few dozen bytes
+        // and the odd accented letter stays in this loop.
+        while let Some(word) = self.b.get(self.i..self.i + 8) {
+            let Ok(word) = <[u8; 8]>::try_from(word) else {
+                break;
+            };
+            let base = self.i;
+            let mut hits = word_hits(u64::from_le_bytes(word));
+            while hits != 0 {
+                let at = base + (hits.trailing_zeros() / 8) as usize;
+                hits &= hits - 1;
+                // Bytes already consumed by an escape or a multi-byte character.
+                if at >= self.i {
+                    self.i = at;
+                    if self.special(&mut escaped)? {
+                        return Ok(escaped);
+                    }
+                }
+            }
+            self.i = self.i.max(base + 8);
+        }
         loop {
             self.i += special_byte(&self.b[self.i..]);
-            match self.peek() {
-                Some(b'"') => {
-                    self.i += 1;
-                    return Ok(escaped);
-                }
-                Some(b'\\') => {
-                    escaped = true;
-                    self.escape()?;
-                }
-                // A raw control character, or the end of input inside a string.
-                _ => return self.err(),
+            if self.special(&mut escaped)? {
+                return Ok(escaped);
             }
+        }
+    }
+
+    /// Handles the byte at `i` inside a string when it was flagged: returns `true`
+    /// past a closing quote, moves past an escape or a multi-byte character, steps
+    /// over an ordinary byte flagged by [`word_hits`]' borrow, or refuses.
+    #[inline]
+    fn special(&mut self, escaped: &mut bool) -> ScanResult<bool> {
+        match self.peek() {
+            Some(b'"') => {
+                self.i += 1;
+                Ok(true)
+            }
+            Some(b'\\') => {
+                *escaped = true;
+                // The common escapes inline; \u and errors out of line.
+                match self.b.get(self.i + 1) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 2,
+                    _ => self.escape()?,
+                }
+                Ok(false)
+            }
+            // UTF-8 is checked here, one character at a time, only where a byte is
+            // non-ASCII: outside strings every byte must be an ASCII token, so this
+            // checks the whole body without a separate pass.
+            Some(0x80..=0xff) => match utf8_width(&self.b[self.i..]) {
+                Some(width) => {
+                    self.i += width;
+                    Ok(false)
+                }
+                None => self.err(),
+            },
+            Some(0x20..=0x7f) => {
+                self.i += 1;
+                Ok(false)
+            }
+            // A raw control character, or the end of input inside a string.
+            _ => self.err(),
         }
     }
 
@@ -561,33 +599,64 @@ fn hex_digit(c: u8) -> Option<u8> {
     }
 }
 
-/// The offset of the first `"`, `\` or control character in `s` (or `s.len()`).
-///
-/// This is where the scanner spends its time on chat bodies (message text), so it
-/// tests 32 bytes at a time with a branch-free fold the compiler turns into SIMD,
-/// and only looks at single bytes in the block that holds a hit.
+/// Per byte of `w`, the high bit set for `"` and `\\` (zero after the xor), for
+/// bytes below 0x20 (subtracting 0x20 borrows into the high bit) and for non-ASCII
+/// bytes (set already); ASCII bytes from 0x20 up leave it clear. This "has a zero
+/// byte" arithmetic (SWAR) can also flag an ordinary byte right above a real hit,
+/// through the borrow, but never one below: the lowest flagged byte is always real,
+/// and callers look at each flagged byte before acting on it.
 #[inline]
-fn special_byte(s: &[u8]) -> usize {
-    const BLOCK: usize = 32;
-    let mut chunks = s.chunks_exact(BLOCK);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        let hit = chunk.iter().fold(false, |acc, &c| {
-            acc | (c == b'"') | (c == b'\\') | (c < 0x20)
-        });
-        if hit {
-            return offset + first_special(chunk);
-        }
-        offset += BLOCK;
-    }
-    offset + first_special(chunks.remainder())
+fn word_hits(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let quote = w ^ (ONES * b'"' as u64);
+    let backslash = w ^ (ONES * b'\\' as u64);
+    ((quote.wrapping_sub(ONES) & !quote)
+        | (backslash.wrapping_sub(ONES) & !backslash)
+        | w.wrapping_sub(ONES * 0x20)
+        | w)
+        & HIGHS
 }
 
+/// The offset of the first byte in `s` that a string scan must look at: `"`, `\\`,
+/// a control character or a non-ASCII byte (or `s.len()`).
 #[inline]
-fn first_special(s: &[u8]) -> usize {
-    s.iter()
-        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-        .unwrap_or(s.len())
+fn special_byte(s: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(word) = s.get(i..i + 8) {
+        let Ok(word) = <[u8; 8]>::try_from(word) else {
+            break;
+        };
+        let hits = word_hits(u64::from_le_bytes(word));
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    let tail = &s[i..];
+    i + tail
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))
+        .unwrap_or(tail.len())
+}
+
+/// The length of the valid UTF-8 character starting `s` (whose first byte is
+/// non-ASCII), or `None` when it is not one (RFC 3629: no overlong forms, no
+/// surrogates, nothing above U+10FFFF).
+#[inline]
+fn utf8_width(s: &[u8]) -> Option<usize> {
+    let cont = |k: usize| matches!(s.get(k), Some(0x80..=0xbf));
+    let second_in = |lo: u8, hi: u8| s.get(1).is_some_and(|&b| (lo..=hi).contains(&b));
+    match *s.first()? {
+        0xc2..=0xdf if cont(1) => Some(2),
+        0xe0 if second_in(0xa0, 0xbf) && cont(2) => Some(3),
+        0xe1..=0xec | 0xee..=0xef if cont(1) && cont(2) => Some(3),
+        0xed if second_in(0x80, 0x9f) && cont(2) => Some(3),
+        0xf0 if second_in(0x90, 0xbf) && cont(2) && cont(3) => Some(4),
+        0xf1..=0xf3 if cont(1) && cont(2) && cont(3) => Some(4),
+        0xf4 if second_in(0x80, 0x8f) && cont(2) && cont(3) => Some(4),
+        _ => None,
+    }
 }
 
 /// Whether a (validated) key's raw bytes spell `model` once escapes are decoded.
@@ -803,5 +872,55 @@ mod tests {
         let body = b" \r\n\t{ \"a\" : [ ] ,\n \"model\"\t:\r\"m\" , \"b\" : { } } \n";
         let span = locate_model(body).unwrap();
         assert_eq!(&body[span.start..span.end], b"\"m\"");
+    }
+
+    #[test]
+    fn invalid_utf8_inside_strings_is_refused() {
+        for bad in [
+            &b"\xc0\x80"[..],    // overlong NUL
+            b"\xed\xa0\x80",     // an encoded surrogate
+            b"\xf4\x90\x80\x80", // above U+10FFFF
+            b"\xe6\x97",         // truncated before the closing quote
+            b"\x80",             // a lone continuation byte
+            b"ok\xff",
+        ] {
+            let mut body = b"{\"model\":\"a\",\"m\":\"".to_vec();
+            body.extend_from_slice(bad);
+            body.extend_from_slice(b"\"}");
+            assert!(
+                matches!(read_model(&body), Err(RewriteError::Malformed { .. })),
+                "accepted {bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tricky_string_contents_agree_with_serde_json_at_every_alignment() {
+        // Byte pairs where the word scan's borrow flags an ordinary byte above a real
+        // hit ("# and \] and control+space), escapes and characters straddling an
+        // 8-byte word boundary, and non-ASCII next to escapes.
+        let contents = [
+            r##"a\"#b"##,
+            r##"x\\]y"##,
+            r##"\\\\]]"##,
+            r##"é\n東京\u00e9😀\""##,
+            r##"\ud83d\ude00\/\b\f\r\t"##,
+            "plain text long enough to cross a few words of eight bytes",
+        ];
+        for content in contents {
+            for pad in 0..16 {
+                let body = format!(
+                    "{{\"k\":\"{}{content}\",\"model\":\"{}{content}\"}}",
+                    "x".repeat(pad),
+                    "y".repeat(pad)
+                );
+                let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(
+                    read_model(body.as_bytes()).unwrap(),
+                    parsed["model"].as_str().unwrap(),
+                    "{body}"
+                );
+            }
+        }
     }
 }
