@@ -1,4 +1,205 @@
-//! backstop-fallback (docs being written).
+//! # backstop-fallback
+//!
+//! The model fallback layer: when the model a request asked for cannot serve it,
+//! the request goes to the next model in a chain, possibly at another provider, and
+//! the response records which model served and whether a fallback fired.
+//!
+//! ## Where it sits
+//!
+//! Outermost, in the stack
+//! **fallback → breaker → budget → retry → attempt timeout → classify → transport**.
+//! Everything inside it works on one model at a time; by the time an outcome reaches
+//! this layer the inner stack has done all it will for that model.
+//!
+//! ## What it reads
+//!
+//! - The request body's top-level `"model"` (a targeted, validating scan: see
+//!   [`rewrite`]), to pick the chain. A body that is not a JSON object with a string
+//!   `model` is refused with a typed [`RewriteError`] inside a
+//!   [`ClassifiedError`](backstop_classify::ClassifiedError) of kind
+//!   `InvalidRequest` before anything is sent. An empty body (`GET /v1/models`)
+//!   passes through untouched.
+//! - From every response: its [`Classification`](backstop_classify::Classification)
+//!   and [`AttemptLog`](backstop_classify::AttemptLog) extensions. From every error:
+//!   the [`ClassifiedError`](backstop_classify::ClassifiedError) verdict (other error
+//!   types are classified with
+//!   [`classify_transport_error`](backstop_classify::classify_transport_error)).
+//! - A caller's [`Deadline`](backstop_classify::Deadline) extension, if any: the
+//!   earlier of it and the configured total deadline bounds the whole chain.
+//!
+//! ## What it adds
+//!
+//! - On every hop's request: a [`ModelRoute`](backstop_classify::ModelRoute)
+//!   (upstream name, model as that upstream spells it, credential label; the breaker
+//!   keys on it) and the [`Deadline`](backstop_classify::Deadline), the same instant
+//!   for every hop, so each hop gets the time left.
+//! - On a switch to a configured target: its URI, only its credential, its extra
+//!   headers, and the body with the model rewritten when the target spells it
+//!   differently (one splice into one new buffer; otherwise the caller's bytes are
+//!   reused for a reference-count bump).
+//! - On every response it returns: a [`ServedBy`] record (requested model, the model
+//!   whose outcome is returned, its route, whether it served, whether a fallback
+//!   fired, and per model tried its attempt log and the failure it was left for).
+//! - On an error after anything was sent: the verdict of the last model (its hint
+//!   moved to the earliest reopening when every model was cooling down), with a
+//!   [`ChainFailed`] as its cause that holds the [`ServedBy`]:
+//!   [`ServedBy::of_error`] reads it back.
+//! - A tracing span `backstop.fallback` with `gen_ai.request.model` and
+//!   `gen_ai.response.model` (OpenTelemetry GenAI names), and an `info` event
+//!   `fallback fired` (from, to, upstream, reason) on every switch.
+//!
+//! ## What it never does
+//!
+//! - Fall back after the response head reached the caller: a stream that fails
+//!   midway reports the failure in its body and is never replayed elsewhere (the
+//!   retry layer already holds a stream until its first event, so a stream that
+//!   fails at once is still a failure here).
+//! - Try a model twice for one request, or follow a fallback model's own chain: no
+//!   loops, whatever the configuration.
+//! - Retry a model itself: that is the retry layer's job, below.
+//! - Send a provider any key but its own: before a hop to a configured target every
+//!   credential header goes (`authorization`, `api-key`, `x-api-key`,
+//!   `x-goog-api-key` and every header any target names as its credential), along
+//!   with every target's extra headers and `host`.
+//! - Print a credential: [`Secret`] redacts itself in `Debug`, `Display` and
+//!   serialisation, and credential header values are marked sensitive.
+//! - Re-serialise a body, or touch the caller's bytes when a rewrite fails.
+//!
+//! ## When it falls back
+//!
+//! | outcome of a model | what happens |
+//! |---|---|
+//! | success, or no classification | returned as it is |
+//! | quota, model not found, auth, overloaded, rate limited, breaker open, budget exhausted, throttled | next model, at once (the retry layer does not retry these, or has waited all the hint allows) |
+//! | server error, connect failure, 408, 409 after the retries ran out | next model |
+//! | timeout or reset after the request was written | next model only if the request is idempotent (an `Idempotency-Key` header or the `Idempotent` marker): the first provider may have accepted and billed it |
+//! | context length exceeded | the context-length chain, then along it |
+//! | content filtered | the content-filter chain, then along it |
+//! | invalid request | returned as it is: it would fail anywhere |
+//!
+//! When the chain ends without a success, the caller gets the last model's outcome:
+//! its response byte-for-byte (with [`ServedBy`] in the extensions), or its error.
+//! Earlier failed responses are dropped as soon as the next hop starts, so no
+//! connection stays pinned by a response nobody will read.
+//!
+//! ## Configuration
+//!
+//! In code with [`FallbackConfig::builder`], or from any serde format; both validate
+//! (a chain naming a model without a target, a chain naming a model twice or naming
+//! its own model, an empty credential, a bad URI or header are refused with a
+//! message naming the entry). Chains are not transitive, so chains that name each
+//! other are accepted and cannot loop. How paths map is described on
+//! [`FallbackConfig`]: the target's path prefix, then the caller's path without its
+//! `/v1`.
+//!
+//! ```toml
+//! total_deadline = "90s"
+//!
+//! [targets.gpt-4o]
+//! upstream = "openai"
+//! base_uri = "https://api.openai.com/v1"
+//! credential = { header = "authorization", value = "Bearer sk-…", label = "openai-main" }
+//!
+//! [targets.claude]
+//! upstream = "anthropic"
+//! base_uri = "https://api.anthropic.com/v1"
+//! model = "claude-sonnet-4-5"
+//! credential = { header = "x-api-key", value = "sk-ant-…" }
+//! extra_headers = { "anthropic-version" = "2023-06-01" }
+//!
+//! [targets.gemini]
+//! upstream = "google"
+//! base_uri = "https://generativelanguage.googleapis.com/v1beta/openai"
+//! model = "gemini-2.5-pro"
+//! credential = { header = "authorization", value = "Bearer AIza…" }
+//!
+//! [chains]
+//! default = ["claude"]
+//! context_length = ["gemini"]
+//! content_filter = ["claude"]
+//!
+//! [chains.models]
+//! gpt-4o = ["claude", "gemini"]
+//! ```
+//!
+//! ## Example
+//!
+//! ```
+//! use backstop_classify::{Classification, ClassifiedError, Failure, FailureKind, ModelRoute, ReplayBody};
+//! use backstop_fallback::{FallbackConfig, FallbackLayer, ServedBy, Target};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let config = FallbackConfig::builder()
+//!     .target("gpt-4o", Target::new("openai", "https://api.openai.com/v1")
+//!         .credential("authorization", "Bearer sk-primary"))
+//!     .target("claude", Target::new("anthropic", "https://api.anthropic.com/v1")
+//!         .model("claude-sonnet-4-5")
+//!         .credential("x-api-key", "sk-ant-second"))
+//!     .chain("gpt-4o", ["claude"])
+//!     .build()
+//!     .unwrap();
+//!
+//! // Stands in for breaker → budget → retry → classify → transport: OpenAI's quota
+//! // is gone, Anthropic answers.
+//! let inner = service_fn(|request: http::Request<ReplayBody>| async move {
+//!     let route = request.extensions().get::<ModelRoute>().unwrap().clone();
+//!     if &*route.upstream == "openai" {
+//!         return Err(ClassifiedError::local(Failure::new(FailureKind::QuotaExhausted)));
+//!     }
+//!     assert!(request.headers().get("authorization").is_none()); // OpenAI's key stayed home
+//!     let mut response = http::Response::new(format!("answered by {}", route.model));
+//!     response.extensions_mut().insert(Classification::Success);
+//!     Ok(response)
+//! });
+//!
+//! let service = ServiceBuilder::new().layer(FallbackLayer::new(config)).service(inner);
+//! let request = http::Request::post("http://localhost/v1/chat/completions")
+//!     .body(ReplayBody::from(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#))
+//!     .unwrap();
+//! let response = service.oneshot(request).await.unwrap();
+//!
+//! assert_eq!(response.body(), "answered by claude-sonnet-4-5");
+//! let served = response.extensions().get::<ServedBy>().unwrap();
+//! assert!(served.fallback_fired);
+//! assert_eq!(&*served.model, "claude");
+//! assert_eq!(served.hops[0].failure.as_ref().unwrap().kind, FailureKind::QuotaExhausted);
+//! # }
+//! ```
+//!
+//! ## The peers' fallback complaints
+//!
+//! - *Fallback loops; falling back restarted the retry cycle indefinitely; a cap on
+//!   hops was bolted on later* (peers item 4). Every model is tried at most once per
+//!   request (a visited list, whatever the chains say), fallback models' own chains
+//!   are never followed, and a total deadline bounds the whole walk, each hop
+//!   getting only the time left; retries happen per model inside the retry layer,
+//!   whose own caps and budget bound them.
+//! - *No fallback, or duplicated content, with streaming* (peers item 5). A streamed
+//!   request falls back exactly like any other until its response head is returned;
+//!   after that, never: text the caller has received is never replayed by another
+//!   model.
+//!
+//! ## Performance of the model rewrite
+//!
+//! `cargo bench -p backstop-fallback --bench model_rewrite` compares, on chat
+//! bodies with `"model"` last, the targeted rewrite, a `serde_json::Value` parse +
+//! modify + serialise, and (for reading only) a borrow-deserialise of just the
+//! model field. Figures from one short run on a loaded 2-core machine (min of 200
+//! runs, a conversation of English, code with dense escapes, French and Japanese):
+//!
+//! | body | targeted rewrite | `Value` round trip | ratio | targeted read | typed partial read |
+//! |---|---|---|---|---|---|
+//! | 100 KiB | 44 µs | 195 µs | 4.4× | 42 µs | 32 µs |
+//! | 1 MiB | 461 µs | 2.0 ms | 4.4× | 435 µs | 330 µs |
+//!
+//! The issue's targets (10× the `Value` round trip, faster than the typed read) are
+//! not met. The scan validates everything `serde_json::Value` would, UTF-8 inside
+//! every string included, while the typed read skips unknown fields without checking
+//! their UTF-8; the one copy the rewrite must make sets a floor too. Without the
+//! UTF-8 check the scan equals the typed read; the layer keeps the check so a body it
+//! accepts is one any JSON parser accepts.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -16,7 +217,7 @@ mod service;
 pub use config::{Chains, ConfigError, Credential, FallbackConfig, FallbackConfigBuilder, Target};
 pub use future::ResponseFuture;
 pub use layer::FallbackLayer;
-pub use policy::{ChainKind, Verdict};
+pub use policy::{ChainKind, Verdict, judge};
 pub use rewrite::{RewriteError, read_model, rewrite_model};
 pub use secret::Secret;
 pub use served::{ChainFailed, ChainStop, Hop, ServedBy};
