@@ -281,3 +281,20 @@ async fn a_mid_stream_error_is_surfaced_once_and_never_replayed() {
     tokio::time::sleep(secs(120)).await;
     assert_eq!(mock.attempt_count(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_reset_before_its_first_byte_is_retried_only_with_a_key() {
+    let mock1 = mock(ModelPlan::script([Fault::ResetAfterHead]));
+    let svc = stack!(RetryConfig::batch(), Rules::openai(), mock1);
+    let error = svc.oneshot(request(STREAM)).await.unwrap_err();
+    assert_eq!(error.kind(), FailureKind::ConnectionLost);
+    assert_eq!(mock1.attempt_count(), 1);
+
+    let mock2 = mock(ModelPlan::script([Fault::ResetAfterHead]));
+    let config = RetryConfig::batch().with_idempotency_key(true);
+    let svc = stack!(config, Rules::openai(), mock2);
+    let response = svc.oneshot(request(STREAM)).await.unwrap();
+    assert_eq!(mock2.attempt_count(), 2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+}

@@ -236,3 +236,25 @@ async fn a_success_is_logged_as_success_and_gets_no_classification_of_its_own() 
     // Below 400 without a classification reads as success to every layer.
     assert_eq!(response.extensions().get::<Classification>(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn hold_always_holds_streams_of_requests_that_did_not_say_stream() {
+    let fake = Fake::new(vec![Step::sse(vec![now(OPENAI_ERROR)]), good_stream()]);
+    let config = RetryConfig::batch().with_hold_first_event(HoldFirstEvent::Always);
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    assert_eq!(fake.attempts(), 2);
+    let (bytes, _) = read_body(response.into_body()).await;
+    assert_eq!(std::str::from_utf8(&bytes).unwrap(), GOOD_BYTES);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_auto_a_non_stream_request_gets_a_first_event_error_in_its_body() {
+    let fake = Fake::new(vec![Step::sse(vec![now(OPENAI_ERROR)]), good_stream()]);
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    let (bytes, error) = read_body(response.into_body()).await;
+    assert!(bytes.is_empty());
+    assert!(error.is_some());
+    assert_eq!(fake.attempts(), 1);
+}
