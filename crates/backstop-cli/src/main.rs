@@ -68,6 +68,10 @@ enum Command {
         /// How long shutdown waits for in-flight requests (e.g. `30s`).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         drain_timeout: std::time::Duration,
+        /// Extra root certificates (PEM) to trust besides the system's, for upstreams
+        /// behind a private CA.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -101,7 +105,8 @@ fn main() -> ExitCode {
             config,
             listen,
             drain_timeout,
-        } => match run_proxy(config, listen, drain_timeout) {
+            ca_file,
+        } => match run_proxy(config, listen, drain_timeout, ca_file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("backstop proxy: {message}");
@@ -115,6 +120,7 @@ fn run_proxy(
     config: Option<PathBuf>,
     listen: std::net::SocketAddr,
     drain_timeout: std::time::Duration,
+    ca_file: Option<PathBuf>,
 ) -> Result<(), String> {
     let level = match std::env::var("BACKSTOP_LOG").ok().as_deref() {
         None | Some("") => tracing::Level::INFO,
@@ -126,6 +132,12 @@ fn run_proxy(
         .with_writer(std::io::stderr)
         .with_max_level(level)
         .init();
+    let roots = match &ca_file {
+        None => Vec::new(),
+        Some(path) => {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        }
+    };
     let config = match config {
         None => None,
         Some(path) => {
@@ -134,7 +146,8 @@ fn run_proxy(
             Some(
                 backstop_cli::proxy::ProxyConfig::from_toml_str(&text)
                     .map_err(|e| format!("{}: {e}", path.display()))?
-                    .drain_timeout(drain_timeout),
+                    .drain_timeout(drain_timeout)
+                    .with_root_certificates_pem(roots),
             )
         }
     };

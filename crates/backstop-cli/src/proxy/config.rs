@@ -27,6 +27,7 @@ pub struct ProxyConfig {
     env: EnvReader,
     edit: Option<BuilderEdit>,
     drain_timeout: Duration,
+    extra_roots_pem: Vec<u8>,
 }
 
 impl fmt::Debug for ProxyConfig {
@@ -47,6 +48,7 @@ impl ProxyConfig {
             env: Arc::new(|name| std::env::var(name).ok()),
             edit: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            extra_roots_pem: Vec::new(),
         }
     }
 
@@ -80,6 +82,13 @@ impl ProxyConfig {
         self
     }
 
+    /// Trusts these PEM certificates too, besides the system's roots: for upstreams
+    /// behind a private CA (a self-hosted model server, a corporate gateway).
+    pub fn with_root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.extra_roots_pem = pem.into();
+        self
+    }
+
     /// The stack configuration.
     pub fn stack(&self) -> &StackConfig {
         &self.stack
@@ -90,6 +99,10 @@ impl ProxyConfig {
         self.stack
             .max_request_body
             .unwrap_or(DEFAULT_MAX_REQUEST_BODY)
+    }
+
+    pub(crate) fn extra_roots_pem(&self) -> &[u8] {
+        &self.extra_roots_pem
     }
 
     pub(crate) fn drain(&self) -> Duration {

@@ -12,8 +12,9 @@ use backstop::ConfigError;
 pub enum ProxyError {
     /// The stack's configuration was refused.
     Config(ConfigError),
-    /// A target is reached over HTTPS but the system has no usable root certificates.
-    RootCertificates(io::Error),
+    /// A target is reached over HTTPS but no usable root certificate was found, or
+    /// the configured extra roots could not be read.
+    RootCertificates(String),
     /// The listening socket's address could not be read.
     Listener(io::Error),
     /// The built-in mock provider could not start.
@@ -26,7 +27,7 @@ impl fmt::Display for ProxyError {
             ProxyError::Config(e) => write!(f, "{e}"),
             ProxyError::RootCertificates(e) => write!(
                 f,
-                "an upstream is reached over https but no root certificates could be loaded ({e}); install the system's CA certificates (e.g. the ca-certificates package) or set SSL_CERT_FILE"
+                "TLS root certificates: {e}; install the system's CA certificates (e.g. the ca-certificates package), set SSL_CERT_FILE, or give --ca-file a PEM file"
             ),
             ProxyError::Listener(e) => write!(f, "cannot read the listening address: {e}"),
             ProxyError::Mock(e) => write!(
@@ -41,9 +42,8 @@ impl std::error::Error for ProxyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ProxyError::Config(e) => Some(e),
-            ProxyError::RootCertificates(e) | ProxyError::Listener(e) | ProxyError::Mock(e) => {
-                Some(e)
-            }
+            ProxyError::RootCertificates(_) => None,
+            ProxyError::Listener(e) | ProxyError::Mock(e) => Some(e),
         }
     }
 }

@@ -177,7 +177,7 @@ pub async fn serve(
     listener: TcpListener,
 ) -> Result<ProxyHandle, ProxyError> {
     let layer = config.build_layer()?;
-    let client = upstream::client(config.needs_tls())?;
+    let client = upstream::client(config.needs_tls(), config.extra_roots_pem())?;
     let local_addr = listener.local_addr().map_err(ProxyError::Listener)?;
     let shared = Arc::new(Shared {
         stack: layer.layer(client),
