@@ -16,7 +16,7 @@
 //!   extensions (the fallback layer sets it on every hop: upstream, model, and a
 //!   credential label when several keys serve one model). A request without one is
 //!   keyed on its URI's authority and an empty model, so every model behind that host
-//!   shares one key.
+//!   shares one key (and the key is built per call: set a `ModelRoute`).
 //! - The outcome: the response's [`Classification`](backstop_classify::Classification)
 //!   extension, or the inner error's verdict when it is a
 //!   [`ClassifiedError`](backstop_classify::ClassifiedError). Any other inner error
@@ -40,16 +40,24 @@
 //! once, **without calling the inner service**, with
 //! `ClassifiedError::local(Failure::new(FailureKind::BreakerOpen).with_hint(Some(DelayHint::new(time_until_half_open, HintSource::Breaker))))`:
 //! not retryable here, another model may serve, and the exact time until a probe may
-//! go through. The layer's error type is `ClassifiedError`; inner errors pass through
-//! (converted as above when they are not classified yet).
+//! go through (when half-open with every probe slot taken: the time until the
+//! earliest probe's timeout, the latest a slot frees). The layer's error type is
+//! `ClassifiedError`; inner errors pass through (converted as above when they are not
+//! classified yet).
 //!
 //! ## What it never does
 //!
-//! It never retries, waits, sleeps or cancels a call: a call it admits runs to its
-//! end, and its result is returned untouched. It never reads or logs headers, so
-//! credentials cannot leak through it. It spawns no task and runs no timer: every
-//! deadline is compared with the clock when a call arrives or finishes, which is
-//! exact (there is no sweep interval).
+//! It never retries, waits or sleeps, and never cancels a call: a call it admits runs
+//! to its end and its result is returned untouched (a probe's timeout takes back the
+//! probe's *slot*, not the call). It never reads or logs headers, so credentials
+//! cannot leak through it. It spawns no task and runs no timer: every deadline is
+//! compared with the clock when a call arrives or finishes, which is exact (there is
+//! no sweep interval). `poll_ready` forwards to the inner service; a refused call
+//! leaves the inner service's readiness for the next one.
+//!
+//! It records an outcome when the inner future resolves: for a streamed response,
+//! at the response head. A stream that fails after a 200 head counts as a success
+//! here (the retry layer inside turns a failed *first* event into a failure).
 //!
 //! ## The state machine
 //!
@@ -120,11 +128,31 @@
 //!   default [`InProcessStore`] is per process: with N replicas a down model receives
 //!   up to N × `half_open_probes` probes per open period.
 //!
+//! ## Sharing, querying, other stores
+//!
+//! [`Breaker`] is the shared handle: [`BreakerLayer::breaker`] returns it and
+//! [`BreakerLayer::from_breaker`] builds a layer over an existing one, so a health
+//! endpoint, the fallback layer and several stacks see the same keys. The state sits
+//! behind [`BreakerStore`] (admit, snapshot) and its [`AdmittedCall`] permits (record,
+//! release on drop); [`InProcessStore`] is the default. A shared store can run the
+//! same pure [`KeyState`] against a shared record.
+//!
 //! ## Cost
 //!
-//! The closed-state hot path (admit + record) takes a shard read lock, one hash
-//! lookup and the key's mutex, and allocates nothing (benchmarks/breaker.rs):
-//! run `cargo bench -p backstop-breaker` for the figures on your machine.
+//! The closed-state hot path (admit + record) hashes the route once, takes a shard's
+//! read lock for a binary search and the key's mutex twice, and allocates nothing
+//! (`benches/breaker.rs`; `-- --warm-up-time 1 --measurement-time 2`, on the 2-core
+//! development VM while other builds ran, load average 2.5):
+//!
+//! | case | time per call |
+//! |---|---|
+//! | admit + record, the instant passed in | 65 ns |
+//! | admit + record, reading the clock twice (what the layer does) | 125 ns |
+//! | 2 threads, same key / two keys | 240 ns / 240 ns |
+//!
+//! A clock read costs about 30 ns on that VM. The two-thread figures are wall time
+//! per call with both threads competing for the two cores with the other builds, so
+//! they overstate contention.
 //!
 //! ## Example
 //!

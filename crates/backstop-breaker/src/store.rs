@@ -178,38 +178,13 @@ impl KeyCell {
         emit: TransitionSink<'_>,
         f: impl FnOnce(&mut KeyState, &mut dyn FnMut(Transition)) -> R,
     ) -> R {
-        let mut pending = PendingTransitions::default();
+        // Transitions are rare: the buffer allocates only when one happens.
+        let mut pending = Vec::new();
         let result = self.with_state(|s| f(s, &mut |t| pending.push(t)));
-        for transition in pending.drain() {
+        for transition in pending {
             emit(&self.route, transition);
         }
         result
-    }
-}
-
-/// The transitions of one operation, held until the key's lock is released. One
-/// operation makes at most four (open → half-open → open on a probe's timeout →
-/// half-open, then the recorded outcome's), kept inline; more would spill to the heap.
-#[derive(Default)]
-struct PendingTransitions {
-    inline: [Option<Transition>; 4],
-    len: usize,
-    spilled: Vec<Transition>,
-}
-
-impl PendingTransitions {
-    fn push(&mut self, transition: Transition) {
-        match self.inline.get_mut(self.len) {
-            Some(slot) => {
-                *slot = Some(transition);
-                self.len += 1;
-            }
-            None => self.spilled.push(transition),
-        }
-    }
-
-    fn drain(self) -> impl Iterator<Item = Transition> {
-        self.inline.into_iter().flatten().chain(self.spilled)
     }
 }
 
