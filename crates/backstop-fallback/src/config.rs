@@ -873,4 +873,22 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn the_crate_docs_toml_example_is_a_valid_config() {
+        let docs = include_str!("lib.rs");
+        let start = docs
+            .find("//! ```toml\n")
+            .expect("toml example in the crate docs");
+        let text: String = docs[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config: FallbackConfig = toml::from_str(&text).unwrap();
+        assert_eq!(config.chain_for("gpt-4o"), ["gpt-4o", "claude", "gemini"]);
+        assert_eq!(config.total_deadline(), Some(Duration::from_secs(90)));
+    }
 }

@@ -508,3 +508,44 @@ async fn malformed_body_is_refused_before_anything_is_sent() {
     assert!(ServedBy::of_error(&error).is_none());
     assert_eq!(upstreams.host("openai.test").attempt_count(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn open_breaker_on_the_primary_sends_later_requests_straight_to_the_fallback() {
+    use backstop_breaker::{BreakerConfig, BreakerLayer};
+
+    let upstreams = Upstreams::new(
+        ModelPlan::always(Fault::OpenAiInsufficientQuota),
+        ModelPlan::ok(),
+        ModelPlan::ok(),
+    );
+    // fallback → breaker → retry → classify → upstreams, the documented order.
+    let service = ServiceBuilder::new()
+        .layer(FallbackLayer::new(config()))
+        .layer(BreakerLayer::new(BreakerConfig::default()).unwrap())
+        .layer(
+            RetryLayer::new(RetryConfig::interactive().with_jitter(Jitter::None)).with_rng_seed(1),
+        )
+        .layer(ClassifyLayer::new(Rules::openai()))
+        .service(upstreams.clone());
+
+    let first = service.clone().oneshot(chat("gpt-4o")).await.unwrap();
+    assert_eq!(
+        served(&first).hops[0].failure.as_ref().unwrap().kind,
+        FailureKind::QuotaExhausted
+    );
+    // Quota opens the primary's key: the second request never reaches OpenAI.
+    let second = service.clone().oneshot(chat("gpt-4o")).await.unwrap();
+    assert_eq!(second.status(), 200);
+    let record = served(&second);
+    let refusal = record.hops[0].failure.as_ref().unwrap();
+    assert_eq!(refusal.kind, FailureKind::BreakerOpen);
+    assert!(refusal.hint.is_some());
+    assert_eq!(&*record.model, "claude");
+    assert_eq!(upstreams.host("openai.test").attempts_for("gpt-4o"), 1);
+    assert_eq!(
+        upstreams
+            .host("anthropic.test")
+            .attempts_for("claude-sonnet-4-5"),
+        2
+    );
+}

@@ -423,3 +423,46 @@ async fn a_request_without_a_body_passes_through_untouched() {
     assert!(response.extensions().get::<ServedBy>().is_none());
     assert_eq!(fake.seen()[0].route, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn last_response_carries_the_earliest_retry_time_when_every_model_is_cooling_down() {
+    let fake = Fake::new(|model| {
+        let secs = if model == "gpt-4o" { 40 } else { 25 };
+        Box::pin(async move {
+            let mut response = Response::new("slow down".to_owned());
+            response.extensions_mut().insert(Classification::Failure(
+                Failure::new(FailureKind::RateLimited).with_hint(Some(DelayHint::new(
+                    Duration::from_secs(secs),
+                    HintSource::RetryAfterSeconds,
+                ))),
+            ));
+            Ok(response)
+        })
+    });
+    let start = Instant::now();
+    let response = FallbackLayer::new(config())
+        .layer(fake)
+        .oneshot(chat("gpt-4o"))
+        .await
+        .unwrap();
+    let record = response.extensions().get::<ServedBy>().unwrap();
+    assert!(!record.served);
+    assert_eq!(record.stop, Some(ChainStop::ChainExhausted));
+    assert_eq!(record.retry_at, Some(start + Duration::from_secs(25)));
+    // The response itself is the last provider's, untouched.
+    assert_eq!(response.body(), "slow down");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layers_future_is_send_when_the_inner_one_is() {
+    fn assert_send<T: Send>(_: &T) {}
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move { ok(&model) })
+    });
+    let mut service = FallbackLayer::new(config()).layer(fake);
+    service.ready().await.unwrap();
+    let future = service.call(chat("gpt-4o"));
+    assert_send(&future);
+    assert_eq!(future.await.unwrap().body(), "served by gpt-4o");
+}
