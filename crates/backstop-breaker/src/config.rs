@@ -31,8 +31,9 @@ pub struct BreakerConfig {
     /// How many probes must succeed before the key closes. Default 1.
     pub probe_successes_to_close: u32,
     /// A probe that has not finished after this long gives its slot back and counts as
-    /// a failure, so a hung probe cannot keep the key half-open. Set it to the attempt
-    /// timeout of the stack below. Default 60 s.
+    /// a failure, so a hung probe cannot keep the key half-open. A probe is one logical
+    /// call, retries included: set it to the longest a call may take below the breaker
+    /// (the retry layer's deadline). Default 60 s.
     pub probe_timeout: Duration,
     /// A 429 or 503 whose Retry-After (or Gemini `retryDelay`, `retry-after-ms`, …) is
     /// at least this long opens the key at once until the hinted time. Shorter hints

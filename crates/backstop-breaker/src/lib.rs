@@ -104,7 +104,7 @@
 //! | `open_duration` | 30 s | what LLM gateways use to skip an unhealthy key ("skips unhealthy provider keys for 30 seconds") |
 //! | `half_open_probes` | 1 | an LLM call is costly and slow; one trial tells enough |
 //! | `probe_successes_to_close` | 1 | with one probe, one success |
-//! | `probe_timeout` | 60 s | a non-streaming completion can take tens of seconds; set it to your attempt timeout |
+//! | `probe_timeout` | 60 s | a non-streaming completion can take tens of seconds, and a probe includes the retries below; set it to the retry layer's deadline |
 //! | `hint_opens_at` | 1 s | shorter hints are cheaper to wait out in the retry layer than to divert traffic |
 //! | `max_hinted_cooldown` | 10 min | a Retry-After of 2.3 days (seen in the wild) or Azure's 86 400 s is cut; a probe then finds out |
 //! | `quota_cooldown` | 10 min | quota does not come back within a request; probing every 10 min costs one call |
