@@ -11,6 +11,7 @@ use backstop::mock::{Fault, MockServer, ModelPlan, Scenario, StreamStyle};
 use backstop::retry::{Backoff, RetryConfig};
 use backstop_cli::proxy::{self, ProxyConfig, ProxyHandle};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::Client;
@@ -770,5 +771,35 @@ async fn attempt_timeout_on_a_non_idempotent_request_is_one_504_json_error() {
     // another model without an Idempotency-Key.
     assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
     assert_eq!(mock.provider().attempts_for("claude-sonnet"), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_finishes_is_a_408_after_the_read_timeout() {
+    let mock = MockServer::start(Scenario::new(1), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = config(&mock.base_url(), "").body_read_timeout(Duration::from_millis(200));
+    let proxy = proxy::serve(config, listener).await.unwrap();
+    // Half a request, then nothing.
+    let first: Result<http_body::Frame<Bytes>, std::io::Error> = Ok(http_body::Frame::data(
+        Bytes::from_static(b"{\"model\":\"gpt-4o\","),
+    ));
+    let trickle = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+    let client: Client<HttpConnector, StreamBody<_>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+        .body(StreamBody::new(trickle))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+        .await
+        .expect("answered before the client gave up")
+        .unwrap();
+    assert_eq!(response.status(), 408);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(error_code(&body), "request_body_timeout");
+    assert_eq!(mock.provider().attempt_count(), 0);
     proxy.shutdown().await;
 }

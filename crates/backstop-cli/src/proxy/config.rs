@@ -13,6 +13,9 @@ use backstop::{
 /// How long a graceful shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a request body may take to arrive by default.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 type EnvReader = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 type BuilderEdit = Box<dyn FnOnce(BackstopBuilder) -> BackstopBuilder + Send>;
 
@@ -27,6 +30,7 @@ pub struct ProxyConfig {
     env: EnvReader,
     edit: Option<BuilderEdit>,
     drain_timeout: Duration,
+    body_read_timeout: Duration,
     extra_roots_pem: Vec<u8>,
 }
 
@@ -36,6 +40,7 @@ impl fmt::Debug for ProxyConfig {
         f.debug_struct("ProxyConfig")
             .field("stack", &self.stack)
             .field("drain_timeout", &self.drain_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -48,6 +53,7 @@ impl ProxyConfig {
             env: Arc::new(|name| std::env::var(name).ok()),
             edit: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             extra_roots_pem: Vec::new(),
         }
     }
@@ -82,6 +88,12 @@ impl ProxyConfig {
         self
     }
 
+    /// How long a request body may take to arrive (a 408 after that).
+    pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout;
+        self
+    }
+
     /// Trusts these PEM certificates too, besides the system's roots: for upstreams
     /// behind a private CA (a self-hosted model server, a corporate gateway).
     pub fn with_root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
@@ -103,6 +115,10 @@ impl ProxyConfig {
 
     pub(crate) fn extra_roots_pem(&self) -> &[u8] {
         &self.extra_roots_pem
+    }
+
+    pub(crate) fn body_read(&self) -> Duration {
+        self.body_read_timeout
     }
 
     pub(crate) fn drain(&self) -> Duration {

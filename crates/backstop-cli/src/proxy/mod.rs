@@ -32,7 +32,9 @@
 //! configuration, or the answer is a 404 `model_not_found` listing the served
 //! models. The body is read up to `max_request_body` (8 MiB by default): a
 //! `Content-Length` over it is answered 413 before a byte is read, a longer body
-//! without one as soon as it crosses the cap.
+//! without one as soon as it crosses the cap. A body that has not arrived within
+//! 60 s ([`ProxyConfig::body_read_timeout`]) is answered 408. Refusals made before
+//! the stack carry `x-should-retry: false` too: they would fail the same way again.
 //!
 //! ## What it adds to every answer from the stack
 //!
@@ -93,6 +95,10 @@
 //! [chains]
 //! models = { "gpt-4o" = ["claude-sonnet"] }
 //! ```
+//!
+//! HTTPS upstreams are verified against the system's root certificates
+//! (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured) plus any PEM file given with
+//! `--ca-file` ([`ProxyConfig::with_root_certificates_pem`]), for a private CA.
 //!
 //! Without a file, `backstop proxy` starts the built-in mock provider on a free
 //! loopback port and serves `gpt-4o` (falling back to `claude-sonnet`) from it, so
@@ -156,7 +162,7 @@ use tokio::net::TcpListener;
 use tower::Layer;
 
 pub use body::{ProxyBody, error_event};
-pub use config::{DEFAULT_DRAIN_TIMEOUT, ProxyConfig, builtin_mock};
+pub use config::{DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, ProxyConfig, builtin_mock};
 pub use error::ProxyError;
 pub use metrics::{CounterValues, Outcome, render as render_metrics};
 pub use outcome::{
@@ -184,6 +190,7 @@ pub async fn serve(
         layer,
         models: config.models(),
         max_request_body: config.max_request_body(),
+        body_read_timeout: config.body_read(),
         counters: Counters::default(),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop::mock::MockServer;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -76,7 +76,11 @@ pub(crate) async fn accept_loop(
     mut stop: oneshot::Receiver<()>,
     drain: Duration,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // With a timer, hyper enforces its 30 s limit on reading a request head, so a
+    // client that opens connections and never finishes its headers cannot pin them.
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {

@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     /// Served models (name → upstream), sorted by name.
     pub(crate) models: Vec<(String, String)>,
     pub(crate) max_request_body: usize,
+    pub(crate) body_read_timeout: std::time::Duration,
     pub(crate) counters: Counters,
 }
 
@@ -105,12 +106,27 @@ async fn chat(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Proxy
     if declared.is_some_and(|len| len > limit as u64) {
         return rejected(&shared, too_large(limit), started, None);
     }
-    let bytes = match collect(body, limit).await {
-        Ok(bytes) => bytes,
-        Err(BodyLimitError::TooLarge { .. }) => {
+    // A caller that trickles its body must not hold the task (and the body buffer)
+    // forever: reading it has a time bound as well as a size bound.
+    let read = tokio::time::timeout(shared.body_read_timeout, collect(body, limit)).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(BodyLimitError::TooLarge { .. })) => {
             return rejected(&shared, too_large(limit), started, None);
         }
-        Err(error) => {
+        Err(_elapsed) => {
+            let response = openai_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_body_timeout",
+                &format!(
+                    "the request body was not received within {}; send it faster or raise the proxy's body read timeout",
+                    humantime::format_duration(shared.body_read_timeout)
+                ),
+            );
+            return rejected(&shared, response, started, None);
+        }
+        Ok(Err(error)) => {
             let message = format!("{error}");
             let response = openai_error(
                 StatusCode::BAD_REQUEST,
