@@ -527,13 +527,17 @@ impl<'a> Scanner<'a> {
             // UTF-8 is checked here, one character at a time, only where a byte is
             // non-ASCII: outside strings every byte must be an ASCII token, so this
             // checks the whole body without a separate pass.
-            Some(0x80..=0xff) => match utf8_width(&self.b[self.i..]) {
-                Some(width) => {
-                    self.i += width;
-                    Ok(false)
+            Some(0x80..=0xff) => {
+                // Non-Latin text is non-ASCII character after character: stay here
+                // while it lasts instead of going back to the word scan each time.
+                while let Some(0x80..=0xff) = self.peek() {
+                    match utf8_width(&self.b[self.i..]) {
+                        Some(width) => self.i += width,
+                        None => return self.err(),
+                    }
                 }
-                None => self.err(),
-            },
+                Ok(false)
+            }
             Some(0x20..=0x7f) => {
                 self.i += 1;
                 Ok(false)
@@ -883,6 +887,8 @@ mod tests {
             b"\xe6\x97",         // truncated before the closing quote
             b"\x80",             // a lone continuation byte
             b"ok\xff",
+            b"\xe6\x97\xa5\xe6\x9c\xac\xff", // valid CJK, then a bad byte in the same run
+            b"\xc3\xa9\xc3",                 // an accent, then a truncated one
         ] {
             let mut body = b"{\"model\":\"a\",\"m\":\"".to_vec();
             body.extend_from_slice(bad);
