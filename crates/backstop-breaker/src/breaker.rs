@@ -54,9 +54,10 @@ impl<St: BreakerStore> Breaker<St> {
         &self.store
     }
 
-    /// Asks to make one call to `route` now.
+    /// Asks to make one call to `route` now. The clock is read only when the key's
+    /// state needs it (never for a closed key that already exists).
     pub fn admit(&self, route: &ModelRoute) -> Result<BreakerPermit<St>, Rejection> {
-        self.admit_at(route, Instant::now())
+        self.admit_with(route, &Instant::now)
     }
 
     /// Asks to make one call to `route` at `now`.
@@ -65,7 +66,15 @@ impl<St: BreakerStore> Breaker<St> {
         route: &ModelRoute,
         now: Instant,
     ) -> Result<BreakerPermit<St>, Rejection> {
-        match self.store.admit(route, now, &mut events::announce) {
+        self.admit_with(route, &|| now)
+    }
+
+    fn admit_with(
+        &self,
+        route: &ModelRoute,
+        clock: &dyn Fn() -> Instant,
+    ) -> Result<BreakerPermit<St>, Rejection> {
+        match self.store.admit(route, clock, &mut events::announce) {
             Ok(permit) => Ok(BreakerPermit { permit }),
             Err(rejection) => {
                 events::refused(route, &rejection);

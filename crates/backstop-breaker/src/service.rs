@@ -5,7 +5,6 @@ use std::task::{Context, Poll};
 
 use backstop_classify::{BoxError, ClassifiedError, ModelRoute, classify_transport_error};
 use http::{Request, Response};
-use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{Breaker, BreakerStore, InProcessStore, ResponseFuture};
@@ -76,10 +75,9 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let now = Instant::now();
         let admitted = match request.extensions().get::<ModelRoute>() {
-            Some(route) => self.breaker.admit_at(route, now),
-            None => self.breaker.admit_at(&route_from_uri(&request), now),
+            Some(route) => self.breaker.admit(route),
+            None => self.breaker.admit(&route_from_uri(&request)),
         };
         match admitted {
             Ok(permit) => ResponseFuture::called(self.inner.call(request), permit),

@@ -376,6 +376,23 @@ impl KeyState {
         }
     }
 
+    /// [`KeyState::admit`] reading `clock` only when the state needs the time: a
+    /// closed key admits without it (nothing time-driven can happen to a closed key).
+    pub fn admit_with(
+        &mut self,
+        clock: impl FnOnce() -> Instant,
+        config: &BreakerConfig,
+        emit: &mut (impl FnMut(Transition) + ?Sized),
+    ) -> Result<Ticket, Rejection> {
+        if self.state == BreakerState::Closed {
+            return Ok(Ticket {
+                epoch: self.epoch,
+                probe: None,
+            });
+        }
+        self.admit(clock(), config, emit)
+    }
+
     /// Records the outcome of the call `ticket` was for, finished at `now`.
     pub fn record(
         &mut self,

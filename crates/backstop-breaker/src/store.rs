@@ -23,11 +23,13 @@ pub trait BreakerStore: Send + Sync + 'static {
     /// What an admitted call holds until it records its outcome.
     type Permit: AdmittedCall;
 
-    /// Asks to make one call to `route` at `now`.
+    /// Asks to make one call to `route`. `clock` gives the current instant; call it
+    /// only when the key's state needs the time (a closed key does not), as the hot
+    /// path pays for every clock read.
     fn admit(
         &self,
         route: &ModelRoute,
-        now: Instant,
+        clock: &dyn Fn() -> Instant,
         emit: TransitionSink<'_>,
     ) -> Result<Self::Permit, Rejection>;
 
@@ -276,7 +278,7 @@ impl InProcessStore {
             .map(|i| Arc::clone(&cells[i].1))
     }
 
-    fn cell(&self, route: &ModelRoute, now: Instant) -> Option<Arc<KeyCell>> {
+    fn cell(&self, route: &ModelRoute, clock: &dyn Fn() -> Instant) -> Option<Arc<KeyCell>> {
         let hash = self.route_hashing.hash_one(route);
         let shard = self.shard(hash);
         {
@@ -305,7 +307,7 @@ impl InProcessStore {
         let cell = Arc::new(KeyCell {
             route: route.clone(),
             config: Arc::clone(&self.config),
-            state: Mutex::new(KeyState::new(now, &self.config)),
+            state: Mutex::new(KeyState::new(clock(), &self.config)),
         });
         cells.insert(at, (hash, Arc::clone(&cell)));
         Some(cell)
@@ -318,13 +320,13 @@ impl BreakerStore for InProcessStore {
     fn admit(
         &self,
         route: &ModelRoute,
-        now: Instant,
+        clock: &dyn Fn() -> Instant,
         emit: TransitionSink<'_>,
     ) -> Result<InProcessPermit, Rejection> {
-        let Some(cell) = self.cell(route, now) else {
+        let Some(cell) = self.cell(route, clock) else {
             return Ok(InProcessPermit { held: None });
         };
-        let ticket = cell.change(emit, |s, emit| s.admit(now, &self.config, emit))?;
+        let ticket = cell.change(emit, |s, emit| s.admit_with(clock, &self.config, emit))?;
         Ok(InProcessPermit {
             held: Some((cell, ticket)),
         })

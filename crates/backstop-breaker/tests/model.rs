@@ -306,7 +306,12 @@ proptest! {
             match op {
                 Op::Advance(ms) => now += Duration::from_millis(ms),
                 Op::Admit => {
-                    let got = real.admit(now, &config, &mut ignore);
+                    // Both admission paths: the clock passed in, and read lazily.
+                    let got = if step % 2 == 0 {
+                        real.admit(now, &config, &mut ignore)
+                    } else {
+                        real.admit_with(|| now, &config, &mut ignore)
+                    };
                     let want = model.admit(now);
                     match (got, want) {
                         (Ok(ticket), Ok(model_ticket)) => {
