@@ -151,6 +151,7 @@ mod config;
 mod error;
 mod metrics;
 mod outcome;
+mod reply;
 mod server;
 mod service;
 mod upstream;

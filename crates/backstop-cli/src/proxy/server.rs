@@ -18,8 +18,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::service::{Shared, handle};
 
-/// A running proxy. Dropping it without [`shutdown`](Self::shutdown) leaves it
-/// running until the runtime ends.
+/// A running proxy. [`shutdown`](Self::shutdown) stops it and waits; dropping the
+/// handle starts the same graceful shutdown without waiting for it.
 pub struct ProxyHandle {
     pub(crate) local_addr: SocketAddr,
     pub(crate) stop: Option<oneshot::Sender<()>>,

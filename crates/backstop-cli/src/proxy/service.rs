@@ -16,9 +16,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::body::{ErrorEnvelope, ProxyBody, SseErrorAsEvent, full};
+use super::body::{ProxyBody, SseErrorAsEvent};
 use super::metrics::{Counters, Outcome, render};
 use super::outcome::{Report, SHOULD_RETRY_HEADER, error_status};
+use super::reply::{model_list, openai_error, text};
 use super::upstream::Upstream;
 
 /// Headers that describe one hop of a connection (RFC 9110 §7.6.1) or frame a body:
@@ -64,7 +65,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
                 Bytes::from(text_body),
             )
         }
-        (&Method::GET, "/v1/models") => models(&shared),
+        (&Method::GET, "/v1/models") => model_list(
+            shared
+                .models
+                .iter()
+                .map(|(id, upstream)| (id.as_str(), upstream.as_str())),
+        ),
         (_, "/v1/chat/completions" | "/healthz" | "/metrics" | "/v1/models") => {
             let mut response = openai_error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -291,62 +297,9 @@ fn too_large(limit: usize) -> Response<ProxyBody> {
     )
 }
 
-fn models(shared: &Shared) -> Response<ProxyBody> {
-    #[derive(serde::Serialize)]
-    struct Model<'a> {
-        id: &'a str,
-        object: &'static str,
-        created: u64,
-        owned_by: &'a str,
-    }
-    #[derive(serde::Serialize)]
-    struct List<'a> {
-        object: &'static str,
-        data: Vec<Model<'a>>,
-    }
-    let list = List {
-        object: "list",
-        data: shared
-            .models
-            .iter()
-            .map(|(id, upstream)| Model {
-                id,
-                object: "model",
-                created: 0,
-                owned_by: upstream,
-            })
-            .collect(),
-    };
-    let json = serde_json::to_vec(&list).unwrap_or_default();
-    text(StatusCode::OK, "application/json", Bytes::from(json))
-}
-
 fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ProxyBody> {
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-/// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`.
-pub(crate) fn openai_error(
-    status: StatusCode,
-    error_type: &str,
-    code: &str,
-    message: &str,
-) -> Response<ProxyBody> {
-    text(
-        status,
-        "application/json",
-        ErrorEnvelope::new(message, error_type, code).to_bytes(),
-    )
 }
