@@ -80,10 +80,16 @@ impl Default for WindowedBudgetConfig {
 pub struct WindowedBudget {
     config: WindowedBudgetConfig,
     ticker: Ticker,
-    ring: SlotRing,
-    /// Milli-tokens: reserve + the ring's sum, kept as one word so a withdrawal is
-    /// a single compare-and-swap.
-    balance: AtomicI64,
+    /// Milli-retries deposited, per slot. Read by summing the slots at withdrawal
+    /// time, so a deposit, the per-request hot path, is one compare-and-swap.
+    deposited: SlotRing,
+    /// Milli-retries withdrawn, per slot.
+    withdrawn: SlotRing,
+    /// The sum of `withdrawn`, kept as one word so a withdrawal is decided by a
+    /// single compare-and-swap on it: two threads cannot both take the last retry.
+    spent: AtomicI64,
+    /// Milli-retries of the floor, always available.
+    reserve: i64,
     deposit_amount: i64,
     deposits: AtomicU64,
     retries_allowed: AtomicU64,
@@ -117,8 +123,10 @@ impl WindowedBudget {
         WindowedBudget {
             config,
             ticker: Ticker::new(origin, config.window),
-            ring: SlotRing::new(),
-            balance: AtomicI64::new(reserve),
+            deposited: SlotRing::new(),
+            withdrawn: SlotRing::new(),
+            spent: AtomicI64::new(0),
+            reserve,
             deposit_amount: (config.retry_ratio * RETRY_COST as f64).round() as i64,
             deposits: AtomicU64::new(0),
             retries_allowed: AtomicU64::new(0),
@@ -136,65 +144,72 @@ impl WindowedBudget {
         self.config.min_retries_per_sec * self.config.window.as_secs_f64()
     }
 
-    /// Takes out of the balance what has left the window by `now`; returns the tick.
+    /// Clears what has left the window by `now` (taking expired withdrawals out of
+    /// `spent`); returns the tick.
     fn advance(&self, now: Instant) -> u64 {
         let tick = self.ticker.tick(now);
-        let expired = self.ring.expire(tick);
+        // Deposits need no total: sums skip expired slots. Clearing them keeps a slot
+        // untouched for 2³² ticks from being mistaken for a current one.
+        self.deposited.expire(tick);
+        let expired = self.withdrawn.expire(tick);
         if expired != 0 {
-            self.balance.fetch_sub(expired, Ordering::AcqRel);
+            self.spent.fetch_sub(expired, Ordering::AcqRel);
         }
         tick
+    }
+
+    /// Milli-retries available at `tick` if `spent` were `spent`.
+    fn available(&self, tick: u64, spent: i64) -> i64 {
+        self.reserve + self.deposited.sum(tick) - spent
     }
 
     /// [`BudgetModel::deposit`] at `now`.
     pub fn deposit_at(&self, now: Instant) {
         let tick = self.advance(now);
         self.deposits.fetch_add(1, Ordering::Relaxed);
-        if self.deposit_amount == 0 {
-            return;
+        if self.deposit_amount != 0 {
+            self.deposited.add(tick, self.deposit_amount);
         }
-        let change = self.ring.add(tick, self.deposit_amount);
-        self.balance.fetch_add(change, Ordering::AcqRel);
     }
 
     /// [`RetryBudget::try_withdraw`] at `now`.
     pub fn try_withdraw_at(&self, now: Instant) -> bool {
         let tick = self.advance(now);
+        // The deposits are re-read on every round: the decision is made against the
+        // deposits and withdrawals as they are at the moment the swap succeeds.
         let taken = self
-            .balance
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |balance| {
-                (balance >= RETRY_COST).then_some(balance - RETRY_COST)
+            .spent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
+                (self.available(tick, spent) >= RETRY_COST).then_some(spent + RETRY_COST)
             })
             .is_ok();
-        if !taken {
-            self.retries_refused.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        match self.ring.try_add(tick, -RETRY_COST) {
-            // The balance already paid RETRY_COST; correct it if the ring changed by
-            // something else (a displaced stale value).
-            Some(change) => {
-                if change != -RETRY_COST {
-                    self.balance
-                        .fetch_add(change + RETRY_COST, Ordering::AcqRel);
+        if taken {
+            match self.withdrawn.try_add(tick, RETRY_COST) {
+                // `spent` already counts RETRY_COST; correct it if the slot changed by
+                // something else (a displaced stale value).
+                Some(RETRY_COST) => {}
+                Some(change) => {
+                    self.spent.fetch_add(change - RETRY_COST, Ordering::AcqRel);
+                }
+                // This slot already holds over two million retries' worth of
+                // withdrawals: refuse rather than let one go unrecorded (and so free).
+                None => {
+                    self.spent.fetch_sub(RETRY_COST, Ordering::AcqRel);
+                    self.retries_refused.fetch_add(1, Ordering::Relaxed);
+                    return false;
                 }
             }
-            // This slot already holds over two million retries' worth of
-            // withdrawals: refuse rather than let one go unrecorded (and so free).
-            None => {
-                self.balance.fetch_add(RETRY_COST, Ordering::AcqRel);
-                self.retries_refused.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
+            self.retries_allowed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.retries_refused.fetch_add(1, Ordering::Relaxed);
         }
-        self.retries_allowed.fetch_add(1, Ordering::Relaxed);
-        true
+        taken
     }
 
     /// [`BudgetModel::snapshot`] at `now`.
     pub fn snapshot_at(&self, now: Instant) -> BudgetSnapshot {
-        self.advance(now);
-        let balance = self.balance.load(Ordering::Acquire);
+        let tick = self.advance(now);
+        let balance = self.available(tick, self.spent.load(Ordering::Acquire));
         BudgetSnapshot {
             model: "windowed",
             balance: balance as f64 / RETRY_COST as f64,
@@ -347,7 +362,7 @@ mod tests {
         let t0 = Instant::now();
         // A reserve of 2.5 million retries, more than one slot can record.
         let b = budget(10, 250_000.0, 0.0, t0);
-        let slot_capacity = u32::try_from(-(i64::from(i32::MIN) / RETRY_COST)).unwrap();
+        let slot_capacity = u32::try_from(i64::from(i32::MAX) / RETRY_COST).unwrap();
         assert_eq!(withdraw_all(&b, t0), slot_capacity);
         let s = b.snapshot_at(t0);
         assert_eq!(s.retries_available, 2_500_000 - u64::from(slot_capacity));
