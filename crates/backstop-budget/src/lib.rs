@@ -43,8 +43,9 @@
 //! * [`WindowedBudget`] (default): Finagle / tower `TpsBudget` semantics. Each request
 //!   deposits `retry_ratio` of a retry, each retry withdraws one, both leave the
 //!   balance a `window` later; a reserve of `min_retries_per_sec × window` is always
-//!   there. Lock-free: a ring of time slots updated by compare-and-swap, and a
-//!   withdrawal is one compare-and-swap on the balance, so it is never overdrawn.
+//!   there. Lock-free: deposits and withdrawals go into rings of time slots, each
+//!   update one compare-and-swap; a withdrawal is decided by one compare-and-swap on
+//!   the total spent, so concurrent retries never overdraw it.
 //! * [`RetryThrottle`]: gRPC retry throttling. Tokens start at `max_tokens`, −1 per
 //!   failed attempt, +`token_ratio` per success; retries only while tokens > max/2.
 //!

@@ -50,8 +50,9 @@ impl Default for WindowedBudgetConfig {
 /// constant reserve of `min_retries_per_sec × window` retries. So over any window,
 /// retries ≤ reserve + `retry_ratio` × requests.
 ///
-/// A withdrawal is one compare-and-swap on the balance, so concurrent retries can
-/// never overdraw it (tower's `TpsBudget` checks and subtracts in two steps and can).
+/// A withdrawal is decided by one compare-and-swap on the total spent, so
+/// concurrent retries can never overdraw the budget (tower's `TpsBudget` checks and
+/// subtracts in two steps and can).
 /// Time is [`tokio::time::Instant`]: under a paused test clock the window runs in
 /// virtual time.
 ///
