@@ -401,9 +401,10 @@ async fn unreachable_upstreams_give_a_502_json_error_without_retry_advice_to_ret
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_passes_through_with_exact_bytes_as_it_arrives() {
+    // 80 ms between events: ample time to look at the mock while the stream is open.
     let plan = ModelPlan::ok()
         .stream_chunks(4)
-        .chunk_delay(Duration::from_millis(30));
+        .chunk_delay(Duration::from_millis(80));
     let rig = rig(Scenario::new(1).model("gpt-4o", plan)).await;
     let response = rig
         .client
@@ -802,4 +803,27 @@ async fn a_body_that_never_finishes_is_a_408_after_the_read_timeout() {
     assert_eq!(error_code(&body), "request_body_timeout");
     assert_eq!(mock.provider().attempt_count(), 0);
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_include_the_adaptive_throttle_when_it_is_on() {
+    let rig = rig_with(
+        Scenario::new(1),
+        r#"budget = { adaptive_throttle = { window = "2m", k = 2.0, seed = 7 } }"#,
+    )
+    .await;
+    rig.chat("gpt-4o", false).await;
+    let (_, _, body) = rig.get("/metrics").await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    for line in [
+        "backstop_throttle_rejection_probability 0",
+        "backstop_throttle_local_rejections_total 0",
+        "backstop_proxy_requests_total{outcome=\"served\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    rig.proxy.shutdown().await;
 }

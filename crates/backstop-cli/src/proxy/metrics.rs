@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use backstop::breaker::KeySnapshot;
-use backstop::budget::BudgetSnapshot;
+use backstop::budget::{BudgetSnapshot, ThrottleSnapshot};
 
 /// How a request through the proxy ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,12 +92,13 @@ impl Counters {
     }
 }
 
-/// The Prometheus text exposition (format 0.0.4) of the counters, every breaker key
-/// and the budget.
+/// The Prometheus text exposition (format 0.0.4) of the counters, every breaker key,
+/// the budget and, when it is on, the adaptive throttle.
 pub fn render(
     counters: &CounterValues,
     breakers: &[KeySnapshot],
     budget: &BudgetSnapshot,
+    throttle: Option<&ThrottleSnapshot>,
 ) -> String {
     let mut out = String::with_capacity(2048);
     // Writing to a String cannot fail; the results are ignored on purpose.
@@ -183,6 +184,18 @@ pub fn render(
         budget.retries_allowed,
         budget.retries_refused
     );
+    if let Some(throttle) = throttle {
+        let _ = writeln!(
+            out,
+            "# HELP backstop_throttle_rejection_probability Probability the next request is rejected locally (adaptive throttling).\n\
+             # TYPE backstop_throttle_rejection_probability gauge\n\
+             backstop_throttle_rejection_probability {}\n\
+             # HELP backstop_throttle_local_rejections_total Requests rejected locally by adaptive throttling.\n\
+             # TYPE backstop_throttle_local_rejections_total counter\n\
+             backstop_throttle_local_rejections_total {}",
+            throttle.rejection_probability, throttle.local_rejections
+        );
+    }
     out
 }
 
@@ -232,7 +245,7 @@ mod tests {
         let mut budget = BudgetSnapshot::new("windowed");
         budget.deposits = 9;
         budget.retries_refused = 2;
-        let text = render(&values, &[], &budget);
+        let text = render(&values, &[], &budget, None);
         for line in [
             "backstop_proxy_requests_total{outcome=\"served\"} 5",
             "backstop_proxy_requests_total{outcome=\"served_by_fallback\"} 1",

@@ -58,6 +58,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
                 &shared.counters.values(),
                 &shared.layer.breaker().breaker().snapshot(),
                 &shared.layer.budget().snapshot(),
+                shared.layer.budget().throttle_snapshot().as_ref(),
             );
             text(
                 StatusCode::OK,
