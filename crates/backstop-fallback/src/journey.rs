@@ -219,7 +219,7 @@ impl Journey {
         let reopen = failure
             .as_ref()
             .and_then(|f| f.hint)
-            .map(|h| (Instant::now() + h.delay, h.source));
+            .map(|h| (instant_after(h.delay), h.source));
         self.reopen.push(reopen);
         self.hops.push(Hop {
             model: self.current.0.clone(),
@@ -262,4 +262,14 @@ pub(crate) fn into_classified(error: BoxError) -> ClassifiedError {
             ClassifiedError::new(failure, other)
         }
     }
+}
+
+/// `now + delay`, for a delay hint as a provider sent it: a hint too large to add
+/// (`retry-after: 99999999999999`) becomes a century, not an overflow panic.
+fn instant_after(delay: std::time::Duration) -> Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(delay.min(CENTURY))
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(3600)))
+        .unwrap_or(now)
 }

@@ -114,7 +114,8 @@ where
 
         let now = Instant::now();
         let caller_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
-        let own_deadline = self.config.total_deadline.map(|d| now + d);
+        // A deadline too far away to represent is no deadline (and no overflow panic).
+        let own_deadline = self.config.total_deadline.and_then(|d| now.checked_add(d));
         let deadline = match (caller_deadline, own_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -124,6 +125,7 @@ where
             return refuse(inner, error, span);
         }
 
+        // The shared definition of idempotent takes a request: lend it the head.
         let probe = Request::from_parts(parts, ());
         let idempotent = is_idempotent(&probe);
         let (parts, ()) = probe.into_parts();

@@ -466,3 +466,25 @@ async fn the_layers_future_is_send_when_the_inner_one_is() {
     assert_send(&future);
     assert_eq!(future.await.unwrap().body(), "served by gpt-4o");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_delay_hint_is_recorded_without_overflowing() {
+    let fake = Fake::new(|_| {
+        Box::pin(async move {
+            failed(
+                FailureKind::BreakerOpen,
+                Some(Duration::from_secs(u64::MAX)),
+            )
+        })
+    });
+    let Err(error) = FallbackLayer::new(config())
+        .layer(fake)
+        .oneshot(chat("gpt-4o"))
+        .await
+    else {
+        panic!("every model refuses");
+    };
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.hops.len(), 3);
+    assert!(record.retry_at.is_some());
+}
