@@ -488,3 +488,77 @@ async fn an_absurd_delay_hint_is_recorded_without_overflowing() {
     assert_eq!(record.hops.len(), 3);
     assert!(record.retry_at.is_some());
 }
+
+/// Everything the fmt subscriber writes, kept for inspection.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_is_logged_at_info_with_the_models_and_never_a_key() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            match model.as_str() {
+                "gpt-4o" => failed(FailureKind::QuotaExhausted, None),
+                _ => ok(&model),
+            }
+        })
+    });
+    let mut request = chat("gpt-4o");
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer sk-caller-SECRET".parse().unwrap());
+    FallbackLayer::new(config())
+        .layer(fake)
+        .oneshot(request)
+        .await
+        .unwrap();
+
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("fallback fired"))
+        .unwrap_or_else(|| panic!("no fallback event in {log:?}"));
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains("from=gpt-4o") && line.contains("to=claude"),
+        "{line}"
+    );
+    assert!(
+        line.contains("reason=\"quota_exhausted\"") || line.contains("reason=quota_exhausted"),
+        "{line}"
+    );
+    assert!(
+        line.contains("gen_ai.request.model=\"gpt-4o\"")
+            || line.contains("gen_ai.request.model=gpt-4o"),
+        "{line}"
+    );
+    assert!(!log.contains("sk-1") && !log.contains("SECRET"), "{log}");
+}
