@@ -162,8 +162,12 @@ fn run_proxy(
         let handle = match config {
             Some(config) => backstop_cli::proxy::serve(config, listener).await,
             None => {
-                backstop_cli::proxy::serve_builtin_mock(backstop_mock::Scenario::new(0), listener)
-                    .await
+                backstop_cli::proxy::serve_builtin_mock(
+                    backstop_mock::Scenario::new(0),
+                    listener,
+                    drain_timeout,
+                )
+                .await
             }
         }
         .map_err(|e| e.to_string())?;

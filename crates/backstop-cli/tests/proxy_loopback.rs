@@ -827,3 +827,29 @@ async fn metrics_include_the_adaptive_throttle_when_it_is_on() {
     }
     rig.proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_configuration_it_fronts_the_builtin_mock() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let scenario =
+        Scenario::new(0).model("gpt-4o", ModelPlan::always(Fault::OpenAiInsufficientQuota));
+    let proxy = proxy::serve_builtin_mock(scenario, listener, Duration::from_secs(5))
+        .await
+        .expect("starts out of the box");
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+        .body(Full::new(Bytes::from(chat_body("gpt-4o", false))))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Quota is never retried: one attempt on gpt-4o, then its fallback.
+    assert_eq!(
+        report(response.headers()),
+        [Some("claude-sonnet"), Some("2"), Some("true"), None, None]
+    );
+    let mock = proxy.mock().expect("the built-in mock");
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    assert_eq!(mock.provider().attempts_for("claude-sonnet"), 1);
+    proxy.shutdown().await;
+}

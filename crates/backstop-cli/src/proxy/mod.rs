@@ -211,17 +211,18 @@ pub async fn serve(
 }
 
 /// Starts the built-in mock provider (answering `scenario`) on a free loopback port
-/// and the proxy in front of it with [`builtin_mock`]'s configuration. The mock
-/// stops with the proxy.
+/// and the proxy in front of it with [`builtin_mock`]'s configuration, shutting down
+/// within `drain_timeout`. The mock stops with the proxy.
 pub async fn serve_builtin_mock(
     scenario: Scenario,
     listener: TcpListener,
+    drain_timeout: std::time::Duration,
 ) -> Result<ProxyHandle, ProxyError> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let mock = MockServer::start(scenario, addr)
         .await
         .map_err(ProxyError::Mock)?;
-    let config = builtin_mock(&mock.base_url())?;
+    let config = builtin_mock(&mock.base_url())?.drain_timeout(drain_timeout);
     let mut handle = serve(config, listener).await?;
     handle.mock = Some(mock);
     Ok(handle)
