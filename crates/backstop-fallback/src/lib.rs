@@ -180,6 +180,11 @@
 //!   request falls back exactly like any other until its response head is returned;
 //!   after that, never: text the caller has received is never replayed by another
 //!   model.
+//! - Also handled here: *when every deployment was cooling down the gateway failed
+//!   at once with no Retry-After* (item 6): the final failure's hint is the earliest
+//!   moment any model tried may serve again ([`ServedBy::retry_at`]); and *fallback
+//!   layers calling a cloned inner service without driving it to ready* (item 10):
+//!   every hop after the first polls its service to ready before calling it.
 //!
 //! ## Performance of the model rewrite
 //!
