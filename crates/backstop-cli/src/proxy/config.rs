@@ -73,12 +73,16 @@ impl ProxyConfig {
     }
 
     /// Adjusts the stack's builder after the file's settings are applied, for what
-    /// the file cannot say (a custom backoff, classification rules).
+    /// the file cannot say (a custom backoff, classification rules). Successive
+    /// calls apply in order.
     pub fn map_stack(
         mut self,
         edit: impl FnOnce(BackstopBuilder) -> BackstopBuilder + Send + 'static,
     ) -> Self {
-        self.edit = Some(Box::new(edit));
+        self.edit = Some(match self.edit.take() {
+            None => Box::new(edit),
+            Some(earlier) => Box::new(move |builder| edit(earlier(builder))),
+        });
         self
     }
 
