@@ -140,19 +140,19 @@
 //! ## Cost
 //!
 //! The closed-state hot path (admit + record) hashes the route once, takes a shard's
-//! read lock for a binary search and the key's mutex twice, and allocates nothing
-//! (`benches/breaker.rs`; `-- --warm-up-time 1 --measurement-time 2`, on the 2-core
-//! development VM while other builds ran, load average 2.5):
+//! read lock for a binary search and the key's mutex twice, reads the clock once (at
+//! the record: a closed key admits without the time), and allocates nothing
+//! (`benches/breaker.rs`, `-- --warm-up-time 1 --measurement-time 2`, on the 2-core
+//! development VM while other engineers' builds ran, load average about 3):
 //!
 //! | case | time per call |
 //! |---|---|
-//! | admit + record, the instant passed in | 65 ns |
-//! | admit + record, reading the clock twice (what the layer does) | 125 ns |
-//! | 2 threads, same key / two keys | 240 ns / 240 ns |
+//! | admit + record, the instant passed in | 78 ns |
+//! | admit + record reading the clock, as the layer does | 93 ns |
+//! | 2 threads, same key / two keys | 170 ns / 188 ns |
 //!
-//! A clock read costs about 30 ns on that VM. The two-thread figures are wall time
-//! per call with both threads competing for the two cores with the other builds, so
-//! they overstate contention.
+//! The two-thread figures are wall time per call with both threads competing for the
+//! two cores with those builds, so they overstate contention.
 //!
 //! ## Example
 //!
