@@ -71,6 +71,18 @@ fn reason_label(reason: TransitionReason) -> &'static str {
     reason.as_str()
 }
 
+/// A key starts being tracked: its gauge reads closed from the start, so a key
+/// that never failed still has a series.
+pub(crate) fn tracked(route: &ModelRoute) {
+    metrics::gauge!(
+        STATE_GAUGE,
+        "upstream" => route.upstream.clone(),
+        "model" => route.model.clone(),
+        "credential" => credential(route),
+    )
+    .set(BreakerState::Closed.gauge_value());
+}
+
 pub(crate) fn refused(route: &ModelRoute, rejection: &Rejection) {
     tracing::debug!(
         upstream = %route.upstream,

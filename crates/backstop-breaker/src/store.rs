@@ -293,7 +293,10 @@ impl InProcessStore {
             Err(at) => at,
         };
         if self.keys.load(Ordering::Relaxed) >= self.config.max_keys {
-            if !self.overflow_warned.swap(true, Ordering::Relaxed) {
+            let first_time = !self.overflow_warned.swap(true, Ordering::Relaxed);
+            // Log with no lock held: a subscriber may read the breaker.
+            drop(cells);
+            if first_time {
                 tracing::warn!(
                     max_keys = self.config.max_keys,
                     upstream = %route.upstream,
@@ -310,6 +313,8 @@ impl InProcessStore {
             state: Mutex::new(KeyState::new(clock(), &self.config)),
         });
         cells.insert(at, (hash, Arc::clone(&cell)));
+        drop(cells);
+        crate::events::tracked(&cell.route);
         Some(cell)
     }
 }

@@ -124,6 +124,7 @@ fn transitions_set_the_state_gauge_and_count_transitions_and_refusals() {
     assert_eq!(
         updates,
         vec![
+            (STATE_GAUGE.to_string(), with(&[]), 0.0),
             (STATE_GAUGE.to_string(), with(&[]), 2.0),
             (
                 TRANSITIONS_COUNTER.to_string(),
@@ -206,5 +207,12 @@ fn transitions_are_reported_after_the_key_lock_is_released() {
     let seen = finished
         .recv_timeout(Duration::from_secs(10))
         .expect("no deadlock");
-    assert_eq!(seen, vec![backstop_breaker::BreakerState::Open]);
+    // Once when the key is first tracked, once when it opens.
+    assert_eq!(
+        seen,
+        vec![
+            backstop_breaker::BreakerState::Closed,
+            backstop_breaker::BreakerState::Open
+        ]
+    );
 }
