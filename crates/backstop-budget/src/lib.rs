@@ -160,18 +160,23 @@
 //! ## Cost
 //!
 //! `benches/budget.rs` runs [`WindowedBudget`] and tower's `TpsBudget` side by side
-//! (same window, ratio 1.0 so withdrawals keep succeeding, no floor). On the shared
-//! 2-core development machine, under load from other builds (so ±20 % run to run):
+//! in one run (same window, ratio 1.0 so withdrawals keep succeeding, no floor). One
+//! brief run (`--warm-up-time 1 --measurement-time 2`) on the shared 2-core
+//! development machine while other builds ran, so absolute figures move ±20 % from
+//! run to run; the ratio within a run is the figure to read:
 //!
 //! | operation | backstop | tower | ratio |
 //! |---|---|---|---|
-//! | deposit | 51–56 ns | 51–55 ns | 0.93–1.10 |
-//! | withdraw, refused | 52–67 ns | 65 ns | 0.80–1.03 |
-//! | deposit + withdraw, 1 thread | 80–153 ns | 102–184 ns | 0.78–0.83 |
-//! | deposit + withdraw, 2 threads on one budget | 152–436 ns | 364–396 ns | 0.42–1.10 |
+//! | deposit (every request) | 36.5 ns | 35.3 ns | 1.03 |
+//! | withdraw, refused (an outage) | 36.8 ns | 68.9 ns | 0.53 |
+//! | deposit + withdraw, 1 thread | 92.2 ns | 89.0 ns | 1.04 |
+//! | deposit + withdraw, 2 threads on one budget | 237 ns | 257 ns | 0.92 |
 //!
-//! Most of each figure is reading the clock (tokio's `Instant::now`), which both pay
-//! once per call. Unlike `TpsBudget` there is no mutex, and a withdrawal is a single
+//! A deposit is at parity: most of it is reading the clock (tokio's `Instant::now`),
+//! which both pay (tower then takes a mutex, here one compare-and-swap into the slot
+//! and one counter add for the snapshot). A refused withdrawal reads the slots and
+//! bumps a counter; tower's takes its mutex first.
+//! Unlike `TpsBudget` there is no mutex, and a withdrawal is decided by a single
 //! compare-and-swap, so two threads cannot both spend the last retry.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
