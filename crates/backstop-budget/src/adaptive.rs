@@ -24,7 +24,8 @@ pub struct AdaptiveThrottleConfig {
     /// Between 1 and 100. Default 2 (the SRE book's; lower is more aggressive).
     pub k: f64,
     /// Whether a request rejected locally counts in `requests`, as the SRE book
-    /// defines it. Default `true`.
+    /// defines it. Default `false`: a demanding user expects throttling to be gone
+    /// within one window of the provider's recovery, not ~11 minutes after an outage.
     ///
     /// * `true`: the provider is sent about `k ×` what it accepts, the book's
     ///   guarantee. The price is a slow fade after an overload: the window is full of
@@ -48,7 +49,7 @@ impl Default for AdaptiveThrottleConfig {
         AdaptiveThrottleConfig {
             window: Duration::from_secs(120),
             k: 2.0,
-            count_local_rejections: true,
+            count_local_rejections: false,
         }
     }
 }
@@ -247,13 +248,22 @@ impl AdaptiveThrottle {
 mod tests {
     use super::*;
 
+    /// The SRE book's counting (local rejections count as requests).
     fn throttle(origin: Instant, seed: u64) -> AdaptiveThrottle {
         AdaptiveThrottle::starting_at(
-            AdaptiveThrottleConfig::default(),
+            AdaptiveThrottleConfig {
+                count_local_rejections: true,
+                ..AdaptiveThrottleConfig::default()
+            },
             origin,
             SmallRng::seed_from_u64(seed),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn by_default_only_sent_requests_count() {
+        assert!(!AdaptiveThrottleConfig::default().count_local_rejections);
     }
 
     #[test]

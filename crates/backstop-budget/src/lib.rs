@@ -98,16 +98,17 @@
 //! throttling would not help ([`Outcome`]). A locally rejected request counts as a
 //! request, never reaches the inner service, and is never deposited.
 //!
-//! The effect: a provider that can serve C requests per second is sent about k·C; one
-//! that rejects everything is sent about one request per window, enough to notice its
-//! recovery. The price of counting local rejections as requests (the book's
-//! definition) is a fade slower than one window: the gate reopens as fast as accepts
-//! grow, about `(window / k) · ln((r − C) / ((k − 1) · C))` after an overload (132 s
-//! for 10 of 100 requests/s), ~11 min after a total outage at 100 requests/s. Set
-//! [`AdaptiveThrottleConfig::count_local_rejections`] to `false` to count only sent
-//! requests: throttling is then gone one window after recovery at the latest, but a
-//! struggling provider is sent about `√(k · C · r)` (45/s instead of 20/s). Both
-//! behaviours are asserted in `tests/throttle.rs`.
+//! By default only requests that were sent count
+//! ([`AdaptiveThrottleConfig::count_local_rejections`] is `false`): throttling is gone
+//! one window after the provider recovers at the latest, and a provider that can serve
+//! C of r requests per second is sent about `√(k · C · r)` (45/s for 10 of 100/s); one
+//! that rejects everything about `√(r / window)` per second. With
+//! `count_local_rejections: true` (the SRE book's own definition) the provider is sent
+//! about k·C (20/s in that example) and a dead one about one request per window, but
+//! the gate reopens only as fast as accepts grow: about
+//! `(window / k) · ln((r − C) / ((k − 1) · C))` after an overload (132 s for 10 of
+//! 100 requests/s) and ~11 min after a total outage at 100 requests/s, which is why it
+//! is not the default. Both behaviours are asserted in `tests/throttle.rs`.
 //!
 //! ## Observability
 //!

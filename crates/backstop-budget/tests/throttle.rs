@@ -19,8 +19,13 @@ const RATE: u32 = 100; // requests per second
 const SPACING: Duration = Duration::from_millis(10);
 const WINDOW: Duration = Duration::from_secs(120);
 
+/// The SRE book's own counting (local rejections count as requests).
 fn layer(seed: u64) -> RetryBudgetLayer {
-    let throttle = AdaptiveThrottle::with_seed(AdaptiveThrottleConfig::default(), seed).unwrap();
+    let config = AdaptiveThrottleConfig {
+        count_local_rejections: true,
+        ..AdaptiveThrottleConfig::default()
+    };
+    let throttle = AdaptiveThrottle::with_seed(config, seed).unwrap();
     assert_eq!(throttle.config().window, WINDOW);
     assert_eq!(throttle.config().k, 2.0);
     RetryBudgetLayer::builder(WindowedBudget::default())
