@@ -1,0 +1,894 @@
+//! Chaos soak: many logical requests through the whole Backstop stack (fallback →
+//! breaker → budget → retry with attempt timeout and deadline → classify) against the
+//! in-memory mock provider failing, at random but seeded, in every way it knows:
+//! every provider's error formats, delay hints short and absurd, hangs, resets
+//! before and after the head, mid-stream errors, outage windows and capacity
+//! overload; streamed and non-streamed requests, idempotent and not. All in
+//! virtual time, so a long soak takes seconds.
+//!
+//! CI runs [`DEFAULT_SOAK_REQUESTS`]; the full soak is
+//!
+//! ```text
+//! BACKSTOP_SOAK_REQUESTS=100000 cargo test --release --test chaos_soak -- --nocapture
+//! ```
+//!
+//! Every invariant is checked for every request, from two independent sources: what
+//! the caller received, and what the provider recorded (the mock's attempt records,
+//! each tagged with the request's `x-soak-id` header, plus a recording transport
+//! that keeps the exact bytes of every response the provider sent):
+//!
+//! 1. every request ends with exactly one outcome (a response whose body was read
+//!    to its end or to its error, or an error), in bounded time;
+//! 2. no non-retryable failure is retried on the same model, and a failure after
+//!    the request was sent ends a non-idempotent request;
+//! 3. no attempt starts at or after its deadline (the chain's total deadline, and
+//!    the retry deadline of the hop);
+//! 4. no model gets more than `max_attempts` attempts per request;
+//! 5. the retry budget is never overdrawn: over every window, retries are within
+//!    the floor plus the ratio of the deposits, and the budget's own counters equal
+//!    the retries and hops the provider saw;
+//! 6. nothing is attempted after the attempt whose response reached the caller, so
+//!    no stream is replayed after its first byte reached the caller;
+//! 7. every fallback hop is a different model (no model is returned to);
+//! 8. every response the caller gets is byte-identical to the one the provider sent
+//!    for that attempt (a prefix of it when the stream failed midway).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backstop::BackstopLayer;
+use backstop::breaker::BreakerConfig;
+use backstop::budget::WindowedBudgetConfig;
+use backstop::classify::{ClassifiedError, FailureKind};
+use backstop::fallback::{FallbackConfig, ServedBy, Target};
+use backstop::mock::{
+    Attempt, Capacity, Fault, Latency, MockProvider, ModelPlan, Scenario, StreamStyle,
+};
+use backstop::retry::RetryConfig;
+use common::{RecordingTransport, SentLog, SplitMix64, mock_seq};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+/// Logical requests in the default (CI) run.
+const DEFAULT_SOAK_REQUESTS: u64 = 5_000;
+/// Requests verified (then forgotten by the mock and the recorder) per round, so a
+/// 100 000-request soak holds one round's records at a time.
+const ROUND: u64 = 10_000;
+/// Requests in flight at once.
+const CONCURRENCY: u64 = 64;
+const SEED: u64 = 0x5EED_2026;
+
+const MAX_ATTEMPTS: u32 = 3;
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+const RETRY_DEADLINE: Duration = Duration::from_secs(8);
+const TOTAL_DEADLINE: Duration = Duration::from_secs(20);
+const BUDGET: WindowedBudgetConfig = WindowedBudgetConfig {
+    window: Duration::from_secs(10),
+    min_retries_per_sec: 1.0,
+    retry_ratio: 0.1,
+};
+
+const PRIMARY: &str = "gpt-4o";
+const SECOND: &str = "claude-sonnet";
+const THIRD: &str = "gemini-flash";
+const MODELS: [&str; 3] = [PRIMARY, SECOND, THIRD];
+
+fn soak_requests() -> u64 {
+    std::env::var("BACKSTOP_SOAK_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_SOAK_REQUESTS)
+}
+
+/// What may follow an attempt answered with a given fault, by the providers'
+/// documented semantics (independent of the classifier under test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    /// The same model may be tried again.
+    MayRetry,
+    /// Never again on this model for this request (another model may serve).
+    NotOnThisModel,
+    /// Nothing more for this request: its head reached the caller, or it failed
+    /// after being sent and is not idempotent.
+    Nothing,
+}
+
+fn after(fault: &Fault, stream: bool, idempotent: bool) -> After {
+    let sent_then_lost = if idempotent {
+        After::MayRetry
+    } else {
+        After::Nothing
+    };
+    match fault {
+        Fault::WithHeaders { fault, headers } => {
+            if headers
+                .iter()
+                .any(|(n, v)| n == "x-should-retry" && v == "false")
+            {
+                After::NotOnThisModel
+            } else {
+                after(fault, stream, idempotent)
+            }
+        }
+        // A success, or a head handed on at once: the caller has it.
+        Fault::Ok => After::Nothing,
+        // Content policy reported in a 200: never the same model again.
+        Fault::OpenAiContentFilterFinish => After::NotOnThisModel,
+        Fault::ResetAfterHead | Fault::ResetAfterChunks { chunks: 0 } if stream => sent_then_lost,
+        Fault::StreamErrorAfter { chunks: 0, .. } if stream => After::MayRetry,
+        Fault::ResetAfterHead | Fault::ResetAfterChunks { .. } | Fault::StreamErrorAfter { .. } => {
+            After::Nothing
+        }
+        Fault::Hang | Fault::ResetBeforeHead => sent_then_lost,
+        Fault::ConnectRefused
+        | Fault::OpenAiSlowDown
+        | Fault::OpenAiServerError
+        | Fault::OpenAiOverloaded
+        | Fault::BadGateway
+        | Fault::GatewayTimeout
+        | Fault::AnthropicOverloaded
+        | Fault::GeminiUnavailable
+        | Fault::GeminiDeadlineExceeded => After::MayRetry,
+        Fault::OpenAiRateLimit { retry_after, .. } => hinted(retry_after.as_deref()),
+        Fault::AnthropicRateLimit { retry_after } => hinted(retry_after.as_deref()),
+        Fault::AzureRateLimit {
+            message_seconds,
+            retry_after,
+            ..
+        } => {
+            if *message_seconds >= 3600 {
+                After::NotOnThisModel
+            } else {
+                hinted(retry_after.as_deref())
+            }
+        }
+        Fault::GeminiResourceExhausted { per_day, .. } => {
+            if *per_day {
+                After::NotOnThisModel
+            } else {
+                After::MayRetry
+            }
+        }
+        Fault::AnthropicError { status, .. } | Fault::Status { status, .. } => {
+            if *status >= 500 || matches!(status, 408 | 409 | 429) {
+                After::MayRetry
+            } else {
+                After::NotOnThisModel
+            }
+        }
+        Fault::OpenAiRequestTooLarge
+        | Fault::OpenAiInsufficientQuota
+        | Fault::OpenAiBillingLimit { .. }
+        | Fault::OpenAiContextLength
+        | Fault::OpenAiContentPolicy
+        | Fault::OpenAiModelNotFound
+        | Fault::Unauthorized
+        | Fault::InvalidRequest
+        | Fault::AzureContentFilter
+        | Fault::AnthropicSpendLimit
+        | Fault::AnthropicPromptTooLong => After::NotOnThisModel,
+    }
+}
+
+/// A rate limit whose delay hint is past the retry layer's 120 s maximum is never
+/// waited on inside the request.
+fn hinted(retry_after: Option<&str>) -> After {
+    match retry_after.and_then(|v| v.parse::<f64>().ok()) {
+        Some(seconds) if seconds > 120.0 => After::NotOnThisModel,
+        _ => After::MayRetry,
+    }
+}
+
+/// Every fault the soak injects, each a seeded random replacement of a success.
+fn random_faults() -> Vec<(f64, Fault)> {
+    let rate_limit =
+        |retry_after: Option<&str>, retry_after_ms: Option<&str>| Fault::OpenAiRateLimit {
+            retry_after: retry_after.map(Into::into),
+            retry_after_ms: retry_after_ms.map(Into::into),
+        };
+    // Retryable, in every provider's format, with and without hints.
+    let retryable = vec![
+        rate_limit(Some("1"), None),
+        rate_limit(None, Some("250")),
+        rate_limit(None, None),
+        rate_limit(Some("soon"), None),
+        Fault::OpenAiSlowDown,
+        Fault::OpenAiServerError,
+        Fault::OpenAiOverloaded,
+        Fault::BadGateway,
+        Fault::GatewayTimeout,
+        Fault::AzureRateLimit {
+            message_seconds: 2,
+            retry_after: None,
+            retry_after_ms: Some("-1".into()),
+        },
+        Fault::AzureRateLimit {
+            message_seconds: 1,
+            retry_after: Some("1".into()),
+            retry_after_ms: Some("1000".into()),
+        },
+        Fault::AnthropicOverloaded,
+        Fault::AnthropicRateLimit { retry_after: None },
+        Fault::AnthropicRateLimit {
+            retry_after: Some("2".into()),
+        },
+        Fault::AnthropicError {
+            status: 500,
+            error_type: "api_error".into(),
+            message: "Internal server error".into(),
+        },
+        Fault::GeminiResourceExhausted {
+            retry_delay: Some("1.5s".into()),
+            per_day: false,
+        },
+        Fault::GeminiUnavailable,
+        Fault::GeminiDeadlineExceeded,
+        Fault::ConnectRefused,
+        Fault::Status {
+            status: 409,
+            headers: vec![],
+            body: String::new(),
+        },
+        Fault::Status {
+            status: 408,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: "request timeout".into(),
+        },
+    ];
+    // Never retried: quota and billing (these also open the breaker for its quota
+    // cooldown, so they are rare, as in life)...
+    let quota = vec![
+        Fault::OpenAiInsufficientQuota,
+        Fault::OpenAiBillingLimit {
+            code: "organization_spend_limit_exceeded".into(),
+        },
+        Fault::AzureRateLimit {
+            message_seconds: 86_400,
+            retry_after: Some("86400".into()),
+            retry_after_ms: None,
+        },
+        Fault::AnthropicSpendLimit,
+        Fault::AnthropicError {
+            status: 402,
+            error_type: "billing_error".into(),
+            message: "Your credit balance is too low.".into(),
+        },
+        Fault::GeminiResourceExhausted {
+            retry_delay: Some("58s".into()),
+            per_day: true,
+        },
+        rate_limit(Some("198300"), None),
+    ];
+    // ... and request-specific refusals: context, content, model, auth, request.
+    let refusals = vec![
+        Fault::OpenAiRequestTooLarge,
+        Fault::OpenAiContextLength,
+        Fault::OpenAiContentPolicy,
+        Fault::OpenAiModelNotFound,
+        Fault::Unauthorized,
+        Fault::InvalidRequest,
+        Fault::AzureContentFilter,
+        Fault::AnthropicPromptTooLong,
+        Fault::AnthropicError {
+            status: 403,
+            error_type: "permission_error".into(),
+            message: "Your API key does not have permission to use the specified resource.".into(),
+        },
+        Fault::OpenAiServerError.with_header("x-should-retry", "false"),
+        Fault::OpenAiContentFilterFinish,
+    ];
+    // Transport and streams.
+    let transport = vec![
+        Fault::Hang,
+        Fault::ResetBeforeHead,
+        Fault::ResetAfterHead,
+        Fault::ResetAfterChunks { chunks: 0 },
+        Fault::ResetAfterChunks { chunks: 2 },
+        Fault::StreamErrorAfter {
+            chunks: 0,
+            style: StreamStyle::OpenAi,
+        },
+        Fault::StreamErrorAfter {
+            chunks: 0,
+            style: StreamStyle::Anthropic,
+        },
+        Fault::StreamErrorAfter {
+            chunks: 1,
+            style: StreamStyle::OpenAi,
+        },
+        Fault::StreamErrorAfter {
+            chunks: 3,
+            style: StreamStyle::Anthropic,
+        },
+    ];
+    // About 25 % of otherwise successful answers fail.
+    let with = |p: f64, faults: Vec<Fault>| faults.into_iter().map(move |f| (p, f));
+    with(0.0003, quota)
+        .chain(with(0.006, retryable))
+        .chain(with(0.004, refusals))
+        .chain(with(0.006, transport))
+        .collect()
+}
+
+/// The mock: every model fails at random in every way; each has outage windows
+/// (staggered, so fallback has somewhere to go most of the time) and a capacity.
+fn scenario(requests: u64) -> Scenario {
+    // About 40 requests per virtual second arrive; outages cover the whole run.
+    let span = Duration::from_secs(requests / 40 + 60);
+    let mut scenario = Scenario::new(SEED);
+    let outage_faults = [
+        Fault::OpenAiOverloaded,
+        Fault::AnthropicOverloaded,
+        Fault::GeminiUnavailable,
+    ];
+    let over = [
+        Fault::OpenAiRateLimit {
+            retry_after: Some("1".into()),
+            retry_after_ms: None,
+        },
+        Fault::AnthropicRateLimit {
+            retry_after: Some("1".into()),
+        },
+        Fault::GeminiResourceExhausted {
+            retry_delay: Some("1s".into()),
+            per_day: false,
+        },
+    ];
+    for (i, model) in MODELS.iter().enumerate() {
+        let mut plan = ModelPlan::ok()
+            .latency(Latency::Uniform {
+                min: Duration::from_millis(20),
+                max: Duration::from_millis(900),
+            })
+            .stream_chunks(4)
+            .chunk_delay(Duration::from_millis(40))
+            .stream_pings(if *model == SECOND { 1 } else { 0 })
+            .capacity(Capacity::in_flight(16).over(over[i].clone()));
+        for (p, fault) in random_faults() {
+            plan = plan.with_random(p, fault);
+        }
+        // A 15 s outage every 150 s, each model's shifted by 50 s.
+        let mut from = Duration::from_secs(30 + 50 * i as u64);
+        while from < span {
+            plan = plan.outage(
+                from,
+                from + Duration::from_secs(15),
+                outage_faults[i].clone(),
+            );
+            from += Duration::from_secs(150);
+        }
+        scenario = scenario.model(*model, plan);
+    }
+    scenario
+}
+
+fn stack() -> BackstopLayer {
+    let target = |upstream: &str, header: &str, key: &str| {
+        Target::new(upstream, "http://provider.local/v1").credential(header, key)
+    };
+    let fallback = FallbackConfig::builder()
+        .target(
+            PRIMARY,
+            target("openai", "authorization", "Bearer sk-soak-openai"),
+        )
+        .target(SECOND, target("anthropic", "x-api-key", "sk-ant-soak"))
+        .target(
+            THIRD,
+            target("google", "x-goog-api-key", "AIza-soak-gemini"),
+        )
+        .chain(PRIMARY, [SECOND, THIRD])
+        .chain(SECOND, [PRIMARY])
+        .context_chain([THIRD])
+        .content_chain([SECOND])
+        .total_deadline(TOTAL_DEADLINE)
+        .build()
+        .expect("valid fallback config");
+    let retry = RetryConfig::interactive()
+        .with_max_attempts(MAX_ATTEMPTS)
+        .and_then(|r| r.with_deadline(Some(RETRY_DEADLINE)))
+        .and_then(|r| r.with_attempt_timeout(Some(ATTEMPT_TIMEOUT)))
+        .expect("valid retry config");
+    let breaker = BreakerConfig {
+        open_duration: Duration::from_secs(5),
+        probe_timeout: Duration::from_secs(10),
+        quota_cooldown: Duration::from_secs(5),
+        // Hints of 1–2 s are waited out by the retry layer; longer ones divert.
+        hint_opens_at: Duration::from_secs(3),
+        half_open_probes: 2,
+        max_hinted_cooldown: Duration::from_secs(20),
+        ..BreakerConfig::default()
+    };
+    BackstopLayer::builder()
+        .retry(retry)
+        .retry_seed(SEED)
+        .budget(BUDGET)
+        .breaker(breaker)
+        .fallback(fallback)
+        .build()
+        .expect("valid stack")
+}
+
+/// What the caller got for one logical request.
+#[derive(Debug)]
+enum Received {
+    /// A response; its body read to the end (`body_error: None`) or to its error.
+    Response {
+        status: u16,
+        seq: Option<u64>,
+        bytes: Vec<u8>,
+        body_error: Option<String>,
+        served_by: Option<ServedBy>,
+    },
+    /// An error instead of a response.
+    Error {
+        kind: FailureKind,
+        served_by: Option<ServedBy>,
+    },
+    /// Nothing within the total deadline plus a minute: a lost request.
+    NoOutcome,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    id: u64,
+    start: Instant,
+    stream: bool,
+    idempotent: bool,
+    received: Received,
+}
+
+async fn one_request<S>(service: S, id: u64, rng: &mut SplitMix64) -> Outcome
+where
+    S: tower::Service<
+            http::Request<String>,
+            Response = http::Response<backstop::retry::RetryBody<ProviderBody>>,
+            Error = ClassifiedError,
+        >,
+{
+    let model = match rng.below(10) {
+        0..=6 => PRIMARY,
+        7 | 8 => SECOND,
+        _ => THIRD,
+    };
+    let stream = rng.percent(40);
+    let idempotent = rng.percent(50);
+    let body = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"soak request {id}"}}]{}}}"#,
+        if stream { r#","stream":true"# } else { "" }
+    );
+    let mut request = http::Request::post("http://provider.local/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("x-soak-id", id);
+    if idempotent {
+        request = request.header("idempotency-key", format!("soak-{id}"));
+    }
+    let request = request.body(body).expect("valid request");
+    let start = Instant::now();
+    let exchange = async {
+        match service.oneshot(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let seq = mock_seq(response.headers());
+                let served_by = response.extensions().get::<ServedBy>().cloned();
+                let mut body = response.into_body();
+                let mut bytes = Vec::new();
+                let mut body_error = None;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => {
+                            if let Some(data) = frame.data_ref() {
+                                bytes.extend_from_slice(data);
+                            }
+                        }
+                        Err(e) => {
+                            body_error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                Received::Response {
+                    status,
+                    seq,
+                    bytes,
+                    body_error,
+                    served_by,
+                }
+            }
+            Err(error) => Received::Error {
+                kind: error.kind(),
+                served_by: ServedBy::of_error(&error).cloned(),
+            },
+        }
+    };
+    let received = tokio::time::timeout(TOTAL_DEADLINE + Duration::from_secs(60), exchange)
+        .await
+        .unwrap_or(Received::NoOutcome);
+    Outcome {
+        id,
+        start,
+        stream,
+        idempotent,
+        received,
+    }
+}
+
+type ProviderBody =
+    backstop::classify::ClassifiedBody<common::RecordingBody<backstop::mock::MockBody>>;
+
+/// Counters for the report, and every violation found.
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    attempts: u64,
+    hops: u64,
+    retries: u64,
+    faults: BTreeMap<String, u64>,
+    outcomes: BTreeMap<String, u64>,
+    fallback_fired: u64,
+    /// (withdrawal instant, deposit instants) for the budget check.
+    withdrawals: Vec<Instant>,
+    deposits: Vec<Instant>,
+    checks: u64,
+    violations: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        self.checks += 1;
+        if !ok && self.violations.len() < 50 {
+            self.violations.push(what());
+        }
+    }
+}
+
+fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tally: &mut Tally) {
+    let mut by_id: HashMap<u64, Vec<&Attempt>> = HashMap::new();
+    for attempt in attempts {
+        let id = attempt.header("x-soak-id").and_then(|v| v.parse().ok());
+        tally.check(id.is_some(), || {
+            format!("attempt {} carries no x-soak-id", attempt.seq)
+        });
+        if let Some(id) = id {
+            by_id.entry(id).or_default().push(attempt);
+        }
+        let source = format!("{:?}", attempt.source).to_lowercase();
+        *tally
+            .faults
+            .entry(format!("{} ({source})", attempt.fault.name()))
+            .or_insert(0) += 1;
+    }
+    tally.attempts += attempts.len() as u64;
+    let mut seen = HashSet::new();
+    for outcome in outcomes {
+        tally.requests += 1;
+        // 1. Exactly one outcome per request.
+        tally.check(seen.insert(outcome.id), || {
+            format!("request {} has two outcomes", outcome.id)
+        });
+        verify_request(
+            outcome,
+            by_id.remove(&outcome.id).unwrap_or_default(),
+            sent,
+            tally,
+        );
+    }
+    tally.check(by_id.is_empty(), || {
+        format!(
+            "attempts for requests without an outcome: {:?}",
+            by_id.keys()
+        )
+    });
+}
+
+fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, tally: &mut Tally) {
+    let id = outcome.id;
+    // Group the attempts into hops: runs of one model, in arrival order.
+    let mut hops: Vec<(String, Vec<&Attempt>)> = Vec::new();
+    for attempt in &attempts {
+        let model = attempt.model.clone().unwrap_or_default();
+        match hops.last_mut() {
+            Some((m, run)) if *m == model => run.push(attempt),
+            _ => hops.push((model, vec![attempt])),
+        }
+    }
+    tally.hops += hops.len() as u64;
+    // 7. Every hop is a different model.
+    let distinct: HashSet<&str> = hops.iter().map(|(m, _)| m.as_str()).collect();
+    tally.check(distinct.len() == hops.len(), || {
+        format!(
+            "request {id} returned to a model: {:?}",
+            hops.iter().map(|h| &h.0).collect::<Vec<_>>()
+        )
+    });
+    let deadline = outcome.start + TOTAL_DEADLINE;
+    for (hop_index, (model, run)) in hops.iter().enumerate() {
+        // 4. Attempts per model within the cap.
+        tally.check(run.len() <= MAX_ATTEMPTS as usize, || {
+            format!("request {id}: {} attempts on {model}", run.len())
+        });
+        let hop_deadline = run[0].at + RETRY_DEADLINE;
+        tally.deposits.push(run[0].at);
+        tally.retries += run.len() as u64 - 1;
+        for (i, attempt) in run.iter().enumerate() {
+            // 3. No attempt at or after a deadline.
+            tally.check(attempt.at < deadline && attempt.at < hop_deadline, || {
+                format!(
+                    "request {id}: attempt {} on {model} started {:?} after the request, past a deadline",
+                    attempt.seq,
+                    attempt.at - outcome.start
+                )
+            });
+            let rule = after(&attempt.fault, outcome.stream, outcome.idempotent);
+            // 2. Nothing retried on a model after a non-retryable answer.
+            if i + 1 < run.len() {
+                tally.check(rule == After::MayRetry, || {
+                    format!(
+                        "request {id} (stream {}, idempotent {}): {model} retried after {:?}",
+                        outcome.stream, outcome.idempotent, attempt.fault
+                    )
+                });
+            }
+            // 2 and 6. Nothing at all after a head reached the caller, or after a
+            // post-send failure of a non-idempotent request.
+            let last_of_request = hop_index + 1 == hops.len() && i + 1 == run.len();
+            if !last_of_request {
+                tally.check(rule != After::Nothing, || {
+                    format!(
+                        "request {id} (stream {}, idempotent {}): attempted again after {:?}",
+                        outcome.stream, outcome.idempotent, attempt.fault
+                    )
+                });
+            }
+        }
+    }
+
+    let last_seq = attempts.last().map(|a| a.seq);
+    let served_by = match &outcome.received {
+        Received::Response {
+            status,
+            seq,
+            bytes,
+            body_error,
+            served_by,
+        } => {
+            let key = if *status < 300 {
+                if body_error.is_some() {
+                    "2xx, body failed midway".to_owned()
+                } else {
+                    "2xx".to_owned()
+                }
+            } else {
+                format!("{status} response")
+            };
+            *tally.outcomes.entry(key).or_insert(0) += 1;
+            // 6. The response the caller got is from the last attempt.
+            tally.check(seq.is_some() && *seq == last_seq, || {
+                format!("request {id}: got response {seq:?}, last attempt {last_seq:?}")
+            });
+            // 8. Byte-identical to what the provider sent.
+            if let Some(seq) = seq {
+                match sent.get(*seq) {
+                    Some(provider) => {
+                        tally.check(provider.status == *status, || {
+                            format!(
+                                "request {id}: status {status}, provider sent {}",
+                                provider.status
+                            )
+                        });
+                        let same = if body_error.is_some() {
+                            provider.bytes.starts_with(bytes)
+                        } else {
+                            provider.bytes == *bytes && provider.ended
+                        };
+                        tally.check(same, || {
+                            format!(
+                                "request {id}: caller got {:?} (error {body_error:?}), provider sent {:?} (ended {}, failed {})",
+                                String::from_utf8_lossy(bytes),
+                                String::from_utf8_lossy(&provider.bytes),
+                                provider.ended,
+                                provider.failed
+                            )
+                        });
+                    }
+                    None => tally.check(false, || {
+                        format!("request {id}: response {seq} was never sent by the provider")
+                    }),
+                }
+            }
+            served_by.as_ref()
+        }
+        Received::Error { kind, served_by } => {
+            *tally.outcomes.entry(format!("error: {kind}")).or_insert(0) += 1;
+            tally.check(served_by.is_some() || attempts.is_empty(), || {
+                format!("request {id}: an error after sending carries no ServedBy")
+            });
+            served_by.as_ref()
+        }
+        Received::NoOutcome => {
+            *tally.outcomes.entry("no outcome".into()).or_insert(0) += 1;
+            tally.check(false, || format!("request {id} never ended"));
+            None
+        }
+    };
+
+    // The record agrees with the provider: the hops that reached it are the models
+    // tried, in order, each with exactly its attempts; the retry waits it logs date
+    // the budget withdrawals.
+    if let Some(served_by) = served_by {
+        if served_by.fallback_fired {
+            tally.fallback_fired += 1;
+        }
+        let hop_models: Vec<&str> = served_by.hops.iter().map(|h| &*h.model).collect();
+        let hop_set: HashSet<&str> = hop_models.iter().copied().collect();
+        tally.check(hop_set.len() == hop_models.len(), || {
+            format!("request {id}: ServedBy names a model twice: {hop_models:?}")
+        });
+        let mut logged = served_by.hops.iter().filter(|h| {
+            h.attempts
+                .as_ref()
+                .is_some_and(|log| !log.attempts.is_empty())
+        });
+        for (model, run) in &hops {
+            let Some(hop) = logged.next() else {
+                tally.check(false, || {
+                    format!("request {id}: {model} is missing from ServedBy")
+                });
+                continue;
+            };
+            let log = hop
+                .attempts
+                .as_ref()
+                .map(|l| &l.attempts[..])
+                .unwrap_or(&[]);
+            tally.check(&*hop.model == model && log.len() == run.len(), || {
+                format!(
+                    "request {id}: ServedBy says {} × {}, the provider saw {model} × {}",
+                    hop.model,
+                    log.len(),
+                    run.len()
+                )
+            });
+            for (attempt, record) in run.iter().zip(log).skip(1) {
+                // The budget was drawn on just before the wait that preceded this attempt.
+                tally.withdrawals.push(attempt.at - record.waited);
+            }
+        }
+    } else if hops.iter().any(|(_, run)| run.len() > 1) {
+        tally.check(false, || format!("request {id}: retries without a record"));
+    }
+}
+
+/// Invariant 5: at every withdrawal, the retries still in the budget's window are within its
+/// floor plus its share of the deposits that may still be counted. An event stays in
+/// the window between `window − window/10` and `window` (the budget counts in tenths),
+/// so: withdrawals in `(x − 0.9·window, x]` ≤ reserve + ratio × deposits in
+/// `[x − window, x]`; each instant is known to within the timer's 1 ms.
+fn verify_budget(tally: &mut Tally) {
+    let slack = Duration::from_millis(2);
+    let window = BUDGET.window;
+    let short = window - window / 10;
+    tally.withdrawals.sort();
+    tally.deposits.sort();
+    let reserve_milli = (BUDGET.min_retries_per_sec * window.as_secs_f64() * 1000.0).round() as u64;
+    let ratio_milli = (BUDGET.retry_ratio * 1000.0).round() as u64;
+    let (w, d) = (&tally.withdrawals, &tally.deposits);
+    let mut violations = Vec::new();
+    let mut worst: f64 = 0.0;
+    for (i, &x) in w.iter().enumerate() {
+        let from = x.checked_sub(short).map(|t| t + slack);
+        let in_window = w[..=i]
+            .iter()
+            .rev()
+            .take_while(|&&t| from.is_none_or(|f| t > f))
+            .count() as u64;
+        let lo = x.checked_sub(window + slack);
+        let hi = x + slack;
+        let deposits =
+            d.partition_point(|&t| t <= hi) - lo.map_or(0, |lo| d.partition_point(|&t| t < lo));
+        let allowed_milli = reserve_milli + ratio_milli * deposits as u64;
+        worst = worst.max((in_window * 1000) as f64 / allowed_milli as f64);
+        if in_window * 1000 > allowed_milli && violations.len() < 10 {
+            violations.push(format!(
+                "budget overdrawn at {:?}: {in_window} retries in the window, {deposits} deposits allow {}",
+                x - tally.deposits[0],
+                allowed_milli as f64 / 1000.0
+            ));
+        }
+    }
+    tally.checks += w.len() as u64;
+    eprintln!(
+        "budget: highest share of the window's allowance used: {:.1} %",
+        worst * 100.0
+    );
+    tally.violations.extend(violations);
+}
+
+#[tokio::test(start_paused = true)]
+async fn soak_every_request_keeps_every_invariant() {
+    let wall = std::time::Instant::now();
+    let total = soak_requests();
+    let layer = stack();
+    let mock = MockProvider::new(scenario(total));
+    let sent = SentLog::default();
+    let service = layer.layer(RecordingTransport::new(mock.clone(), sent.clone()));
+    let virtual_start = Instant::now();
+    let mut tally = Tally::default();
+
+    let mut first = 0;
+    while first < total {
+        let last = (first + ROUND).min(total);
+        let next = Arc::new(AtomicU64::new(first));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let mut workers = tokio::task::JoinSet::new();
+        for worker in 0..CONCURRENCY {
+            let (service, next, outcomes) = (service.clone(), next.clone(), outcomes.clone());
+            workers.spawn(async move {
+                let mut rng = SplitMix64::new(SEED ^ (worker << 32) ^ first);
+                loop {
+                    let id = next.fetch_add(1, Ordering::Relaxed);
+                    if id >= last {
+                        break;
+                    }
+                    // Spread arrivals: about 40 requests per virtual second overall.
+                    let pause = Duration::from_millis(rng.below(3_000));
+                    tokio::time::sleep(pause).await;
+                    let outcome = one_request(service.clone(), id, &mut rng).await;
+                    outcomes.lock().unwrap().push(outcome);
+                }
+            });
+        }
+        while let Some(joined) = workers.join_next().await {
+            joined.expect("a soak worker panicked");
+        }
+        let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+        tally.check(outcomes.len() as u64 == last - first, || {
+            format!("round {first}..{last}: {} outcomes", outcomes.len())
+        });
+        verify_round(&outcomes, &mock.attempts(), &sent, &mut tally);
+        mock.reset_records();
+        sent.clear();
+        first = last;
+    }
+
+    let snapshot = layer.budget().snapshot();
+    // 5. The budget's own counters agree with the provider: one deposit per hop
+    // that reached it, one allowed withdrawal per retry it saw.
+    let (hops, retries) = (tally.hops, tally.retries);
+    tally.check(snapshot.deposits == hops, || {
+        format!("budget deposits {} != hops {hops}", snapshot.deposits)
+    });
+    tally.check(snapshot.retries_allowed == retries, || {
+        format!(
+            "budget allowed {} retries, the provider saw {retries}",
+            snapshot.retries_allowed
+        )
+    });
+    verify_budget(&mut tally);
+
+    eprintln!(
+        "soak: {} requests, {} attempts ({} hops, {} retries; budget refused {}), {} fallbacks fired, {:?} virtual, {:?} wall, {} checks",
+        tally.requests,
+        tally.attempts,
+        tally.hops,
+        tally.retries,
+        snapshot.retries_refused,
+        tally.fallback_fired,
+        Instant::now() - virtual_start,
+        wall.elapsed(),
+        tally.checks
+    );
+    eprintln!("outcomes: {:#?}", tally.outcomes);
+    eprintln!("answers (fault, source): {:#?}", tally.faults);
+    assert_eq!(tally.requests, total);
+    assert!(
+        tally.violations.is_empty(),
+        "{} invariant violations, first ones:\n{}",
+        tally.violations.len(),
+        tally.violations.join("\n")
+    );
+}
