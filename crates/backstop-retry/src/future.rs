@@ -2,36 +2,174 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use backstop_classify::ClassifiedError;
-use http::Response;
-use tracing::instrument::Instrumented;
+use backstop_classify::{BoxError, ClassifiedError};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower_service::Service;
 
 use crate::RetryBody;
+use crate::attempts::{AfterHead, Attempts, Next, Outcome, Resume, Sent};
 
-pub(crate) type Boxed<RB> =
-    Pin<Box<dyn Future<Output = Result<Response<RetryBody<RB>>, ClassifiedError>> + Send>>;
+/// The retry loop after the first attempt, boxed: its size depends on the inner
+/// future, and only a failure (or a held stream) needs it.
+type Retrying<RB> = Pin<Box<dyn Future<Output = Outcome<RB>> + Send>>;
 
-/// The future of one logical request: every attempt, wait and readiness check.
-///
-/// Dropping it cancels whatever is in progress (the attempt in flight or the wait)
-/// and makes no further attempt. It is boxed: the attempt loop is an `async` state
-/// machine whose size depends on the inner future; one allocation per logical
-/// request (see the benchmark in the crate docs).
-pub struct ResponseFuture<RB> {
-    pub(crate) inner: Instrumented<Boxed<RB>>,
-}
-
-impl<RB> Future for ResponseFuture<RB> {
-    type Output = Result<Response<RetryBody<RB>>, ClassifiedError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.inner).poll(cx)
+pin_project! {
+    /// The future of one logical request: every attempt, wait and readiness check.
+    ///
+    /// The first attempt is polled in place; a request whose first attempt settles
+    /// it (a success, or a failure that is not retried) allocates nothing for the
+    /// retry machinery. A retry moves the rest of the request into one boxed future.
+    ///
+    /// Dropping it cancels whatever is in progress (the attempt in flight or the wait)
+    /// and makes no further attempt.
+    pub struct ResponseFuture<S, B, RB>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future, Attempts<S, B>, RB>,
+        span: tracing::Span,
     }
 }
 
-impl<RB> std::fmt::Debug for ResponseFuture<RB> {
+pin_project! {
+    #[project = StateProj]
+    enum State<F, A, RB> {
+        First {
+            #[pin]
+            call: F,
+            // Only when the attempt has a time limit.
+            timer: Option<Timer>,
+            // Taken when the first attempt leads to a retry or a held stream.
+            attempts: Option<A>,
+        },
+        Retrying { future: Retrying<RB> },
+        Done,
+    }
+}
+
+/// The first attempt's time limit: when it started, and the sleep until the limit
+/// (boxed: most requests have none, and pay nothing).
+struct Timer {
+    started: Instant,
+    limit: Pin<Box<Sleep>>,
+}
+
+/// `Option` only so the state can move into the retry loop.
+const IN_PLACE: &str = "the first attempt's state is there until the first attempt settles";
+
+impl<S, B, RB> ResponseFuture<S, B, RB>
+where
+    S: Service<Request<B>>,
+{
+    /// The first attempt, already handed to the inner service.
+    pub(crate) fn first(
+        sent: Sent<S::Future>,
+        attempts: Attempts<S, B>,
+        span: tracing::Span,
+    ) -> Self {
+        let Sent {
+            call,
+            started,
+            until,
+        } = sent;
+        // Both are set together: a start time is read only for a time limit.
+        let timer = started.zip(until).map(|(started, until)| Timer {
+            started,
+            limit: Box::pin(sleep_until(until)),
+        });
+        ResponseFuture {
+            state: State::First {
+                call,
+                timer,
+                attempts: Some(attempts),
+            },
+            span,
+        }
+    }
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B, RB>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Future: Send,
+    B: Clone + Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    type Output = Result<Response<RetryBody<RB>>, ClassifiedError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        loop {
+            let resume = match this.state.as_mut().project() {
+                StateProj::First {
+                    call,
+                    timer,
+                    attempts,
+                } => {
+                    // The attempt first, then its time limit, as `tokio::time::timeout`.
+                    let result = match call.poll(cx) {
+                        Poll::Ready(result) => Some(result),
+                        Poll::Pending => {
+                            let expired = timer
+                                .as_mut()
+                                .is_some_and(|t| t.limit.as_mut().poll(cx).is_ready());
+                            if !expired {
+                                return Poll::Pending;
+                            }
+                            None
+                        }
+                    };
+                    let started = timer.as_ref().map(|t| t.started);
+                    let until = timer.as_ref().map(|t| t.limit.deadline());
+                    // Judged in place: a request settled by its first attempt never
+                    // moves its state out of this future.
+                    let in_place = attempts.as_mut().expect(IN_PLACE);
+                    let resume = match in_place.head(result, started, until) {
+                        AfterHead::Done {
+                            outcome,
+                            classification,
+                        } => match in_place.conclude(outcome, classification, None, None) {
+                            Next::Return(outcome) => {
+                                this.state.set(State::Done);
+                                return Poll::Ready(outcome);
+                            }
+                            Next::Retry(waited) => Resume::Wait(waited),
+                        },
+                        AfterHead::Hold(held) => Resume::Held {
+                            first_event: held.wait_for_first_event(started, until),
+                            waited: None,
+                        },
+                    };
+                    // A retry or a held stream: the rest of the request moves into
+                    // one boxed future.
+                    Box::pin(attempts.take().expect(IN_PLACE).resume(resume)) as Retrying<RB>
+                }
+                StateProj::Retrying { future } => {
+                    let outcome = ready!(future.as_mut().poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(outcome);
+                }
+                StateProj::Done => panic!("retry ResponseFuture polled after completion"),
+            };
+            this.state.set(State::Retrying { future: resume });
+        }
+    }
+}
+
+impl<S, B, RB> std::fmt::Debug for ResponseFuture<S, B, RB>
+where
+    S: Service<Request<B>>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ResponseFuture")
     }

@@ -179,6 +179,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod attempts;
 mod backoff;
 mod body;
 mod config;

@@ -1,0 +1,647 @@
+//! One logical request's attempts: what is kept between them, how each one is sent,
+//! judged and recorded, and the retry loop, which runs only after a failure.
+//!
+//! The steps are plain methods so that [`ResponseFuture`](crate::ResponseFuture) can
+//! drive the first attempt in place: a request that succeeds at once never builds
+//! the retry loop's future (nor allocates it).
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_classify::{
+    AttemptLog, AttemptRecord, BoxError, Classification, ClassifiedError, Deadline, DelayHint,
+    Failure, FailureKind, Idempotent, ReplayBody, RetryBudgetHandle, Rules, StopReason,
+};
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body::Body;
+use rand::Rng;
+use rand::rngs::SmallRng;
+use tokio::time::{Instant, sleep, timeout_at};
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::first_event::{FirstEvent, read_first_event};
+use crate::service::Shared;
+use crate::{
+    Decision, FailedAttempt, HoldFirstEvent, RetryBody, RetryError, StreamRequest,
+    stream_requested, verdict,
+};
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+// Constants, not `&str` keys: a `&str` lookup parses the name on every call, even
+// against an empty map.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+
+/// How one attempt ended, before the policy looks at it.
+pub(crate) type Outcome<RB> = Result<Response<RetryBody<RB>>, ClassifiedError>;
+
+/// Everything one logical request keeps between its attempts.
+pub(crate) struct Attempts<S, B> {
+    /// The service that makes the next attempt (driven to ready before each retry).
+    inner: S,
+    shared: Arc<Shared>,
+    /// The request as the caller sent it (plus the effective deadline and the
+    /// idempotency key): every attempt gets a copy.
+    parts: http::request::Parts,
+    body: B,
+    /// Whether the request is idempotent, noted when the last attempt takes `parts`.
+    idempotent: Option<bool>,
+    deadline: Option<Instant>,
+    hold: HoldChoice,
+    rng: Option<SmallRng>,
+    log: AttemptLog,
+    /// The attempt in progress, 1 for the first.
+    number: u32,
+}
+
+/// The wait before a retry, and the delay hint that set it. (What only retries
+/// need is kept by the retry loop, out of the first attempt's state.)
+#[derive(Clone, Copy)]
+pub(crate) struct Waited {
+    pub(crate) wait: Duration,
+    pub(crate) hint: Option<DelayHint>,
+}
+
+/// An attempt that has been handed to the inner service.
+pub(crate) struct Sent<F> {
+    pub(crate) call: F,
+    /// When it started, read only when a time limit needs it.
+    pub(crate) started: Option<Instant>,
+    /// The sooner of its attempt timeout and the deadline.
+    pub(crate) until: Option<Instant>,
+}
+
+/// What comes after an attempt has been judged and recorded.
+pub(crate) enum Next<RB> {
+    /// Hand this to the caller (the attempt log is on it).
+    Return(Outcome<RB>),
+    /// Wait, then make another attempt.
+    Retry(Waited),
+}
+
+/// A held stream's wait for its first event (boxed: only held streams pay for it).
+pub(crate) type FirstEventFuture<RB> =
+    Pin<Box<dyn Future<Output = (Outcome<RB>, Option<FirstEventFailed>)> + Send>>;
+
+/// Where the retry loop takes over from the first attempt.
+pub(crate) enum Resume<RB> {
+    /// A successful stream held until its first event.
+    Held {
+        first_event: FirstEventFuture<RB>,
+        /// The wait before this attempt (`None` for the first).
+        waited: Option<Waited>,
+    },
+    /// A failure the policy said to retry, after this wait.
+    Wait(Waited),
+}
+
+/// How an attempt stands once its response head (or error) is in.
+pub(crate) enum AfterHead<RB> {
+    /// Decided: hand this on (or judge it).
+    Done {
+        outcome: Outcome<RB>,
+        classification: Classification,
+    },
+    /// A successful stream to hold until its first event.
+    Hold(HeldStream<RB>),
+}
+
+impl<S, B> Attempts<S, B> {
+    /// The set-up before the first attempt: the effective deadline, the idempotency
+    /// key, whether streams are held.
+    pub(crate) fn new(inner: S, shared: Arc<Shared>, request: Request<B>) -> Self {
+        let config = &shared.config;
+        let (mut parts, body) = request.into_parts();
+
+        // The clock is read only when a deadline needs it (it is not free: a
+        // thread-local lookup, and a lock under tokio's test clock).
+        let deadline = earliest(
+            config.deadline.map(|d| Instant::now() + d),
+            parts.extensions.get::<Deadline>().map(|d| d.0),
+        );
+        if let Some(deadline) = deadline {
+            // The layers inside (attempt timeout, transport) see the same deadline.
+            parts.extensions.insert(Deadline(deadline));
+        }
+
+        let mut rng: Option<SmallRng> = None;
+        if config.idempotency_key && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+            let key = rng
+                .get_or_insert_with(|| shared.request_rng())
+                .random::<u128>();
+            if let Ok(value) = HeaderValue::try_from(format!("backstop-{key:032x}")) {
+                parts.headers.insert(IDEMPOTENCY_KEY, value);
+            }
+        }
+        let hold = match config.hold_first_event {
+            HoldFirstEvent::Never => HoldChoice::Decided(false),
+            HoldFirstEvent::Always => HoldChoice::Decided(true),
+            HoldFirstEvent::Auto if parts.extensions.get::<StreamRequest>().is_some() => {
+                HoldChoice::Decided(true)
+            }
+            // The body scan costs a pass over the body: done only if a stream answers.
+            HoldFirstEvent::Auto => HoldChoice::ScanBody,
+        };
+
+        Attempts {
+            inner,
+            shared,
+            parts,
+            body,
+            idempotent: None,
+            deadline,
+            hold,
+            rng,
+            log: AttemptLog::default(),
+            number: 0,
+        }
+    }
+
+    /// Whether the request may be sent again after a failure that happened once it
+    /// was written.
+    fn idempotent(&self) -> bool {
+        self.idempotent.unwrap_or_else(|| {
+            self.parts.extensions.get::<Idempotent>().is_some()
+                || self.parts.headers.contains_key(IDEMPOTENCY_KEY)
+        })
+    }
+
+    /// Hands the next attempt to the inner service, which the caller has driven to
+    /// ready.
+    pub(crate) fn send<RB>(&mut self) -> Sent<S::Future>
+    where
+        S: Service<Request<B>, Response = Response<RB>>,
+        B: Clone,
+    {
+        self.number += 1;
+        let config = &self.shared.config;
+        let parts = if self.number >= config.max_attempts {
+            // No attempt follows this one: it takes the request instead of a copy.
+            // The policy may still ask whether the request was idempotent.
+            self.idempotent = Some(self.idempotent());
+            std::mem::replace(&mut self.parts, Request::new(()).into_parts().0)
+        } else {
+            self.parts.clone()
+        };
+        let mut attempt = Request::from_parts(parts, self.body.clone());
+        if let Some(name) = &config.attempt_header {
+            attempt
+                .headers_mut()
+                .insert(name.clone(), HeaderValue::from(self.number));
+        }
+        let started =
+            (config.attempt_timeout.is_some() || self.deadline.is_some()).then(Instant::now);
+        let until = earliest(
+            config
+                .attempt_timeout
+                .zip(started)
+                .map(|(t, start)| start + t),
+            self.deadline,
+        );
+        Sent {
+            call: self.inner.call(attempt),
+            started,
+            until,
+        }
+    }
+
+    /// Judges an attempt by its response head or error; `None` means it ran out of
+    /// time (`until`).
+    pub(crate) fn head<RB, E>(
+        &mut self,
+        result: Option<Result<Response<RB>, E>>,
+        started: Option<Instant>,
+        until: Option<Instant>,
+    ) -> AfterHead<RB>
+    where
+        B: 'static,
+        E: Into<BoxError>,
+    {
+        let config = &self.shared.config;
+        let response = match result {
+            None => {
+                let after = until
+                    .zip(started)
+                    .map_or(Duration::ZERO, |(at, started)| at - started);
+                return AfterHead::failed(ClassifiedError::new(
+                    Failure::new(FailureKind::TimedOut),
+                    RetryError::AttemptTimedOut { after },
+                ));
+            }
+            Some(Err(e)) => return AfterHead::failed(verdict::classified_error(e.into())),
+            Some(Ok(response)) => response,
+        };
+
+        let classification = verdict::response_classification(&response, &config.rules);
+        let (mut parts, body) = response.into_parts();
+        if !classification.is_success() {
+            if parts.extensions.get::<Classification>().is_none() {
+                parts.extensions.insert(classification.clone());
+            }
+            return AfterHead::Done {
+                outcome: Ok(Response::from_parts(parts, RetryBody::passthrough(body))),
+                classification,
+            };
+        }
+        // A success without a classification stays without one: every Backstop layer
+        // reads a response below 400 without one as a success, and the insert would
+        // cost an allocation on every request.
+        let is_stream = is_event_stream(&parts.headers);
+        if is_stream && self.hold.resolve(&self.body) {
+            return AfterHead::Hold(HeldStream {
+                parts,
+                body,
+                cap: config.first_event_cap,
+                rules: config.rules.clone(),
+            });
+        }
+        let watch = is_stream.then(|| (config.first_event_cap, config.rules.clone()));
+        AfterHead::Done {
+            outcome: Ok(Response::from_parts(
+                parts,
+                RetryBody::new(body, VecDeque::new(), watch),
+            )),
+            classification,
+        }
+    }
+
+    /// Records the attempt (`waited` before it; `None` for the first) in the log and
+    /// decides what follows: the outcome for the caller, or a wait and another
+    /// attempt.
+    pub(crate) fn conclude<RB>(
+        &mut self,
+        outcome: Outcome<RB>,
+        classification: Classification,
+        first_event_failed: Option<FirstEventFailed>,
+        waited: Option<Waited>,
+    ) -> Next<RB> {
+        let (status, request_id) = match &outcome {
+            Ok(response) => (
+                Some(response.status()),
+                provider_request_id(response.headers()),
+            ),
+            Err(error) => (
+                error.failure().status,
+                first_event_failed
+                    .as_ref()
+                    .and_then(|f| f.request_id.clone()),
+            ),
+        };
+        tracing::debug!(
+            attempt = self.number,
+            "http.response.status_code" = status.map(|s| s.as_u16()),
+            "error.type" = classification.failure().map(|f| f.kind.as_str()),
+            waited_ms = waited.map_or(0, |w| w.wait.as_millis() as u64),
+            "attempt finished"
+        );
+        let mut record = AttemptRecord::new(self.number, classification);
+        record.status = status;
+        record.provider_request_id = request_id;
+        if let Some(waited) = waited {
+            record.waited = waited.wait;
+            record.hint_used = waited.hint;
+        }
+        // Exactly one record's room: most logs never hold a second.
+        self.log.attempts.reserve_exact(1);
+        self.log.attempts.push(record);
+        let failure = match self.log.attempts.last().map(|r| &r.classification) {
+            Some(Classification::Failure(failure)) => failure,
+            _ => {
+                self.log.stop = Some(StopReason::Succeeded);
+                return Next::Return(finish(outcome, std::mem::take(&mut self.log)));
+            }
+        };
+
+        let config = &self.shared.config;
+        let time_left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        let idempotent = self.idempotent();
+        let rng = self.rng.get_or_insert_with(|| self.shared.request_rng());
+        let mut decision = self.shared.policy.decide(
+            &FailedAttempt {
+                failure,
+                attempts_made: self.number,
+                time_left,
+                idempotent,
+                previous_wait: waited.map(|w| w.wait),
+            },
+            rng,
+        );
+        // The layer's own limits hold whatever the policy said.
+        if let Decision::RetryAfter(wait, hint) = decision {
+            // tokio's timer counts whole milliseconds: round up, so the wait that is
+            // checked against the deadline and recorded is the one that happens.
+            let wait = whole_millis(wait);
+            decision = Decision::RetryAfter(wait, hint);
+            if self.number >= config.max_attempts {
+                decision = Decision::Stop(StopReason::MaxAttempts);
+            } else if time_left.is_some_and(|left| wait >= left) {
+                decision = Decision::Stop(StopReason::Deadline);
+            } else if self
+                .parts
+                .extensions
+                .get::<RetryBudgetHandle>()
+                .is_some_and(|b| !b.0.try_withdraw())
+            {
+                // Looked up here, not at the start: only a retry needs the budget.
+                decision = Decision::Stop(StopReason::BudgetExhausted);
+            }
+        }
+        match decision {
+            Decision::Stop(reason) => {
+                let reason = match reason {
+                    StopReason::NotRetryable if first_event_failed.is_some() => {
+                        StopReason::StreamFailed
+                    }
+                    other => other,
+                };
+                self.log.stop = Some(reason);
+                Next::Return(finish(outcome, std::mem::take(&mut self.log)))
+            }
+            Decision::RetryAfter(wait, hint) => {
+                // The failed response is dropped here, before the wait, so its
+                // connection goes back to the pool instead of idling.
+                drop(outcome);
+                Next::Retry(Waited { wait, hint })
+            }
+        }
+    }
+
+    /// Records a held stream's attempt once its first event is in.
+    pub(crate) fn conclude_held<RB>(
+        &mut self,
+        (outcome, failed): (Outcome<RB>, Option<FirstEventFailed>),
+        waited: Option<Waited>,
+    ) -> Next<RB> {
+        let classification = match &outcome {
+            Ok(_) => Classification::Success,
+            Err(error) => Classification::Failure(error.failure().clone()),
+        };
+        self.conclude(outcome, classification, failed, waited)
+    }
+
+    /// The rest of the request after the first attempt: the held stream's first
+    /// event, or the wait, then every further attempt. Only a retry or a held stream
+    /// gets here, so only they pay for this future (one allocation).
+    pub(crate) async fn resume<RB>(mut self, from: Resume<RB>) -> Outcome<RB>
+    where
+        S: Service<Request<B>, Response = Response<RB>>,
+        S::Error: Into<BoxError>,
+        B: Clone + 'static,
+        RB: Body<Data = Bytes> + Unpin + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let mut waited = match from {
+            Resume::Held {
+                first_event,
+                waited,
+            } => match self.conclude_held(first_event.await, waited) {
+                Next::Return(outcome) => return outcome,
+                Next::Retry(next) => next,
+            },
+            Resume::Wait(waited) => waited,
+        };
+        loop {
+            tracing::debug!(
+                wait_ms = waited.wait.as_millis() as u64,
+                "waiting before retry"
+            );
+            // Boxed, like every future only a retry needs: this state machine stays
+            // small.
+            Box::pin(sleep(waited.wait)).await;
+
+            // Readiness is checked before every retry on the service we own: no stale
+            // readiness from a clone, and backpressure bounds the wait.
+            let ready = match self.deadline {
+                Some(at) => Box::pin(timeout_at(at, self.inner.ready())).await.ok(),
+                None => Some(self.inner.ready().await),
+            };
+            match ready {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    self.log.stop = Some(StopReason::NotRetryable);
+                    return Err(verdict::classified_error(e.into()).with_attempt_log(self.log));
+                }
+                None => {
+                    // The verdict on the attempt that led to this retry.
+                    let failure = self
+                        .log
+                        .attempts
+                        .last()
+                        .and_then(|r| r.classification.failure().cloned())
+                        .unwrap_or_else(|| Failure::new(FailureKind::TimedOut));
+                    self.log.stop = Some(StopReason::Deadline);
+                    return Err(
+                        ClassifiedError::new(failure, RetryError::NotReadyBeforeDeadline)
+                            .with_attempt_log(self.log),
+                    );
+                }
+            }
+
+            // A block, so its locals (the attempt's future, the outcome) are not
+            // stored in this future across the wait.
+            let next = {
+                let Sent {
+                    call,
+                    started,
+                    until,
+                } = self.send();
+                let result = match until {
+                    Some(at) => Box::pin(timeout_at(at, call)).await.ok(),
+                    None => Some(call.await),
+                };
+                match self.head(result, started, until) {
+                    AfterHead::Done {
+                        outcome,
+                        classification,
+                    } => self.conclude(outcome, classification, None, Some(waited)),
+                    AfterHead::Hold(held) => {
+                        let first = held.wait_for_first_event(started, until).await;
+                        self.conclude_held(first, Some(waited))
+                    }
+                }
+            };
+            match next {
+                Next::Return(outcome) => return outcome,
+                Next::Retry(next) => waited = next,
+            }
+        }
+    }
+}
+
+impl<RB> AfterHead<RB> {
+    fn failed(error: ClassifiedError) -> Self {
+        AfterHead::Done {
+            classification: Classification::Failure(error.failure().clone()),
+            outcome: Err(error),
+        }
+    }
+}
+
+/// Whether to hold a stream for its first event, decided when first needed.
+enum HoldChoice {
+    Decided(bool),
+    /// `HoldFirstEvent::Auto` without the marker: scan the request body for
+    /// `"stream": true` when a stream answers.
+    ScanBody,
+}
+
+impl HoldChoice {
+    fn resolve<B: 'static>(&mut self, body: &B) -> bool {
+        match self {
+            HoldChoice::Decided(hold) => *hold,
+            HoldChoice::ScanBody => {
+                let hold = body_asks_for_stream(body);
+                *self = HoldChoice::Decided(hold);
+                hold
+            }
+        }
+    }
+}
+
+/// A held stream whose first event was an error.
+pub(crate) struct FirstEventFailed {
+    request_id: Option<HeaderValue>,
+}
+
+/// A successful `text/event-stream` response waiting for its first event.
+pub(crate) struct HeldStream<RB> {
+    parts: http::response::Parts,
+    body: RB,
+    /// The first-event cap, and the rules for error events.
+    cap: usize,
+    rules: Arc<Rules>,
+}
+
+impl<RB> HeldStream<RB>
+where
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    /// Reads until the first event (within `until`): content goes to the caller with
+    /// the held bytes first; an error event fails the attempt.
+    pub(crate) fn wait_for_first_event(
+        self,
+        started: Option<Instant>,
+        until: Option<Instant>,
+    ) -> FirstEventFuture<RB> {
+        Box::pin(self.first_event(started, until))
+    }
+
+    async fn first_event(
+        self,
+        started: Option<Instant>,
+        until: Option<Instant>,
+    ) -> (Outcome<RB>, Option<FirstEventFailed>) {
+        let HeldStream {
+            parts,
+            mut body,
+            cap,
+            rules,
+        } = self;
+        let first = read_first_event(&mut body, cap, &rules);
+        let first = match until {
+            Some(at) => timeout_at(at, first).await.ok(),
+            None => Some(first.await),
+        };
+        match first {
+            Some(FirstEvent::Deliver(held)) => (
+                Ok(Response::from_parts(
+                    parts,
+                    RetryBody::new(body, held, Some((cap, rules))),
+                )),
+                None,
+            ),
+            Some(FirstEvent::Error(mut failure)) => {
+                // The provider answered 200, then its first event said it failed.
+                failure.status.get_or_insert(parts.status);
+                (
+                    Err(ClassifiedError::new(
+                        failure,
+                        RetryError::FirstEventWasError,
+                    )),
+                    Some(FirstEventFailed {
+                        request_id: provider_request_id(&parts.headers),
+                    }),
+                )
+            }
+            Some(FirstEvent::BodyFailed(e)) => (Err(verdict::classified_error(e)), None),
+            None => {
+                let after = until
+                    .zip(started)
+                    .map_or(Duration::ZERO, |(at, started)| at - started);
+                (
+                    Err(ClassifiedError::new(
+                        Failure::new(FailureKind::TimedOut),
+                        RetryError::FirstEventTimedOut { after },
+                    )),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+/// Puts the attempt log on the outcome the caller gets.
+fn finish<RB>(outcome: Outcome<RB>, log: AttemptLog) -> Outcome<RB> {
+    match outcome {
+        Ok(mut response) => {
+            response.extensions_mut().insert(log);
+            Ok(response)
+        }
+        Err(error) => Err(error.with_attempt_log(log)),
+    }
+}
+
+fn whole_millis(wait: Duration) -> Duration {
+    let millis = wait.as_nanos().div_ceil(1_000_000);
+    Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+fn provider_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    headers
+        .get(&X_REQUEST_ID)
+        .or_else(|| headers.get(&REQUEST_ID))
+        .cloned()
+}
+
+/// Scans the bodies whose bytes the layer can see without reading them.
+fn body_asks_for_stream<B: 'static>(body: &B) -> bool {
+    let any = body as &dyn Any;
+    if let Some(b) = any.downcast_ref::<ReplayBody>() {
+        return stream_requested(b.bytes());
+    }
+    if let Some(b) = any.downcast_ref::<Bytes>() {
+        return stream_requested(b);
+    }
+    if let Some(b) = any.downcast_ref::<String>() {
+        return stream_requested(b.as_bytes());
+    }
+    false
+}

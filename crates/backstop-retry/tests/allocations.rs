@@ -1,0 +1,207 @@
+//! The success path's cost in allocations: a request that succeeds at once through
+//! [`Retry`](backstop_retry::Retry) allocates no more than the same request through
+//! `tower::retry::Retry` plus what the [`AttemptLog`] on the response needs. Counted
+//! with a global allocator (this file is its own test binary, so the allocator sees
+//! only these tests; one test at a time, by a lock).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use backstop_classify::{AttemptLog, ReplayBody, StopReason};
+use backstop_retry::{RetryConfig, RetryLayer};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::{Layer, Service, ServiceExt};
+
+struct Counting;
+
+static TRACKING: AtomicBool = AtomicBool::new(false);
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+// SAFETY: delegates every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TRACKING.load(Ordering::Relaxed) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if TRACKING.load(Ordering::Relaxed) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+type Req = Request<ReplayBody>;
+type Res = Response<Full<Bytes>>;
+
+/// The benchmark's request: a URI, two headers and a bytes-backed body, each of
+/// which a clone of the request touches.
+fn request() -> Req {
+    Request::post("https://api.provider.test/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-test")
+        .body(ReplayBody::new(Bytes::from_static(
+            br#"{"model":"gpt-4o","messages":[]}"#,
+        )))
+        .expect("static request")
+}
+
+fn bare()
+-> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send + 'static {
+    tower::service_fn(|_req: Req| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
+            Bytes::from_static(b"{}"),
+        ))))
+    })
+}
+
+/// tower's retry with the benchmark's rule: up to two retries on a 5xx or an error.
+#[derive(Clone)]
+struct TwoRetries(u8);
+
+impl<E> tower::retry::Policy<Req, Res, E> for TwoRetries {
+    type Future = std::future::Ready<()>;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        let failed = result
+            .as_ref()
+            .map_or(true, |response| response.status().is_server_error());
+        (failed && self.0 > 0).then(|| {
+            self.0 -= 1;
+            std::future::ready(())
+        })
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        Some(req.clone())
+    }
+}
+
+/// Polls a future that never waits (every service here answers at once).
+fn now<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
+
+/// Allocations made by one call of `svc` (readiness, call, response, and dropping
+/// the response), the request built beforehand. The second of two calls is
+/// counted, so one-time set-up (tracing's callsite registration) is not.
+fn allocations_per_call<S>(mut svc: S, check: impl Fn(&S::Response)) -> usize
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut count = 0;
+    for _ in 0..2 {
+        let req = request();
+        COUNT.store(0, Ordering::SeqCst);
+        TRACKING.store(true, Ordering::SeqCst);
+        let response = now(async {
+            let ready = svc.ready().await.expect("ready");
+            ready.call(req).await
+        })
+        .expect("success");
+        check(&response);
+        drop(response);
+        TRACKING.store(false, Ordering::SeqCst);
+        count = COUNT.load(Ordering::SeqCst);
+    }
+    count
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}
+
+/// Allocations made by `f` alone.
+fn allocations_of<T>(f: impl FnOnce() -> T) -> usize {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    COUNT.store(0, Ordering::SeqCst);
+    TRACKING.store(true, Ordering::SeqCst);
+    drop(f());
+    TRACKING.store(false, Ordering::SeqCst);
+    COUNT.load(Ordering::SeqCst)
+}
+
+/// What every success carries, on a response that had no extensions: the log's
+/// `Vec`, and the extensions map (its box, its table, the value's box).
+fn attempt_log_allocations() -> usize {
+    let log = AttemptLog {
+        attempts: Vec::new(),
+        stop: None,
+    };
+    allocations_of(|| {
+        let mut log = log;
+        log.attempts.reserve_exact(1);
+        let mut response = Response::new(());
+        response.extensions_mut().insert(log);
+        response
+    })
+}
+
+fn check_log(response: &Response<backstop_retry::RetryBody<Full<Bytes>>>) {
+    let log = response.extensions().get::<AttemptLog>().expect("log");
+    assert_eq!(log.attempts.len(), 1);
+    assert_eq!(log.stop, Some(StopReason::Succeeded));
+}
+
+#[test]
+fn a_success_allocates_one_request_copy_and_the_attempt_log() {
+    let runtime = runtime();
+    let _context = runtime.enter();
+    let request = request();
+    let copy = allocations_of(|| request.clone());
+    let log = attempt_log_allocations();
+    assert!(copy > 0 && log > 0, "the allocator counts");
+
+    assert_eq!(allocations_per_call(bare(), |_| {}), 0);
+    // tower's retry copies the request for a retry, and does nothing else.
+    let tower = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
+    assert_eq!(allocations_per_call(tower, |_| {}), copy);
+    // No boxed future, no allocation for the retry machinery: the copy kept for a
+    // retry, and the log.
+    let retry = RetryLayer::new(RetryConfig::interactive()).layer(bare());
+    assert_eq!(allocations_per_call(retry, check_log), copy + log);
+}
+
+#[test]
+fn a_single_attempt_request_is_not_copied() {
+    let runtime = runtime();
+    let _context = runtime.enter();
+    let log = attempt_log_allocations();
+    let config = RetryConfig::interactive()
+        .with_max_attempts(1)
+        .expect("valid");
+    let retry = RetryLayer::new(config).layer(bare());
+    assert_eq!(allocations_per_call(retry, check_log), log);
+}
