@@ -116,6 +116,7 @@ pub(crate) enum AfterHead<RB> {
 impl<S, B> Attempts<S, B> {
     /// The set-up before the first attempt: the effective deadline, the idempotency
     /// key, whether streams are held.
+    #[inline]
     pub(crate) fn new(inner: S, shared: Arc<Shared>, request: Request<B>) -> Self {
         let config = &shared.config;
         let (mut parts, body) = request.into_parts();
@@ -175,6 +176,7 @@ impl<S, B> Attempts<S, B> {
 
     /// Hands the next attempt to the inner service, which the caller has driven to
     /// ready.
+    #[inline]
     pub(crate) fn send<RB>(&mut self) -> Sent<S::Future>
     where
         S: Service<Request<B>, Response = Response<RB>>,
@@ -214,6 +216,7 @@ impl<S, B> Attempts<S, B> {
 
     /// Judges an attempt by its response head or error; `None` means it ran out of
     /// time (`until`).
+    #[inline]
     pub(crate) fn head<RB, E>(
         &mut self,
         result: Option<Result<Response<RB>, E>>,
@@ -240,21 +243,28 @@ impl<S, B> Attempts<S, B> {
         };
 
         let classification = verdict::response_classification(&response, &config.rules);
-        let (mut parts, body) = response.into_parts();
         if !classification.is_success() {
-            if parts.extensions.get::<Classification>().is_none() {
-                parts.extensions.insert(classification.clone());
+            let mut response = response.map(RetryBody::passthrough);
+            if response.extensions().get::<Classification>().is_none() {
+                response.extensions_mut().insert(classification.clone());
             }
             return AfterHead::Done {
-                outcome: Ok(Response::from_parts(parts, RetryBody::passthrough(body))),
+                outcome: Ok(response),
                 classification,
             };
         }
         // A success without a classification stays without one: every Backstop layer
         // reads a response below 400 without one as a success, and the insert would
         // cost an allocation on every request.
-        let is_stream = is_event_stream(&parts.headers);
-        if is_stream && self.hold.resolve(&self.body) {
+        let is_stream = is_event_stream(response.headers());
+        if !is_stream {
+            return AfterHead::Done {
+                outcome: Ok(response.map(RetryBody::passthrough)),
+                classification,
+            };
+        }
+        let (parts, body) = response.into_parts();
+        if self.hold.resolve(&self.body) {
             return AfterHead::Hold(HeldStream {
                 parts,
                 body,
@@ -262,7 +272,7 @@ impl<S, B> Attempts<S, B> {
                 rules: config.rules.clone(),
             });
         }
-        let watch = is_stream.then(|| (config.first_event_cap, config.rules.clone()));
+        let watch = Some((config.first_event_cap, config.rules.clone()));
         AfterHead::Done {
             outcome: Ok(Response::from_parts(
                 parts,
@@ -275,6 +285,7 @@ impl<S, B> Attempts<S, B> {
     /// Records the attempt (`waited` before it; `None` for the first) in the log and
     /// decides what follows: the outcome for the caller, or a wait and another
     /// attempt.
+    #[inline]
     pub(crate) fn conclude<RB>(
         &mut self,
         outcome: Outcome<RB>,
@@ -308,14 +319,17 @@ impl<S, B> Attempts<S, B> {
             record.waited = waited.wait;
             record.hint_used = waited.hint;
         }
-        // Exactly one record's room: most logs never hold a second.
-        self.log.attempts.reserve_exact(1);
-        self.log.attempts.push(record);
+        if self.log.attempts.is_empty() {
+            // Exactly one record's room: most logs never hold a second.
+            self.log.attempts = vec![record];
+        } else {
+            self.log.attempts.push(record);
+        }
         let failure = match self.log.attempts.last().map(|r| &r.classification) {
             Some(Classification::Failure(failure)) => failure,
             _ => {
                 self.log.stop = Some(StopReason::Succeeded);
-                return Next::Return(finish(outcome, std::mem::take(&mut self.log)));
+                return Next::Return(self.finish(outcome));
             }
         };
 
@@ -364,7 +378,7 @@ impl<S, B> Attempts<S, B> {
                     other => other,
                 };
                 self.log.stop = Some(reason);
-                Next::Return(finish(outcome, std::mem::take(&mut self.log)))
+                Next::Return(self.finish(outcome))
             }
             Decision::RetryAfter(wait, hint) => {
                 // The failed response is dropped here, before the wait, so its
@@ -372,6 +386,30 @@ impl<S, B> Attempts<S, B> {
                 drop(outcome);
                 Next::Retry(Waited { wait, hint })
             }
+        }
+    }
+
+    /// Puts the attempt log on the outcome the caller gets. No attempt follows.
+    #[inline]
+    fn finish<RB>(&mut self, outcome: Outcome<RB>) -> Outcome<RB> {
+        let log = std::mem::take(&mut self.log);
+        match outcome {
+            Ok(mut response) => {
+                let spare = &mut self.parts.extensions;
+                if response.extensions().is_empty() && !spare.is_empty() {
+                    // The request's extensions map is no longer needed: emptied, it
+                    // carries the log, which then costs no map of its own (a box, a
+                    // table: two allocations, and two frees when the copy is dropped).
+                    let mut extensions = std::mem::take(spare);
+                    extensions.clear();
+                    extensions.insert(log);
+                    *response.extensions_mut() = extensions;
+                } else {
+                    response.extensions_mut().insert(log);
+                }
+                Ok(response)
+            }
+            Err(error) => Err(error.with_attempt_log(log)),
         }
     }
 
@@ -590,17 +628,6 @@ where
     }
 }
 
-/// Puts the attempt log on the outcome the caller gets.
-fn finish<RB>(outcome: Outcome<RB>, log: AttemptLog) -> Outcome<RB> {
-    match outcome {
-        Ok(mut response) => {
-            response.extensions_mut().insert(log);
-            Ok(response)
-        }
-        Err(error) => Err(error.with_attempt_log(log)),
-    }
-}
-
 fn whole_millis(wait: Duration) -> Duration {
     let millis = wait.as_nanos().div_ceil(1_000_000);
     Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
@@ -613,6 +640,7 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+#[inline]
 fn is_event_stream(headers: &http::HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
@@ -624,6 +652,7 @@ fn is_event_stream(headers: &http::HeaderMap) -> bool {
         })
 }
 
+#[inline]
 fn provider_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
     headers
         .get(&X_REQUEST_ID)

@@ -69,6 +69,7 @@ where
     S: Service<Request<B>>,
 {
     /// The first attempt, already handed to the inner service.
+    #[inline]
     pub(crate) fn first(
         sent: Sent<S::Future>,
         attempts: Attempts<S, B>,

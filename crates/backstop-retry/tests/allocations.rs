@@ -112,7 +112,20 @@ fn now<F: Future>(future: F) -> F::Output {
 /// Allocations made by one call of `svc` (readiness, call, response, and dropping
 /// the response), the request built beforehand. The second of two calls is
 /// counted, so one-time set-up (tracing's callsite registration) is not.
-fn allocations_per_call<S>(mut svc: S, check: impl Fn(&S::Response)) -> usize
+fn allocations_per_call<S>(svc: S, check: impl Fn(&S::Response)) -> usize
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    allocations_per_call_with(svc, request, check)
+}
+
+/// As [`allocations_per_call`], with requests made by `make`.
+fn allocations_per_call_with<S>(
+    mut svc: S,
+    make: impl Fn() -> Req,
+    check: impl Fn(&S::Response),
+) -> usize
 where
     S: Service<Req>,
     S::Error: std::fmt::Debug,
@@ -120,7 +133,7 @@ where
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut count = 0;
     for _ in 0..2 {
-        let req = request();
+        let req = make();
         COUNT.store(0, Ordering::SeqCst);
         TRACKING.store(true, Ordering::SeqCst);
         let response = now(async {
@@ -204,4 +217,31 @@ fn a_single_attempt_request_is_not_copied() {
         .expect("valid");
     let retry = RetryLayer::new(config).layer(bare());
     assert_eq!(allocations_per_call(retry, check_log), log);
+}
+
+/// A request extension, as the layers outside put them (budget handle, model route).
+#[derive(Clone, Debug, PartialEq)]
+struct Tag(u64);
+
+#[test]
+fn the_log_reuses_the_request_extensions_map_and_nothing_of_the_request_leaks() {
+    let runtime = runtime();
+    let _context = runtime.enter();
+    let tagged = || {
+        let mut request = request();
+        request.extensions_mut().insert(Tag(7));
+        request
+    };
+    let copy = allocations_of({
+        let request = tagged();
+        move || request.clone()
+    });
+    let retry = RetryLayer::new(RetryConfig::interactive()).layer(bare());
+    let allocations = allocations_per_call_with(retry, tagged, |response| {
+        check_log(response);
+        assert_eq!(response.extensions().get::<Tag>(), None);
+        assert_eq!(response.extensions().len(), 1);
+    });
+    // The copy kept for a retry, the log's `Vec` and its box in the emptied map.
+    assert_eq!(allocations, copy + 2);
 }
