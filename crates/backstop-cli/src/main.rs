@@ -72,7 +72,46 @@ enum Command {
         /// behind a private CA.
         #[arg(long)]
         ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        limits: ProxyLimits,
     },
+}
+
+/// The proxy's bounds on what clients may hold (see `ProxyConfig`'s setters).
+#[derive(clap::Args, Debug)]
+struct ProxyLimits {
+    /// Chat requests in flight at once (a stream until its last byte); beyond it a
+    /// request is answered at once with a 503 `proxy_overloaded` and `Retry-After: 1`.
+    #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
+    /// Client connections open at once; beyond it new ones wait in the listen backlog.
+    #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Time a client has to send each HTTP/1.1 request head (and an idle keep-alive
+    /// connection stays open), e.g. `30s`.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    header_read_timeout: std::time::Duration,
+    /// Time a client has to send a request body before a 408, e.g. `60s`.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    body_read_timeout: std::time::Duration,
+    /// Bytes in a request head (HTTP/1.1: 431 beyond it) or header list (HTTP/2).
+    #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_HEADER_BYTES)]
+    max_header_bytes: usize,
+    /// Streams open at once on one HTTP/2 connection.
+    #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: u32,
+}
+
+impl ProxyLimits {
+    fn apply(&self, config: backstop_cli::proxy::ProxyConfig) -> backstop_cli::proxy::ProxyConfig {
+        config
+            .max_in_flight(self.max_in_flight)
+            .max_connections(self.max_connections)
+            .header_read_timeout(self.header_read_timeout)
+            .body_read_timeout(self.body_read_timeout)
+            .max_header_bytes(self.max_header_bytes)
+            .max_concurrent_streams(self.max_concurrent_streams)
+    }
 }
 
 fn main() -> ExitCode {
@@ -106,7 +145,8 @@ fn main() -> ExitCode {
             listen,
             drain_timeout,
             ca_file,
-        } => match run_proxy(config, listen, drain_timeout, ca_file) {
+            limits,
+        } => match run_proxy(config, listen, drain_timeout, ca_file, limits) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("backstop proxy: {message}");
@@ -121,6 +161,7 @@ fn run_proxy(
     listen: std::net::SocketAddr,
     drain_timeout: std::time::Duration,
     ca_file: Option<PathBuf>,
+    limits: ProxyLimits,
 ) -> Result<(), String> {
     let level = match std::env::var("BACKSTOP_LOG").ok().as_deref() {
         None | Some("") => tracing::Level::INFO,
@@ -149,6 +190,7 @@ fn run_proxy(
                     .drain_timeout(drain_timeout)
                     .with_root_certificates_pem(roots),
             )
+            .map(|config| limits.apply(config))
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,10 +204,10 @@ fn run_proxy(
         let handle = match config {
             Some(config) => backstop_cli::proxy::serve(config, listener).await,
             None => {
-                backstop_cli::proxy::serve_builtin_mock(
+                backstop_cli::proxy::serve_builtin_mock_with(
                     backstop_mock::Scenario::new(0),
                     listener,
-                    drain_timeout,
+                    |config| limits.apply(config.drain_timeout(drain_timeout)),
                 )
                 .await
             }

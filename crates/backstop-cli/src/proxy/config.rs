@@ -16,6 +16,29 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request body may take to arrive by default.
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How many chat requests may be in flight at once by default (streams count until
+/// their last byte); beyond it requests are shed with a 503.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
+/// How many client connections may be open at once by default; beyond it the
+/// proxy stops accepting until one closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// How long a client may take to send a request head by default (HTTP/1.1, and the
+/// connection preface that chooses the protocol); an idle keep-alive connection is
+/// closed after the same time.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The cap on a request head by default (request line and headers, HTTP/1.1; the
+/// header list, HTTP/2): 64 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// How many streams one HTTP/2 connection may have open at once by default.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// The smallest head cap accepted: hyper's HTTP/1.1 read buffer cannot be smaller.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
+
 type EnvReader = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 type BuilderEdit = Box<dyn FnOnce(BackstopBuilder) -> BackstopBuilder + Send>;
 
@@ -31,7 +54,36 @@ pub struct ProxyConfig {
     edit: Option<BuilderEdit>,
     drain_timeout: Duration,
     body_read_timeout: Duration,
+    limits: Limits,
     extra_roots_pem: Vec<u8>,
+}
+
+/// The bounds the listening side keeps, whatever clients do: each has a
+/// `ProxyConfig` setter and a `backstop proxy` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Chat requests in flight at once (a stream until its last byte).
+    pub max_in_flight: usize,
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// Time to send the connection preface and each HTTP/1.1 request head.
+    pub header_read_timeout: Duration,
+    /// Bytes in a request head (HTTP/1.1) or header list (HTTP/2).
+    pub max_header_bytes: usize,
+    /// Streams open at once on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+        }
+    }
 }
 
 impl fmt::Debug for ProxyConfig {
@@ -41,6 +93,7 @@ impl fmt::Debug for ProxyConfig {
             .field("stack", &self.stack)
             .field("drain_timeout", &self.drain_timeout)
             .field("body_read_timeout", &self.body_read_timeout)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -54,6 +107,7 @@ impl ProxyConfig {
             edit: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            limits: Limits::default(),
             extra_roots_pem: Vec::new(),
         }
     }
@@ -96,6 +150,52 @@ impl ProxyConfig {
     pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
         self.body_read_timeout = timeout;
         self
+    }
+
+    /// How many chat requests may be in flight at once (a stream counts until its
+    /// last byte reaches the caller or the caller leaves). Beyond it a request is
+    /// answered at once, before its body is read, with a 503 `proxy_overloaded`,
+    /// `Retry-After: 1` and `x-should-retry: true`. At least 1.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.limits.max_in_flight = max.max(1);
+        self
+    }
+
+    /// How many client connections may be open at once. At the limit the proxy
+    /// stops accepting until one closes: new connections wait in the kernel's
+    /// listen backlog (bounded) instead of holding a task and buffers each. At
+    /// least 1.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.limits.max_connections = max.max(1);
+        self
+    }
+
+    /// How long a client may take to send the connection preface and each HTTP/1.1
+    /// request head; the connection is closed after that (an HTTP/1.1 keep-alive
+    /// connection idle this long too). A slow-loris client cannot pin connections.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.header_read_timeout = timeout;
+        self
+    }
+
+    /// The cap on a request head: an HTTP/1.1 request line and headers over it are
+    /// answered 431 and the connection closed; on HTTP/2 it is the advertised
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE`. At least 8 KiB (hyper's minimum read buffer).
+    pub fn max_header_bytes(mut self, max: usize) -> Self {
+        self.limits.max_header_bytes = max.max(MIN_HEADER_BYTES);
+        self
+    }
+
+    /// How many streams one HTTP/2 connection may have open at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). At least 1.
+    pub fn max_concurrent_streams(mut self, max: u32) -> Self {
+        self.limits.max_concurrent_streams = max.max(1);
+        self
+    }
+
+    /// The listening side's bounds.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Trusts these PEM certificates too, besides the system's roots: for upstreams

@@ -26,15 +26,18 @@ pub enum Outcome {
     /// The proxy refused the request before the stack (unknown route or model, body
     /// too large, not JSON).
     Rejected,
+    /// The proxy was at its in-flight bound: answered 503 at once, body unread.
+    Shed,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Served,
         Outcome::ServedByFallback,
         Outcome::UpstreamError,
         Outcome::LocalError,
         Outcome::Rejected,
+        Outcome::Shed,
     ];
 
     /// The `outcome` label.
@@ -45,6 +48,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::LocalError => "local_error",
             Outcome::Rejected => "rejected",
+            Outcome::Shed => "shed",
         }
     }
 
@@ -56,7 +60,7 @@ impl Outcome {
 /// The proxy's counters, shared by every connection.
 #[derive(Debug, Default)]
 pub struct Counters {
-    requests: [AtomicU64; 5],
+    requests: [AtomicU64; 6],
     attempts: AtomicU64,
     fallbacks: AtomicU64,
 }
@@ -65,11 +69,15 @@ pub struct Counters {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CounterValues {
     /// Requests per [`Outcome`], in [`Outcome`] declaration order.
-    pub requests: [u64; 5],
+    pub requests: [u64; 6],
     /// Upstream attempts.
     pub attempts: u64,
     /// Requests on which a fallback fired.
     pub fallbacks: u64,
+    /// Chat requests in flight now (a gauge, filled in by the proxy).
+    pub in_flight: u64,
+    /// The in-flight bound beyond which requests are shed.
+    pub max_in_flight: u64,
 }
 
 impl Counters {
@@ -88,6 +96,8 @@ impl Counters {
             requests: std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed)),
             attempts: self.attempts.load(Ordering::Relaxed),
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            in_flight: 0,
+            max_in_flight: 0,
         }
     }
 }
@@ -122,8 +132,14 @@ pub fn render(
          backstop_proxy_upstream_attempts_total {}\n\
          # HELP backstop_proxy_fallbacks_total Requests on which another model than the requested one was tried.\n\
          # TYPE backstop_proxy_fallbacks_total counter\n\
-         backstop_proxy_fallbacks_total {}",
-        counters.attempts, counters.fallbacks
+         backstop_proxy_fallbacks_total {}\n\
+         # HELP backstop_proxy_in_flight Chat requests in flight (streams until their last byte).\n\
+         # TYPE backstop_proxy_in_flight gauge\n\
+         backstop_proxy_in_flight {}\n\
+         # HELP backstop_proxy_max_in_flight The in-flight bound beyond which requests are shed with a 503.\n\
+         # TYPE backstop_proxy_max_in_flight gauge\n\
+         backstop_proxy_max_in_flight {}",
+        counters.attempts, counters.fallbacks, counters.in_flight, counters.max_in_flight
     );
     let _ = writeln!(
         out,
@@ -224,13 +240,16 @@ mod tests {
         counters.record(Outcome::Served, 1, false);
         counters.record(Outcome::ServedByFallback, 3, true);
         counters.record(Outcome::Rejected, 0, false);
+        counters.record(Outcome::Shed, 0, false);
         counters.record(Outcome::Served, 2, false);
         assert_eq!(
             counters.values(),
             CounterValues {
-                requests: [2, 1, 0, 0, 1],
+                requests: [2, 1, 0, 0, 1, 1],
                 attempts: 6,
                 fallbacks: 1,
+                in_flight: 0,
+                max_in_flight: 0,
             }
         );
     }
@@ -238,9 +257,11 @@ mod tests {
     #[test]
     fn rendering_lists_each_outcome_and_the_budget() {
         let values = CounterValues {
-            requests: [5, 1, 2, 0, 3],
+            requests: [5, 1, 2, 0, 3, 4],
             attempts: 11,
             fallbacks: 1,
+            in_flight: 7,
+            max_in_flight: 1024,
         };
         let mut budget = BudgetSnapshot::new("windowed");
         budget.deposits = 9;
@@ -252,6 +273,9 @@ mod tests {
             "backstop_proxy_requests_total{outcome=\"upstream_error\"} 2",
             "backstop_proxy_requests_total{outcome=\"local_error\"} 0",
             "backstop_proxy_requests_total{outcome=\"rejected\"} 3",
+            "backstop_proxy_requests_total{outcome=\"shed\"} 4",
+            "backstop_proxy_in_flight 7",
+            "backstop_proxy_max_in_flight 1024",
             "backstop_proxy_upstream_attempts_total 11",
             "backstop_proxy_fallbacks_total 1",
             "backstop_budget_deposits_total{model=\"windowed\"} 9",

@@ -24,7 +24,7 @@
 //! | `POST /v1/chat/completions` | through the stack, to the model the body names (JSON or SSE) |
 //! | `GET /v1/models` | the configured models, from the configuration (no upstream call) |
 //! | `GET /healthz` | `200 ok` |
-//! | `GET /metrics` | Prometheus text: requests by outcome, upstream attempts, fallbacks, breaker state per key, the retry budget |
+//! | `GET /metrics` | Prometheus text: requests by outcome (`shed` included), requests in flight and the bound, upstream attempts, fallbacks, breaker state per key, the retry budget |
 //!
 //! ## What it reads
 //!
@@ -35,6 +35,29 @@
 //! without one as soon as it crosses the cap. A body that has not arrived within
 //! 60 s ([`ProxyConfig::body_read_timeout`]) is answered 408. Refusals made before
 //! the stack carry `x-should-retry: false` too: they would fail the same way again.
+//!
+//! ## Limits: what no client can make it hold
+//!
+//! | bound | default | beyond it |
+//! |---|---|---|
+//! | chat requests in flight ([`ProxyConfig::max_in_flight`], `--max-in-flight`) | 1024 | answered at once, body unread: 503 `proxy_overloaded`, `Retry-After: 1`, `x-should-retry: true` |
+//! | open connections ([`ProxyConfig::max_connections`], `--max-connections`) | 4096 | not accepted until one closes: they wait in the kernel's listen backlog |
+//! | time to send the preface and each HTTP/1.1 head ([`ProxyConfig::header_read_timeout`]) | 30 s | connection closed (an idle keep-alive connection too) |
+//! | request head size ([`ProxyConfig::max_header_bytes`]) | 64 KiB | HTTP/1.1: 431 and close; HTTP/2: the advertised header list size |
+//! | HTTP/1.1 headers per request | 100 (hyper's) | 431 and close |
+//! | streams per HTTP/2 connection ([`ProxyConfig::max_concurrent_streams`]) | 256 | refused by HTTP/2 flow control (the client waits) |
+//! | request body size (`max_request_body`) / time ([`ProxyConfig::body_read_timeout`]) | 8 MiB / 60 s | 413 / 408 |
+//!
+//! A stream counts as in flight until its last byte reaches the caller, or the
+//! caller leaves. Shedding is retryable by design: the shed request reached no
+//! provider, so a retry cannot bill or answer twice, and the official SDKs' retry
+//! (twice, after the `Retry-After` second) is the bounded back-off an overloaded
+//! proxy wants. `/healthz` and `/metrics` are never shed. Malformed HTTP/1.1 (bad
+//! request line, invalid header bytes, conflicting lengths) gets hyper's 400 and a
+//! closed connection; a broken chunked body a 400 `body_read_failed`. The memory a
+//! client can hold is therefore bounded by these figures: at most `max_in_flight`
+//! buffered bodies of at most `max_request_body`, and per connection one read buffer
+//! of at most `max(max_header_bytes, 16 KiB)`.
 //!
 //! ## What it adds to every answer from the stack
 //!
@@ -146,9 +169,11 @@
 //! # }
 //! ```
 
+mod admission;
 mod body;
 mod config;
 mod error;
+mod handshake;
 mod metrics;
 mod outcome;
 mod reply;
@@ -162,8 +187,13 @@ use backstop::mock::{MockServer, Scenario};
 use tokio::net::TcpListener;
 use tower::Layer;
 
+pub use admission::{InFlightGuard, InFlightLimit, OVERLOADED_CODE, Overloaded};
 pub use body::{ProxyBody, error_event};
-pub use config::{DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, ProxyConfig, builtin_mock};
+pub use config::{
+    DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_IN_FLIGHT, Limits, ProxyConfig, builtin_mock,
+};
 pub use error::ProxyError;
 pub use metrics::{CounterValues, Outcome, render as render_metrics};
 pub use outcome::{
@@ -193,6 +223,7 @@ pub async fn serve(
         max_request_body: config.max_request_body(),
         body_read_timeout: config.body_read(),
         counters: Counters::default(),
+        in_flight: InFlightLimit::new(config.limits().max_in_flight),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(server::accept_loop(
@@ -200,6 +231,7 @@ pub async fn serve(
         shared,
         stopped,
         config.drain(),
+        config.limits(),
     ));
     tracing::info!(target: "backstop::proxy", %local_addr, models = ?config.models().iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), "proxy listening");
     Ok(ProxyHandle {
@@ -218,11 +250,24 @@ pub async fn serve_builtin_mock(
     listener: TcpListener,
     drain_timeout: std::time::Duration,
 ) -> Result<ProxyHandle, ProxyError> {
+    serve_builtin_mock_with(scenario, listener, |config| {
+        config.drain_timeout(drain_timeout)
+    })
+    .await
+}
+
+/// [`serve_builtin_mock`], with `configure` applied to [`builtin_mock`]'s
+/// configuration first (limits, timeouts, stack edits).
+pub async fn serve_builtin_mock_with(
+    scenario: Scenario,
+    listener: TcpListener,
+    configure: impl FnOnce(ProxyConfig) -> ProxyConfig,
+) -> Result<ProxyHandle, ProxyError> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let mock = MockServer::start(scenario, addr)
         .await
         .map_err(ProxyError::Mock)?;
-    let config = builtin_mock(&mock.base_url())?.drain_timeout(drain_timeout);
+    let config = configure(builtin_mock(&mock.base_url())?);
     let mut handle = serve(config, listener).await?;
     handle.mock = Some(mock);
     Ok(handle)

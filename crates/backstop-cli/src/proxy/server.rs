@@ -1,5 +1,6 @@
 //! The listening side: accepting connections (HTTP/1.1 and h2c, chosen per
-//! connection), and a graceful shutdown that stops accepting, lets in-flight
+//! connection) up to a bound, the per-connection limits (head size and read time,
+//! HTTP/2 streams), and a graceful shutdown that stops accepting, lets in-flight
 //! requests finish within a bound, then closes what is left.
 
 use std::convert::Infallible;
@@ -9,13 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop::mock::MockServer;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::config::Limits;
+use super::handshake::{Prefixed, Protocol, read_preface};
 use super::service::{Shared, handle};
 
 /// A running proxy. [`shutdown`](Self::shutdown) stops it and waits; dropping the
@@ -75,15 +78,27 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: oneshot::Receiver<()>,
     drain: Duration,
+    limits: Limits,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // With a timer, hyper enforces its 30 s limit on reading a request head, so a
-    // client that opens connections and never finishes its headers cannot pin them.
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    let protocols = Protocols::new(&limits);
+    let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Connections still choosing their protocol have no request in flight: at
+    // shutdown they close at once instead of waiting out the preface timeout.
+    let (stopping, stopping_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
+        // At the connection limit, stop accepting: new clients wait in the
+        // kernel's listen backlog (bounded) rather than each costing a task and
+        // buffers here.
+        let slot = tokio::select! {
+            slot = connection_slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                // The semaphore is never closed; were it, stop serving.
+                Err(_closed) => break,
+            },
+            _ = &mut stop => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -96,27 +111,23 @@ pub(crate) async fn accept_loop(
                         continue;
                     }
                 };
-                let shared = shared.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(shared, request).await) }
-                });
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
                 // Reap finished connections so a long-running proxy does not keep them.
                 while connections.try_join_next().is_some() {}
-                connections.spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(target: "backstop::proxy", %peer, %error, "connection ended with an error");
-                    }
-                });
+                connections.spawn(serve_connection(
+                    stream,
+                    peer,
+                    shared.clone(),
+                    protocols.clone(),
+                    graceful.watcher(),
+                    stopping_seen.clone(),
+                    slot,
+                ));
             }
             _ = &mut stop => break,
         }
     }
     drop(listener);
+    stopping.send_replace(true);
     tracing::info!(target: "backstop::proxy", in_flight = graceful.count(), "shutting down: no new connections; draining");
     tokio::select! {
         () = graceful.shutdown() => {
@@ -128,4 +139,101 @@ pub(crate) async fn accept_loop(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// The two protocol builders, configured once with the proxy's limits.
+#[derive(Clone)]
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    preface_timeout: Duration,
+}
+
+impl Protocols {
+    fn new(limits: &Limits) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            // With a timer, hyper bounds the time to read each request head (and an
+            // idle keep-alive connection, which waits for the next head).
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // A head over the cap is answered 431 and the connection closed.
+            .max_header_size(limits.max_header_bytes)
+            // The read buffer may not grow past the head cap either (hyper's floor
+            // is 8 KiB): body bytes are read in pieces of at most this size.
+            .max_buf_size(limits.max_header_bytes.max(16 * 1024));
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // A peer that vanished without a FIN is found and its streams dropped.
+            .keep_alive_interval(Some(HTTP2_KEEP_ALIVE_INTERVAL))
+            .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
+        Protocols {
+            http1,
+            http2,
+            preface_timeout: limits.header_read_timeout,
+        }
+    }
+}
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take.
+const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves one connection: the protocol, chosen within the header read timeout, then
+/// requests until either side closes. `_slot` is the connection's place under
+/// `max_connections`, freed when this returns.
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    protocols: Protocols,
+    watcher: Watcher,
+    mut stopping: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    // Streams are written event by event: no Nagle delay on small SSE frames.
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(target: "backstop::proxy", %peer, %error, "cannot disable Nagle's algorithm");
+    }
+    let preface = tokio::select! {
+        preface = tokio::time::timeout(protocols.preface_timeout, read_preface(&mut stream)) => preface,
+        // A pooled spare connection a client opened but never used: nothing to drain.
+        _ = stopping.wait_for(|stopping| *stopping) => return,
+    };
+    let (protocol, first) = match preface {
+        Ok(Ok(decided)) => decided,
+        Ok(Err(error)) => {
+            tracing::debug!(target: "backstop::proxy", %peer, %error, "connection closed before its first request");
+            return;
+        }
+        Err(_elapsed) => {
+            tracing::debug!(target: "backstop::proxy", %peer, "no request within the header read timeout; closing");
+            return;
+        }
+    };
+    let io = TokioIo::new(Prefixed::new(first, stream));
+    let service = hyper::service::service_fn(move |request| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, request).await) }
+    });
+    let served = match protocol {
+        Protocol::Http1 => {
+            watcher
+                .watch(protocols.http1.serve_connection(io, service))
+                .await
+        }
+        Protocol::Http2 => {
+            watcher
+                .watch(protocols.http2.serve_connection(io, service))
+                .await
+        }
+    };
+    if let Err(error) = served {
+        // Malformed requests, oversized heads, timeouts and clients leaving all end
+        // here; hyper has already answered 400/431 where HTTP/1.1 allows it.
+        tracing::debug!(target: "backstop::proxy", %peer, %error, "connection ended with an error");
+    }
 }

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use super::admission::{Admitted, InFlightLimit, overloaded_response};
 use super::body::{ProxyBody, SseErrorAsEvent};
 use super::metrics::{Counters, Outcome, render};
 use super::outcome::{Report, SHOULD_RETRY_HEADER, error_status};
@@ -45,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) max_request_body: usize,
     pub(crate) body_read_timeout: std::time::Duration,
     pub(crate) counters: Counters,
+    /// The bound on chat requests in flight.
+    pub(crate) in_flight: Arc<InFlightLimit>,
 }
 
 /// Answers one request. Never fails: every problem becomes an HTTP answer.
@@ -54,8 +57,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
         (&Method::POST, "/v1/chat/completions") => chat(shared, request).await,
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok".into()),
         (&Method::GET, "/metrics") => {
+            let mut values = shared.counters.values();
+            values.in_flight = shared.in_flight.in_flight() as u64;
+            values.max_in_flight = shared.in_flight.max() as u64;
             let text_body = render(
-                &shared.counters.values(),
+                &values,
                 &shared.layer.breaker().breaker().snapshot(),
                 &shared.layer.budget().snapshot(),
                 shared.layer.budget().throttle_snapshot().as_ref(),
@@ -100,7 +106,22 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
     }
 }
 
+/// Admits the request under the in-flight bound (or sheds it at once, its body
+/// unread), then answers it; the slot is held until the response body ends.
 async fn chat(shared: Arc<Shared>, request: Request<Incoming>) -> Response<ProxyBody> {
+    match shared.in_flight.try_admit() {
+        Ok(guard) => Admitted::response(admitted_chat(shared, request).await, guard),
+        Err(overloaded) => {
+            shared.counters.record(Outcome::Shed, 0, false);
+            // Debug, not info: under overload a line per shed request would add to
+            // the load; the count is in /metrics.
+            tracing::debug!(target: "backstop::proxy", max_in_flight = overloaded.max, "request shed");
+            overloaded_response(overloaded)
+        }
+    }
+}
+
+async fn admitted_chat(shared: Arc<Shared>, request: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let (mut parts, body) = request.into_parts();
     let limit = shared.max_request_body;

@@ -1,0 +1,278 @@
+//! Load shedding: a bound on the chat requests in flight, and the 503 a request
+//! over it gets at once.
+//!
+//! Without a bound, a proxy in front of a slow provider accumulates requests (each
+//! with its body buffer, its upstream connection, its task) until memory runs out:
+//! the queue is the outage. With it, the excess is refused in microseconds, before
+//! its body is read, with an answer every OpenAI-compatible client understands.
+//!
+//! Shedding is retryable (`x-should-retry: true`, `Retry-After: 1`): nothing was
+//! sent to any provider, so a client's retry cannot double-bill or answer twice,
+//! and the condition is transient. The official SDKs then wait one second and try
+//! again at most twice, which is the bounded back-off an overloaded server wants.
+//!
+//! [`InFlightLimit`] is plain atomics: no runtime, testable on its own.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::body::ProxyBody;
+use super::outcome::SHOULD_RETRY_HEADER;
+use super::reply::openai_error;
+
+/// The error `code` of a shed request.
+pub const OVERLOADED_CODE: &str = "proxy_overloaded";
+
+/// A bound on requests in flight, shared by every connection.
+#[derive(Debug)]
+pub struct InFlightLimit {
+    in_flight: AtomicUsize,
+    max: usize,
+}
+
+/// A request is over the bound: shed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overloaded {
+    /// The bound that was reached.
+    pub max: usize,
+}
+
+impl InFlightLimit {
+    /// At most `max` requests in flight.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(InFlightLimit {
+            in_flight: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Admits one request while fewer than `max` are in flight. The request counts
+    /// until the returned guard is dropped.
+    pub fn try_admit(self: &Arc<Self>) -> Result<InFlightGuard, Overloaded> {
+        // A compare-and-swap loop rather than add-then-undo: a refused request never
+        // inflates the count, so none is refused while a slot is free.
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map(|_| InFlightGuard {
+                limit: Arc::clone(self),
+            })
+            .map_err(|_| Overloaded { max: self.max })
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// One admitted request; dropping it frees the slot.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    limit: Arc<InFlightLimit>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.limit.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The answer to a shed request: 503, an OpenAI-style body that names the bound and
+/// how to raise it, `Retry-After: 1` and `x-should-retry: true`.
+pub fn overloaded_response(overloaded: Overloaded) -> Response<ProxyBody> {
+    let mut response = openai_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        OVERLOADED_CODE,
+        &format!(
+            "backstop proxy is at its limit of {} requests in flight; retry after 1 s, or raise --max-in-flight",
+            overloaded.max
+        ),
+    );
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+pin_project! {
+    /// A response body that keeps its request's slot until the body ends or the
+    /// caller leaves (hyper drops the body then): a stream is in flight until its
+    /// last byte.
+    pub struct Admitted<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlightGuard>,
+    }
+}
+
+impl<B> Admitted<B> {
+    /// Ties `guard` to `inner`'s lifetime.
+    pub fn new(inner: B, guard: InFlightGuard) -> Self {
+        Admitted {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Admitted<ProxyBody> {
+    /// Ties `guard` to the body of `response`.
+    pub fn response(response: Response<ProxyBody>, guard: InFlightGuard) -> Response<ProxyBody> {
+        use http_body_util::BodyExt;
+        response.map(|body| Admitted::new(body, guard).boxed_unsync())
+    }
+}
+
+impl<B> Body for Admitted<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            // The end: free the slot now rather than when hyper gets round to
+            // dropping the body.
+            this.guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn admits_up_to_the_bound_then_refuses_until_a_slot_frees() {
+        let limit = InFlightLimit::new(2);
+        let first = limit.try_admit().expect("1 of 2");
+        let second = limit.try_admit().expect("2 of 2");
+        assert_eq!(limit.try_admit().unwrap_err(), Overloaded { max: 2 });
+        assert_eq!(limit.try_admit().unwrap_err(), Overloaded { max: 2 });
+        assert_eq!(limit.in_flight(), 2, "refusals do not count");
+        drop(first);
+        assert_eq!(limit.in_flight(), 1);
+        let third = limit.try_admit().expect("the freed slot");
+        assert_eq!(limit.in_flight(), 2);
+        drop((second, third));
+        assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[test]
+    fn concurrent_admissions_never_exceed_the_bound() {
+        // Eight threads race for three slots; the count itself (not only the number
+        // admitted) must never pass the bound, or a refused request inflated it.
+        let limit = InFlightLimit::new(3);
+        let peak = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let limit = limit.clone();
+                let peak = peak.clone();
+                std::thread::spawn(move || {
+                    let (mut admitted, mut refused) = (0usize, 0usize);
+                    for _ in 0..10_000 {
+                        peak.fetch_max(limit.in_flight(), Ordering::AcqRel);
+                        match limit.try_admit() {
+                            Ok(guard) => {
+                                admitted += 1;
+                                peak.fetch_max(limit.in_flight(), Ordering::AcqRel);
+                                drop(guard);
+                            }
+                            Err(Overloaded { max }) => {
+                                assert_eq!(max, 3);
+                                refused += 1;
+                            }
+                        }
+                    }
+                    (admitted, refused)
+                })
+            })
+            .collect();
+        let (admitted, refused) = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .fold((0, 0), |(a, r), (a2, r2)| (a + a2, r + r2));
+        assert_eq!(admitted + refused, 80_000);
+        assert!(admitted > 0);
+        assert!(peak.load(Ordering::Acquire) <= 3, "peak {peak:?}");
+        assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[test]
+    fn shed_answer_is_a_retryable_503_naming_the_bound() {
+        let response = overloaded_response(Overloaded { max: 1024 });
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(response.headers()["x-should-retry"], "true");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = futures_util::FutureExt::now_or_never(response.into_body().collect())
+            .expect("a full body is ready")
+            .expect("infallible")
+            .to_bytes();
+        assert_eq!(
+            body,
+            "{\"error\":{\"message\":\"backstop proxy is at its limit of 1024 requests in flight; retry after 1 s, or raise --max-in-flight\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_overloaded\"}}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_slot_is_held_until_the_body_ends() {
+        let limit = InFlightLimit::new(1);
+        let guard = limit.try_admit().unwrap();
+        let body = Admitted::new(
+            http_body_util::Full::new(Bytes::from_static(b"data: x\n\n")),
+            guard,
+        );
+        let mut body = std::pin::pin!(body);
+        assert_eq!(limit.in_flight(), 1);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "data: x\n\n");
+        assert_eq!(limit.in_flight(), 1, "not yet ended");
+        assert!(body.frame().await.is_none());
+        assert_eq!(limit.in_flight(), 0, "freed at the end, before the drop");
+    }
+
+    #[test]
+    fn a_dropped_body_frees_its_slot() {
+        let limit = InFlightLimit::new(1);
+        let body = Admitted::new(
+            http_body_util::Empty::<Bytes>::new(),
+            limit.try_admit().unwrap(),
+        );
+        assert!(limit.try_admit().is_err());
+        drop(body);
+        assert!(limit.try_admit().is_ok());
+    }
+}

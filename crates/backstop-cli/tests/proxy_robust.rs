@@ -1,0 +1,596 @@
+//! The proxy under hostile or heavy clients, over loopback: malformed HTTP, huge
+//! heads, slow clients, clients leaving mid-stream, overload, thousands of
+//! concurrent streams. Each test asserts what the client sees (exact status lines,
+//! bodies, bytes) and that the proxy keeps serving afterwards.
+//!
+//! Real time (sockets), with short limits (hundreds of milliseconds) so that every
+//! test finishes in a few seconds. The concurrency test needs about 6 000 file
+//! descriptors; it says so when `ulimit -n` is lower.
+
+use std::time::Duration;
+
+use backstop::mock::{Fault, MockServer, ModelPlan, Scenario};
+use backstop_cli::proxy::{self, ProxyConfig, ProxyHandle};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The mock provider and the proxy in front of it (the built-in mock's
+/// configuration: gpt-4o falling back to claude-sonnet), with `configure` applied.
+async fn start(
+    scenario: Scenario,
+    configure: impl FnOnce(ProxyConfig) -> ProxyConfig,
+) -> (MockServer, ProxyHandle) {
+    let mock = MockServer::start(scenario, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock binds loopback");
+    let config = proxy::builtin_mock(&mock.base_url())
+        .expect("valid configuration")
+        .drain_timeout(Duration::from_secs(2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy::serve(configure(config), listener)
+        .await
+        .expect("proxy starts");
+    (mock, proxy)
+}
+
+fn http1() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2c() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+fn chat_body(model: &str, stream: bool) -> String {
+    format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":{stream}}}"#
+    )
+}
+
+fn chat(proxy: &ProxyHandle, model: &str, stream: bool) -> http::Request<Full<Bytes>> {
+    http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat_body(model, stream))))
+        .unwrap()
+}
+
+async fn healthz(client: &HttpClient, proxy: &ProxyHandle) -> StatusCode {
+    let uri = format!("http://{}/healthz", proxy.local_addr());
+    client
+        .get(uri.parse().unwrap())
+        .await
+        .expect("the proxy answers")
+        .status()
+}
+
+/// One value from the proxy's `/metrics`.
+async fn metric(proxy: &ProxyHandle, name: &str) -> u64 {
+    let uri = format!("http://{}/metrics", proxy.local_addr());
+    let response = http1().get(uri.parse().unwrap()).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Writes `bytes` on a new connection, then reads until the proxy closes it (at
+/// most 3 s). Returns what was read and whether the proxy closed.
+async fn raw_exchange(proxy: &ProxyHandle, bytes: &[u8]) -> (String, bool) {
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_until_closed(&mut stream, Duration::from_secs(3)).await
+}
+
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    let closed = loop {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_elapsed) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+fn status_line(response: &str) -> &str {
+    response.split("\r\n").next().unwrap_or("")
+}
+
+fn error_code(body: &[u8]) -> String {
+    let json: serde_json::Value = serde_json::from_slice(body).expect("a JSON error body");
+    json["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_a_400_and_close_and_the_proxy_keeps_serving() {
+    let (mock, proxy) = start(Scenario::new(1), |c| c).await;
+    let cases: [(&str, &[u8]); 7] = [
+        ("garbage bytes", b"\x00\x01\x02\xff\xfe garbage\r\n\r\n"),
+        ("no method or path", b"HTTP/1.1\r\n\r\n"),
+        ("bad request line", b"GET\r\n\r\n"),
+        ("space in the path", b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "control byte in a header value",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+        ),
+        (
+            "invalid header name",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
+        ),
+        (
+            "conflicting content lengths",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n12345",
+        ),
+    ];
+    for (case, bytes) in cases {
+        let (response, closed) = raw_exchange(&proxy, bytes).await;
+        assert_eq!(
+            status_line(&response),
+            "HTTP/1.1 400 Bad Request",
+            "{case}: {response:?}"
+        );
+        assert!(closed, "{case}: the connection is closed after a 400");
+    }
+    // Nothing reached the provider, and the proxy still serves.
+    assert_eq!(mock.provider().attempt_count(), 0);
+    assert_eq!(healthz(&http1(), &proxy).await, 200);
+    assert_eq!(healthz(&h2c(), &proxy).await, 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chunked_encoding_is_a_400_json_error_without_an_upstream_call() {
+    let (mock, proxy) = start(Scenario::new(1), |c| c).await;
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (case, chunks) in [
+        ("chunk size not hex", "zz\r\n{}\r\n0\r\n\r\n"),
+        ("chunk longer than its size", "2\r\n{\"model\"\r\n0\r\n\r\n"),
+    ] {
+        let (response, closed) = raw_exchange(&proxy, format!("{head}{chunks}").as_bytes()).await;
+        assert_eq!(
+            status_line(&response),
+            "HTTP/1.1 400 Bad Request",
+            "{case}: {response:?}"
+        );
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert_eq!(error_code(body.as_bytes()), "body_read_failed", "{case}");
+        assert!(closed, "{case}: a connection whose framing broke is closed");
+    }
+    assert_eq!(mock.provider().attempt_count(), 0);
+    assert_eq!(healthz(&http1(), &proxy).await, 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_over_the_cap_are_431_and_the_proxy_keeps_serving() {
+    let (mock, proxy) = start(Scenario::new(1), |c| c.max_header_bytes(16 * 1024)).await;
+    // One 20 KiB header.
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Huge: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let (response, closed) = raw_exchange(&proxy, huge.as_bytes()).await;
+    assert_eq!(
+        status_line(&response),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    assert!(closed);
+    // More headers than hyper's 100, each small.
+    let mut many = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let (response, closed) = raw_exchange(&proxy, many.as_bytes()).await;
+    assert_eq!(
+        status_line(&response),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    assert!(closed);
+    // A head that never ends: refused once it passes the cap, not buffered on.
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nX-Endless: ")
+        .await
+        .unwrap();
+    let mut written = 0usize;
+    let chunk = vec![b'a'; 4096];
+    while written < 1024 * 1024 {
+        if stream.write_all(&chunk).await.is_err() {
+            break;
+        }
+        written += chunk.len();
+    }
+    let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert_eq!(
+        status_line(&response),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    assert!(closed);
+
+    // HTTP/2: the cap is the advertised header list size; h2 answers the stream 431.
+    let request = http::Request::get(format!("http://{}/healthz", proxy.local_addr()))
+        .header("x-huge", "a".repeat(20 * 1024))
+        .body(Full::default())
+        .unwrap();
+    let response = h2c().request(request).await.expect("an answer");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(mock.provider().attempt_count(), 0);
+    assert_eq!(healthz(&http1(), &proxy).await, 200);
+    assert_eq!(healthz(&h2c(), &proxy).await, 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_loris_is_cut_at_the_header_timeout_while_others_are_served() {
+    let timeout = Duration::from_millis(400);
+    let (_mock, proxy) = start(Scenario::new(1), |c| c.header_read_timeout(timeout)).await;
+    let addr = proxy.local_addr();
+
+    // Trickles its head one byte every 50 ms: never finishes within 400 ms.
+    let loris = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        for byte in head {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+        (started.elapsed(), response, closed)
+    });
+    // Connects and sends nothing at all (no protocol chosen yet).
+    let silent = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+        (started.elapsed(), response, closed)
+    });
+    // Half of the HTTP/2 preface, then nothing.
+    let half_h2 = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let started = Instant::now();
+        let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+        (started.elapsed(), response, closed)
+    });
+
+    // Meanwhile other clients are served, on new connections each time.
+    let mut served = 0;
+    while !loris.is_finished() {
+        let client = http1();
+        let response = client.request(chat(&proxy, "gpt-4o", false)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served >= 5, "served {served} while the loris was connected");
+
+    for (who, task) in [("loris", loris), ("silent", silent), ("half h2", half_h2)] {
+        let (elapsed, response, closed) = task.await.unwrap();
+        assert!(closed, "{who}: still open after 3 s");
+        assert!(
+            elapsed >= timeout && elapsed < timeout + Duration::from_millis(1500),
+            "{who}: closed after {elapsed:?}"
+        );
+        // The head never arrived: there is no request to answer.
+        assert_eq!(response, "", "{who}");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let timeout = Duration::from_millis(300);
+    let (_mock, proxy) = start(Scenario::new(1), |c| c.header_read_timeout(timeout)).await;
+    let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response:?}");
+    assert!(response.ends_with("\r\n\r\nok"), "{response:?}");
+    assert!(closed);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= timeout && elapsed < timeout + Duration::from_millis(1500),
+        "closed after {elapsed:?}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_resetting_its_stream_mid_stream_ends_the_upstream_request() {
+    // 200 chunks 50 ms apart: 10 s if nobody hangs up.
+    let plan = ModelPlan::ok()
+        .stream_chunks(200)
+        .chunk_delay(Duration::from_millis(50));
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", plan), |c| c).await;
+    let client = h2c();
+    let response = client.request(chat(&proxy, "gpt-4o", true)).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 1);
+    // Dropping the body resets the stream (RST_STREAM); the connection stays open.
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mock.provider().in_flight("gpt-4o") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream stream was still open 3 s after the client reset it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The proxy's own slot is freed too, and the same connection serves on.
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 0);
+    let response = client
+        .request(chat(&proxy, "claude-sonnet", false))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_in_flight_are_shed_at_once_with_a_retryable_503() {
+    let (mock, proxy) = start(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::Hang)),
+        |c| c.max_in_flight(4),
+    )
+    .await;
+    // Four requests hang at the provider and hold every slot.
+    let client = http1();
+    let hung: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(client.request(chat(&proxy, "gpt-4o", false))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mock.provider().in_flight("gpt-4o") < 4 {
+        assert!(Instant::now() < deadline, "the four never reached the mock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for model in ["gpt-4o", "claude-sonnet", "gpt-4o"] {
+        let started = Instant::now();
+        let response = client.request(chat(&proxy, model, false)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(response.headers()["x-should-retry"], "true");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            body,
+            "{\"error\":{\"message\":\"backstop proxy is at its limit of 4 requests in flight; retry after 1 s, or raise --max-in-flight\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_overloaded\"}}"
+        );
+    }
+    // A request whose body never ends is shed too: its body is never read.
+    let endless = futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
+        Bytes::from_static(b"{\"model\":\"gpt-4o\","),
+    ))])
+    .chain(futures_util::stream::pending());
+    let streaming: Client<HttpConnector, StreamBody<_>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+        .body(StreamBody::new(endless))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(2), streaming.request(request))
+        .await
+        .expect("shed without waiting for the body")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    // Health and metrics are never shed; nothing more reached the provider.
+    assert_eq!(healthz(&client, &proxy).await, 200);
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_requests_total{outcome=\"shed\"}").await,
+        4
+    );
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 4);
+    assert_eq!(metric(&proxy, "backstop_proxy_max_in_flight").await, 4);
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 4);
+    assert_eq!(mock.provider().attempts_for("claude-sonnet"), 0);
+
+    // The hung callers leave: their slots free, and the next request is served.
+    for task in hung {
+        task.abort();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while metric(&proxy, "backstop_proxy_in_flight").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "slots not freed after the callers left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = http1()
+        .request(chat(&proxy, "claude-sonnet", false))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_new_connections_wait_until_one_closes() {
+    let (_mock, proxy) = start(Scenario::new(1), |c| c.max_connections(2)).await;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let expected_tail = "\r\n\r\nok";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let (response, closed) = read_until_closed(&mut stream, Duration::from_millis(300)).await;
+        assert!(response.ends_with(expected_tail), "{response:?}");
+        assert!(!closed, "kept alive");
+        open.push(stream);
+    }
+    // The third connection is accepted by the kernel but not served.
+    let mut third = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let (response, closed) = read_until_closed(&mut third, Duration::from_millis(500)).await;
+    assert_eq!(response, "", "served beyond the connection limit");
+    assert!(!closed);
+    // One of the two leaves: the third is served at once.
+    drop(open.pop());
+    let (response, _) = read_until_closed(&mut third, Duration::from_millis(1000)).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response:?}");
+    assert!(response.ends_with(expected_tail), "{response:?}");
+    proxy.shutdown().await;
+}
+
+/// The soft limit on open files, from `/proc/self/limits` (Linux).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_concurrent_streams_all_complete_with_exact_bytes() {
+    // 1 000 streams over 8 h2c connections and 1 000 over their own HTTP/1.1
+    // connections, all open at once: ~1 000 client and ~1 000 proxy sockets, and
+    // 2 000 upstream connections on each side of the proxy → mock hop.
+    const H2_STREAMS: usize = 1000;
+    const H1_STREAMS: usize = 1000;
+    const H2_CONNECTIONS: usize = 8;
+    let needed = 2 * H1_STREAMS + 2 * (H1_STREAMS + H2_STREAMS) + 2 * H2_CONNECTIONS + 512;
+    if let Some(limit) = open_files_limit() {
+        assert!(
+            limit >= needed as u64,
+            "this test opens ~{needed} sockets; raise the open files limit (ulimit -n {needed}) from {limit}"
+        );
+    }
+    // Five events 800 ms apart: every stream stays open for four seconds, long
+    // enough for all of them to be open at once even in a debug build.
+    let plan = ModelPlan::ok()
+        .stream_chunks(5)
+        .chunk_delay(Duration::from_millis(800));
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", plan), |c| {
+        c.max_in_flight(4096).max_connections(4096)
+    })
+    .await;
+
+    let h2_clients: Vec<HttpClient> = (0..H2_CONNECTIONS).map(|_| h2c()).collect();
+    let mut tasks = Vec::with_capacity(H2_STREAMS + H1_STREAMS);
+    for i in 0..H2_STREAMS + H1_STREAMS {
+        // An HTTP/1.1 client per stream: its own connection.
+        let client = if i < H2_STREAMS {
+            h2_clients[i % H2_CONNECTIONS].clone()
+        } else {
+            http1()
+        };
+        let request = chat(&proxy, "gpt-4o", true);
+        tasks.push(tokio::spawn(async move {
+            let response = client.request(request).await.expect("answered");
+            let version = response.version();
+            let status = response.status();
+            let id = response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("whole stream")
+                .to_bytes();
+            (version, status, id, body)
+        }));
+    }
+    // Watch the provider's concurrency while they run.
+    let mut peak = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        peak = peak.max(mock.provider().in_flight("gpt-4o"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    eprintln!("peak concurrent upstream streams: {peak}");
+    assert!(
+        peak >= (H2_STREAMS + H1_STREAMS) * 3 / 4,
+        "only {peak} streams were open at once"
+    );
+
+    // What the mock sends for attempt `seq`, from one direct request (the last seq)
+    // with its id and timestamp replaced.
+    let attempts = mock.provider().attempts();
+    let direct_seq = attempts.len();
+    let direct = http1()
+        .request(
+            http::Request::post(format!("{}/chat/completions", mock.base_url()))
+                .body(Full::new(Bytes::from(chat_body("gpt-4o", true))))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let direct = String::from_utf8(direct.to_vec()).unwrap();
+    let attempts = mock.provider().attempts();
+    let created = |seq: usize| 1_700_000_000 + attempts[seq].since_start.as_secs();
+    let mut h2 = 0;
+    for (version, status, id, body) in results {
+        assert_eq!(status, 200);
+        let seq: usize = id.strip_prefix("req_mock_").unwrap().parse().unwrap();
+        let expected = direct
+            .replace(
+                &format!("chatcmpl-mock-{direct_seq}"),
+                &format!("chatcmpl-mock-{seq}"),
+            )
+            .replace(
+                &format!("\"created\":{}", created(direct_seq)),
+                &format!("\"created\":{}", created(seq)),
+            );
+        assert_eq!(body, expected.as_bytes(), "stream {id}");
+        h2 += usize::from(version == http::Version::HTTP_2);
+    }
+    assert_eq!(h2, H2_STREAMS);
+    assert_eq!(
+        mock.provider().attempts_for("gpt-4o"),
+        H2_STREAMS + H1_STREAMS + 1
+    );
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_requests_total{outcome=\"served\"}").await,
+        2000
+    );
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 0);
+    proxy.shutdown().await;
+}
