@@ -1,6 +1,7 @@
 //! The layer: holds the validated configuration.
 
 use std::fmt;
+use std::sync::Arc;
 
 use tower_layer::Layer;
 
@@ -10,13 +11,15 @@ use crate::service::Fallback;
 /// Wraps a service in [`Fallback`]. Cheap to clone: the configuration is shared.
 #[derive(Clone)]
 pub struct FallbackLayer {
-    config: FallbackConfig,
+    config: Arc<FallbackConfig>,
 }
 
 impl FallbackLayer {
     /// A layer with this (already validated) configuration.
     pub fn new(config: FallbackConfig) -> Self {
-        FallbackLayer { config }
+        FallbackLayer {
+            config: Arc::new(config),
+        }
     }
 
     /// The configuration.
@@ -38,6 +41,6 @@ impl<S> Layer<S> for FallbackLayer {
     type Service = Fallback<S>;
 
     fn layer(&self, inner: S) -> Fallback<S> {
-        Fallback::new(inner, self.config.clone())
+        Fallback::shared(inner, Arc::clone(&self.config))
     }
 }

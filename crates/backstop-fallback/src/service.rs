@@ -22,7 +22,10 @@ use crate::rewrite;
 pub struct Fallback<S> {
     inner: S,
     config: Arc<Compiled>,
-    layer_config: FallbackConfig,
+    // Shared, not owned: the service is cloned for every call (tower's `oneshot`, the
+    // fallback's own ready-clone), and a deep copy of the targets map cost more than
+    // the rest of the layer.
+    layer_config: Arc<FallbackConfig>,
 }
 
 impl<S> std::fmt::Debug for Fallback<S> {
@@ -36,6 +39,11 @@ impl<S> std::fmt::Debug for Fallback<S> {
 impl<S> Fallback<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, config: FallbackConfig) -> Self {
+        Fallback::shared(inner, Arc::new(config))
+    }
+
+    /// Wraps `inner` with a configuration shared with the layer and its other services.
+    pub(crate) fn shared(inner: S, config: Arc<FallbackConfig>) -> Self {
         Fallback {
             inner,
             config: config.compiled.clone(),
