@@ -30,11 +30,25 @@
 //! never touched.
 //!
 //! The scan allocates nothing; the rewrite allocates the output buffer once.
+//!
+//! # How it is fast
+//!
+//! Most bytes of a chat body are message text inside strings, and a string scan
+//! only has to stop at a quote, a backslash, a control character or a non-ASCII
+//! byte. The scanner classifies the body 64 bytes at a time into a bitmask of those
+//! bytes (four 16-byte SSE2 compares and a move-mask each, through the `wide`
+//! crate, so this crate stays free of `unsafe`), keeps the mask from one string to
+//! the next, and jumps from one marked byte to the next with a trailing-zero count.
+//! Text with an escape every few bytes then costs one shift per escape instead of
+//! a new search, and plain text costs nothing per byte. UTF-8 is checked one
+//! character at a time, only at non-ASCII bytes. The grammar outside strings is
+//! checked byte by byte: it is a small share of a chat body.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
+use wide::u8x16;
 
 /// Why a body's model could not be read or rewritten. The body itself is never
 /// modified: a failed rewrite leaves the caller's bytes as they were.
@@ -212,13 +226,24 @@ const MAX_DEPTH: u32 = 127;
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
+    /// Start of the 64-byte window whose string-special bytes `window` marks.
+    window_start: usize,
+    /// Bit k set when byte `window_start + k` is `"`, `\\`, a control character
+    /// or non-ASCII (or past the end of the body). A pure classification of
+    /// bytes, so it stays valid from one string to the next.
+    window: u64,
 }
 
 type ScanResult<T> = Result<T, RewriteError>;
 
 impl<'a> Scanner<'a> {
     fn new(b: &'a [u8]) -> Self {
-        Scanner { b, i: 0 }
+        Scanner {
+            b,
+            i: 0,
+            window_start: 0,
+            window: special_mask(b, 0),
+        }
     }
 
     fn err<T>(&self) -> ScanResult<T> {
@@ -470,80 +495,80 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Validates a string starting at its opening quote; leaves `i` past the closing
-    /// quote. Returns whether it contained an escape.
-    fn string(&mut self) -> ScanResult<bool> {
-        self.i += 1;
-        let mut escaped = false;
-        // Eight bytes at a time: a word's flagged bytes are handled in turn without
-        // loading it again, so message text with an escape every few dozen bytes
-        // and the odd accented letter stays in this loop.
-        while let Some(word) = self.b.get(self.i..self.i + 8) {
-            let Ok(word) = <[u8; 8]>::try_from(word) else {
-                break;
-            };
-            let base = self.i;
-            let mut hits = word_hits(u64::from_le_bytes(word));
-            while hits != 0 {
-                let at = base + (hits.trailing_zeros() / 8) as usize;
-                hits &= hits - 1;
-                // Bytes already consumed by an escape or a multi-byte character.
-                if at >= self.i {
-                    self.i = at;
-                    if self.special(&mut escaped)? {
-                        return Ok(escaped);
-                    }
-                }
-            }
-            self.i = self.i.max(base + 8);
-        }
+    /// The offset, at or after `i`, of the first byte a string scan must look at
+    /// (`b.len()` or beyond at the end of the body). Reads the bitmask of the
+    /// current 64-byte window and builds the next one only when this one has no
+    /// more hits, so text with an escape every few bytes costs a shift and a
+    /// trailing-zero count per escape rather than a new search.
+    #[inline(always)]
+    fn next_special(&mut self, mut i: usize) -> usize {
         loop {
-            self.i += special_byte(&self.b[self.i..]);
-            if self.special(&mut escaped)? {
-                return Ok(escaped);
+            // The scan only moves forward, so `i` is not before the window; if it
+            // ever were, the window is simply built again at `i`.
+            if let Some(offset @ 0..64) = i.checked_sub(self.window_start) {
+                let ahead = self.window >> offset;
+                if ahead != 0 {
+                    return i + ahead.trailing_zeros() as usize;
+                }
+                // Nothing special in the rest of this window: go to the next one.
+                i = self.window_start + 64;
             }
+            self.window_start = i;
+            self.window = special_mask(self.b, i);
         }
     }
 
-    /// Handles the byte at `i` inside a string when it was flagged: returns `true`
-    /// past a closing quote, moves past an escape or a multi-byte character, steps
-    /// over an ordinary byte flagged by [`word_hits`]' borrow, or refuses.
-    #[inline]
-    fn special(&mut self, escaped: &mut bool) -> ScanResult<bool> {
-        match self.peek() {
-            Some(b'"') => {
-                self.i += 1;
-                Ok(true)
-            }
-            Some(b'\\') => {
-                *escaped = true;
-                // The common escapes inline; \u and errors out of line.
-                match self.b.get(self.i + 1) {
-                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 2,
-                    _ => self.escape()?,
+    /// Validates a string starting at its opening quote; leaves `i` past the closing
+    /// quote. Returns whether it contained an escape.
+    ///
+    /// Most bytes of a chat body are message text, so this loop is the scan's cost:
+    /// it works on a local index and jumps from one byte that needs a look to the
+    /// next (see [`Scanner::next_special`]); ordinary text costs nothing per byte.
+    fn string(&mut self) -> ScanResult<bool> {
+        let b = self.b;
+        let mut i = self.i + 1;
+        let mut escaped = false;
+        loop {
+            i = self.next_special(i);
+            match b.get(i) {
+                Some(b'"') => {
+                    self.i = i + 1;
+                    return Ok(escaped);
                 }
-                Ok(false)
-            }
-            // UTF-8 is checked here, one character at a time, only where a byte is
-            // non-ASCII: outside strings every byte must be an ASCII token, so this
-            // checks the whole body without a separate pass.
-            Some(0x80..=0xff) => {
-                // Non-Latin text is non-ASCII character after character: stay here
-                // while it lasts instead of going back to the word scan each time.
-                while let Some(0x80..=0xff) = self.peek() {
-                    match utf8_width(&self.b[self.i..]) {
-                        Some(width) => self.i += width,
-                        None => return self.err(),
+                Some(b'\\') => {
+                    escaped = true;
+                    // The common escapes inline; \u and errors out of line.
+                    match b.get(i + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                        _ => {
+                            self.i = i;
+                            self.escape()?;
+                            i = self.i;
+                        }
                     }
                 }
-                Ok(false)
+                // UTF-8 is checked here, one character at a time, only where a byte is
+                // non-ASCII: outside strings every byte must be an ASCII token, so this
+                // checks the whole body without a separate pass. Non-Latin text is
+                // non-ASCII character after character: stay here while it lasts.
+                Some(0x80..=0xff) => loop {
+                    match b.get(i..).and_then(utf8_width) {
+                        Some(width) => i += width,
+                        None => {
+                            self.i = i;
+                            return self.err();
+                        }
+                    }
+                    if !matches!(b.get(i), Some(0x80..=0xff)) {
+                        break;
+                    }
+                },
+                // A raw control character, or the end of input inside a string.
+                _ => {
+                    self.i = i;
+                    return self.err();
+                }
             }
-            Some(0x20..=0x7f) => {
-                self.i += 1;
-                Ok(false)
-            }
-            // A raw control character, or the end of input inside a string.
-            _ => self.err(),
         }
     }
 
@@ -603,45 +628,51 @@ fn hex_digit(c: u8) -> Option<u8> {
     }
 }
 
-/// Per byte of `w`, the high bit set for `"` and `\\` (zero after the xor), for
-/// bytes below 0x20 (subtracting 0x20 borrows into the high bit) and for non-ASCII
-/// bytes (set already); ASCII bytes from 0x20 up leave it clear. This "has a zero
-/// byte" arithmetic (SWAR) can also flag an ordinary byte right above a real hit,
-/// through the borrow, but never one below: the lowest flagged byte is always real,
-/// and callers look at each flagged byte before acting on it.
+/// The string-special bytes of `b[start..start + 64]` as a bitmask (bit k for byte
+/// `start + k`): `"`, `\\`, control characters and non-ASCII bytes. Bytes past the
+/// end of `b` count as special, so a scan always stops at the end.
 #[inline]
-fn word_hits(w: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let quote = w ^ (ONES * b'"' as u64);
-    let backslash = w ^ (ONES * b'\\' as u64);
-    ((quote.wrapping_sub(ONES) & !quote)
-        | (backslash.wrapping_sub(ONES) & !backslash)
-        | w.wrapping_sub(ONES * 0x20)
-        | w)
-        & HIGHS
+fn special_mask(b: &[u8], start: usize) -> u64 {
+    match b
+        .get(start..start + 64)
+        .and_then(|w| <&[u8; 64]>::try_from(w).ok())
+    {
+        Some(window) => window_special_mask(window),
+        None => last_special_mask(b, start),
+    }
 }
 
-/// The offset of the first byte in `s` that a string scan must look at: `"`, `\\`,
-/// a control character or a non-ASCII byte (or `s.len()`).
-#[inline]
-fn special_byte(s: &[u8]) -> usize {
-    let mut i = 0;
-    while let Some(word) = s.get(i..i + 8) {
-        let Ok(word) = <[u8; 8]>::try_from(word) else {
-            break;
-        };
-        let hits = word_hits(u64::from_le_bytes(word));
-        if hits != 0 {
-            return i + (hits.trailing_zeros() / 8) as usize;
+/// [`special_mask`] for the last, partial window: zero padding is a control
+/// character, hence special.
+#[cold]
+fn last_special_mask(b: &[u8], start: usize) -> u64 {
+    let mut padded = [0u8; 64];
+    let rest = b.get(start..).unwrap_or_default();
+    padded[..rest.len()].copy_from_slice(rest);
+    window_special_mask(&padded)
+}
+
+#[inline(always)]
+fn window_special_mask(window: &[u8; 64]) -> u64 {
+    let mut mask = 0u64;
+    for (k, block) in window.chunks_exact(16).enumerate() {
+        if let Ok(block) = <[u8; 16]>::try_from(block) {
+            mask |= u64::from(block_special_mask(block)) << (16 * k);
         }
-        i += 8;
     }
-    let tail = &s[i..];
-    i + tail
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c))
-        .unwrap_or(tail.len())
+    mask
+}
+
+/// Bit k set when `block[k]` is `"`, `\\`, below 0x20 or non-ASCII: a few SSE2
+/// (or NEON, or scalar elsewhere) operations through `wide`, which keeps the
+/// `unsafe` of the intrinsics out of this crate.
+#[inline(always)]
+fn block_special_mask(block: [u8; 16]) -> u16 {
+    let v = u8x16::new(block);
+    let control = v.min(u8x16::splat(0x1f)).cmp_eq(v);
+    let marked = v.cmp_eq(u8x16::splat(b'"')) | v.cmp_eq(u8x16::splat(b'\\')) | control | v;
+    // The top bit of each lane: set by the compares, and by non-ASCII bytes in `v`.
+    marked.move_mask() as u16
 }
 
 /// The length of the valid UTF-8 character starting `s` (whose first byte is
