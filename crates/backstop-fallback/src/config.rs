@@ -682,6 +682,26 @@ impl CompiledTarget {
             _ => path,
         };
         let query = self.query.as_deref().or(original.query());
+        // The usual case: the target's path prefix is the caller's, so the hop's path
+        // and query are the caller's own. Reusing them skips an allocation and a
+        // re-parse on every request.
+        let same_path = if self.path_prefix.is_empty() && suffix.is_empty() {
+            path == "/"
+        } else {
+            path.len() == self.path_prefix.len() + suffix.len()
+                && path.starts_with(&self.path_prefix)
+                && path.ends_with(suffix)
+        };
+        if same_path
+            && query == original.query()
+            && let Some(pq) = original.path_and_query()
+        {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+            parts.path_and_query = Some(pq.clone());
+            return Ok(Uri::from_parts(parts)?);
+        }
         let mut pq = String::with_capacity(self.path_prefix.len() + suffix.len() + 1);
         pq.push_str(&self.path_prefix);
         pq.push_str(suffix);
@@ -830,6 +850,49 @@ mod tests {
         assert_eq!(
             groq.uri_for(&other, "/v1").unwrap().to_string(),
             "https://api.groq.com/openai/v1/v10/chat"
+        );
+    }
+
+    #[test]
+    fn path_already_under_the_target_prefix_is_reused_with_the_target_authority() {
+        let openai =
+            CompiledTarget::compile("m", &Target::new("openai", "https://api.openai.com/v1"))
+                .unwrap();
+        let root = CompiledTarget::compile("m", &Target::new("root", "https://root.test")).unwrap();
+        let pinned = CompiledTarget::compile(
+            "m",
+            &Target::new("pinned", "https://api.openai.com/v1?api-version=2"),
+        )
+        .unwrap();
+        let original: Uri = "http://proxy.local/v1/chat/completions?trace=1"
+            .parse()
+            .unwrap();
+        let uri = openai.uri_for(&original, "/v1").unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "https://api.openai.com/v1/chat/completions?trace=1"
+        );
+        assert_eq!(uri.authority().map(|a| a.as_str()), Some("api.openai.com"));
+        // The target's own query replaces the caller's even when the paths agree.
+        assert_eq!(
+            pinned.uri_for(&original, "/v1").unwrap().to_string(),
+            "https://api.openai.com/v1/chat/completions?api-version=2"
+        );
+        // The caller's root maps to the target's root, and a target without a prefix
+        // keeps a path it does not know whole.
+        let slash: Uri = "http://proxy.local/".parse().unwrap();
+        assert_eq!(
+            root.uri_for(&slash, "/v1").unwrap().to_string(),
+            "https://root.test/"
+        );
+        assert_eq!(
+            openai.uri_for(&slash, "/v1").unwrap().to_string(),
+            "https://api.openai.com/v1"
+        );
+        let bare_host: Uri = "http://proxy.local".parse().unwrap();
+        assert_eq!(
+            root.uri_for(&bare_host, "/v1").unwrap().to_string(),
+            "https://root.test/"
         );
     }
 

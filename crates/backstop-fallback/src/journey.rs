@@ -84,7 +84,9 @@ impl Journey {
             .cloned();
         let stop = match verdict {
             Verdict::Serve => {
-                self.record(attempts, None);
+                // The journey ends served: there is no "try again at" to work out, so
+                // no reopening instant to keep (and no list to allocate for it).
+                self.record_hop(attempts, None);
                 self.span
                     .record("gen_ai.response.model", &*self.current.1.model);
                 let served = self.served_by(true, None);
@@ -221,6 +223,10 @@ impl Journey {
             .and_then(|f| f.hint)
             .map(|h| (instant_after(h.delay), h.source));
         self.reopen.push(reopen);
+        self.record_hop(attempts, failure);
+    }
+
+    fn record_hop(&mut self, attempts: Option<AttemptLog>, failure: Option<Failure>) {
         self.hops.push(Hop {
             model: self.current.0.clone(),
             route: self.current.1.clone(),

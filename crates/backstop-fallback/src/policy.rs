@@ -79,8 +79,10 @@ pub(crate) struct ChainWalk {
 
 impl ChainWalk {
     pub(crate) fn new(requested: Arc<str>) -> Self {
+        // The requested model counts as tried without being stored: most requests
+        // never fall back, and this keeps them from allocating the list.
         ChainWalk {
-            tried: vec![requested.clone()],
+            tried: Vec::new(),
             requested,
             current: ChainKind::Requested,
         }
@@ -110,7 +112,10 @@ impl ChainWalk {
             ChainKind::ContextLength => &config.context_chain,
             ChainKind::ContentFilter => &config.content_chain,
         };
-        let next = list.iter().find(|m| !self.tried.contains(m))?.clone();
+        let next = list
+            .iter()
+            .find(|m| **m != self.requested && !self.tried.contains(m))?
+            .clone();
         self.tried.push(next.clone());
         self.current = kind;
         Some((next, kind))
@@ -264,6 +269,19 @@ mod tests {
                 ("big".to_owned(), ChainKind::Ordinary),
                 ("lenient".to_owned(), ChainKind::ContextLength)
             ]
+        );
+    }
+
+    #[test]
+    fn the_requested_model_is_never_tried_again_from_another_chain() {
+        // "big" heads the context chain; a request for it that fails on context
+        // length goes on to "lenient", never back to "big".
+        assert_eq!(
+            walk_all(
+                "big",
+                &[FallbackRoute::ContextChain, FallbackRoute::ContextChain]
+            ),
+            [("lenient".to_owned(), ChainKind::ContextLength)]
         );
     }
 

@@ -117,7 +117,13 @@ where
                 return refuse(inner, error, span);
             }
         };
-        let model: Arc<str> = Arc::from(rewrite::decode_string(&bytes, model_span));
+        let decoded = rewrite::decode_string(&bytes, model_span);
+        // A configured model shares its name with the configuration: no allocation
+        // per request, and the breaker's route comparison meets the same pointer.
+        let model: Arc<str> = match self.config.targets.get_key_value(&*decoded) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(decoded),
+        };
         span.record("gen_ai.request.model", &*model);
 
         let now = Instant::now();
