@@ -75,15 +75,21 @@ impl Original {
 
         let mut headers = self.headers.clone();
         // Every credential header any target uses, and the well-known ones, go: the
-        // caller's key or the previous provider's never reaches this one.
-        for name in &config.credential_headers {
-            headers.remove(name);
+        // caller's key or the previous provider's never reaches this one. One pass
+        // over the caller's few header names finds the ones present, instead of one
+        // hash lookup per configured name (most of them absent).
+        let mut has_content_length = false;
+        for name in self.headers.keys() {
+            if name == CONTENT_LENGTH {
+                has_content_length = true;
+            } else if name == HOST
+                || config.credential_headers.contains(name)
+                || config.target_headers.contains(name)
+            {
+                headers.remove(name);
+            }
         }
-        for name in &config.target_headers {
-            headers.remove(name);
-        }
-        headers.remove(HOST);
-        if headers.contains_key(CONTENT_LENGTH) {
+        if has_content_length {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         if let Some((name, value)) = &target.credential {
