@@ -520,6 +520,32 @@ where
 type ProviderBody =
     backstop::classify::ClassifiedBody<common::RecordingBody<backstop::mock::MockBody>>;
 
+/// A fault's name, with what tells its variants apart.
+fn fault_label(fault: &Fault) -> String {
+    match fault {
+        Fault::Status { status, .. } | Fault::AnthropicError { status, .. } => {
+            format!("{} {status}", fault.name())
+        }
+        Fault::ResetAfterChunks { chunks } => format!("{} {chunks}", fault.name()),
+        Fault::StreamErrorAfter { chunks, style } => {
+            format!("{} {chunks} {style:?}", fault.name())
+        }
+        Fault::OpenAiRateLimit {
+            retry_after,
+            retry_after_ms,
+        } => format!("{} {retry_after:?} {retry_after_ms:?}", fault.name()),
+        Fault::AzureRateLimit {
+            message_seconds, ..
+        } => format!("{} {message_seconds}s", fault.name()),
+        Fault::AnthropicRateLimit { retry_after } => format!("{} {retry_after:?}", fault.name()),
+        Fault::GeminiResourceExhausted { per_day, .. } => {
+            format!("{} per_day={per_day}", fault.name())
+        }
+        Fault::WithHeaders { fault, .. } => format!("{} + headers", fault_label(fault)),
+        other => other.name().to_owned(),
+    }
+}
+
 /// Counters for the report, and every violation found.
 #[derive(Default)]
 struct Tally {
@@ -534,14 +560,16 @@ struct Tally {
     withdrawals: Vec<Instant>,
     deposits: Vec<Instant>,
     checks: u64,
+    per_invariant: BTreeMap<&'static str, u64>,
     violations: Vec<String>,
 }
 
 impl Tally {
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+    fn check(&mut self, invariant: &'static str, ok: bool, what: impl FnOnce() -> String) {
         self.checks += 1;
+        *self.per_invariant.entry(invariant).or_insert(0) += 1;
         if !ok && self.violations.len() < 50 {
-            self.violations.push(what());
+            self.violations.push(format!("[{invariant}] {}", what()));
         }
     }
 }
@@ -550,7 +578,7 @@ fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tall
     let mut by_id: HashMap<u64, Vec<&Attempt>> = HashMap::new();
     for attempt in attempts {
         let id = attempt.header("x-soak-id").and_then(|v| v.parse().ok());
-        tally.check(id.is_some(), || {
+        tally.check("records agree", id.is_some(), || {
             format!("attempt {} carries no x-soak-id", attempt.seq)
         });
         if let Some(id) = id {
@@ -559,7 +587,7 @@ fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tall
         let source = format!("{:?}", attempt.source).to_lowercase();
         *tally
             .faults
-            .entry(format!("{} ({source})", attempt.fault.name()))
+            .entry(format!("{} ({source})", fault_label(&attempt.fault)))
             .or_insert(0) += 1;
     }
     tally.attempts += attempts.len() as u64;
@@ -567,7 +595,7 @@ fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tall
     for outcome in outcomes {
         tally.requests += 1;
         // 1. Exactly one outcome per request.
-        tally.check(seen.insert(outcome.id), || {
+        tally.check("1 one outcome", seen.insert(outcome.id), || {
             format!("request {} has two outcomes", outcome.id)
         });
         verify_request(
@@ -577,7 +605,7 @@ fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tall
             tally,
         );
     }
-    tally.check(by_id.is_empty(), || {
+    tally.check("1 one outcome", by_id.is_empty(), || {
         format!(
             "attempts for requests without an outcome: {:?}",
             by_id.keys()
@@ -599,7 +627,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
     tally.hops += hops.len() as u64;
     // 7. Every hop is a different model.
     let distinct: HashSet<&str> = hops.iter().map(|(m, _)| m.as_str()).collect();
-    tally.check(distinct.len() == hops.len(), || {
+    tally.check("7 hops distinct", distinct.len() == hops.len(), || {
         format!(
             "request {id} returned to a model: {:?}",
             hops.iter().map(|h| &h.0).collect::<Vec<_>>()
@@ -608,7 +636,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
     let deadline = outcome.start + TOTAL_DEADLINE;
     for (hop_index, (model, run)) in hops.iter().enumerate() {
         // 4. Attempts per model within the cap.
-        tally.check(run.len() <= MAX_ATTEMPTS as usize, || {
+        tally.check("4 attempt cap", run.len() <= MAX_ATTEMPTS as usize, || {
             format!("request {id}: {} attempts on {model}", run.len())
         });
         let hop_deadline = run[0].at + RETRY_DEADLINE;
@@ -616,7 +644,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
         tally.retries += run.len() as u64 - 1;
         for (i, attempt) in run.iter().enumerate() {
             // 3. No attempt at or after a deadline.
-            tally.check(attempt.at < deadline && attempt.at < hop_deadline, || {
+            tally.check("3 deadline", attempt.at < deadline && attempt.at < hop_deadline, || {
                 format!(
                     "request {id}: attempt {} on {model} started {:?} after the request, past a deadline",
                     attempt.seq,
@@ -626,18 +654,22 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             let rule = after(&attempt.fault, outcome.stream, outcome.idempotent);
             // 2. Nothing retried on a model after a non-retryable answer.
             if i + 1 < run.len() {
-                tally.check(rule == After::MayRetry, || {
-                    format!(
-                        "request {id} (stream {}, idempotent {}): {model} retried after {:?}",
-                        outcome.stream, outcome.idempotent, attempt.fault
-                    )
-                });
+                tally.check(
+                    "2 no retry of non-retryable",
+                    rule == After::MayRetry,
+                    || {
+                        format!(
+                            "request {id} (stream {}, idempotent {}): {model} retried after {:?}",
+                            outcome.stream, outcome.idempotent, attempt.fault
+                        )
+                    },
+                );
             }
             // 2 and 6. Nothing at all after a head reached the caller, or after a
             // post-send failure of a non-idempotent request.
             let last_of_request = hop_index + 1 == hops.len() && i + 1 == run.len();
             if !last_of_request {
-                tally.check(rule != After::Nothing, || {
+                tally.check("6 nothing after delivery", rule != After::Nothing, || {
                     format!(
                         "request {id} (stream {}, idempotent {}): attempted again after {:?}",
                         outcome.stream, outcome.idempotent, attempt.fault
@@ -667,14 +699,16 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             };
             *tally.outcomes.entry(key).or_insert(0) += 1;
             // 6. The response the caller got is from the last attempt.
-            tally.check(seq.is_some() && *seq == last_seq, || {
-                format!("request {id}: got response {seq:?}, last attempt {last_seq:?}")
-            });
+            tally.check(
+                "6 nothing after delivery",
+                seq.is_some() && *seq == last_seq,
+                || format!("request {id}: got response {seq:?}, last attempt {last_seq:?}"),
+            );
             // 8. Byte-identical to what the provider sent.
             if let Some(seq) = seq {
                 match sent.get(*seq) {
                     Some(provider) => {
-                        tally.check(provider.status == *status, || {
+                        tally.check("8 byte-identical", provider.status == *status, || {
                             format!(
                                 "request {id}: status {status}, provider sent {}",
                                 provider.status
@@ -685,7 +719,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                         } else {
                             provider.bytes == *bytes && provider.ended
                         };
-                        tally.check(same, || {
+                        tally.check("8 byte-identical", same, || {
                             format!(
                                 "request {id}: caller got {:?} (error {body_error:?}), provider sent {:?} (ended {}, failed {})",
                                 String::from_utf8_lossy(bytes),
@@ -695,7 +729,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                             )
                         });
                     }
-                    None => tally.check(false, || {
+                    None => tally.check("8 byte-identical", false, || {
                         format!("request {id}: response {seq} was never sent by the provider")
                     }),
                 }
@@ -704,14 +738,18 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
         }
         Received::Error { kind, served_by } => {
             *tally.outcomes.entry(format!("error: {kind}")).or_insert(0) += 1;
-            tally.check(served_by.is_some() || attempts.is_empty(), || {
-                format!("request {id}: an error after sending carries no ServedBy")
-            });
+            tally.check(
+                "records agree",
+                served_by.is_some() || attempts.is_empty(),
+                || format!("request {id}: an error after sending carries no ServedBy"),
+            );
             served_by.as_ref()
         }
         Received::NoOutcome => {
             *tally.outcomes.entry("no outcome".into()).or_insert(0) += 1;
-            tally.check(false, || format!("request {id} never ended"));
+            tally.check("1 one outcome", false, || {
+                format!("request {id} never ended")
+            });
             None
         }
     };
@@ -725,7 +763,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
         }
         let hop_models: Vec<&str> = served_by.hops.iter().map(|h| &*h.model).collect();
         let hop_set: HashSet<&str> = hop_models.iter().copied().collect();
-        tally.check(hop_set.len() == hop_models.len(), || {
+        tally.check("7 hops distinct", hop_set.len() == hop_models.len(), || {
             format!("request {id}: ServedBy names a model twice: {hop_models:?}")
         });
         let mut logged = served_by.hops.iter().filter(|h| {
@@ -735,7 +773,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
         });
         for (model, run) in &hops {
             let Some(hop) = logged.next() else {
-                tally.check(false, || {
+                tally.check("records agree", false, || {
                     format!("request {id}: {model} is missing from ServedBy")
                 });
                 continue;
@@ -745,21 +783,27 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                 .as_ref()
                 .map(|l| &l.attempts[..])
                 .unwrap_or(&[]);
-            tally.check(&*hop.model == model && log.len() == run.len(), || {
-                format!(
-                    "request {id}: ServedBy says {} × {}, the provider saw {model} × {}",
-                    hop.model,
-                    log.len(),
-                    run.len()
-                )
-            });
+            tally.check(
+                "records agree",
+                &*hop.model == model && log.len() == run.len(),
+                || {
+                    format!(
+                        "request {id}: ServedBy says {} × {}, the provider saw {model} × {}",
+                        hop.model,
+                        log.len(),
+                        run.len()
+                    )
+                },
+            );
             for (attempt, record) in run.iter().zip(log).skip(1) {
                 // The budget was drawn on just before the wait that preceded this attempt.
                 tally.withdrawals.push(attempt.at - record.waited);
             }
         }
     } else if hops.iter().any(|(_, run)| run.len() > 1) {
-        tally.check(false, || format!("request {id}: retries without a record"));
+        tally.check("records agree", false, || {
+            format!("request {id}: retries without a record")
+        });
     }
 }
 
@@ -801,6 +845,7 @@ fn verify_budget(tally: &mut Tally) {
         }
     }
     tally.checks += w.len() as u64;
+    *tally.per_invariant.entry("5 budget").or_insert(0) += w.len() as u64;
     eprintln!(
         "budget: highest share of the window's allowance used: {:.1} %",
         worst * 100.0
@@ -846,9 +891,11 @@ async fn soak_every_request_keeps_every_invariant() {
             joined.expect("a soak worker panicked");
         }
         let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
-        tally.check(outcomes.len() as u64 == last - first, || {
-            format!("round {first}..{last}: {} outcomes", outcomes.len())
-        });
+        tally.check(
+            "1 one outcome",
+            outcomes.len() as u64 == last - first,
+            || format!("round {first}..{last}: {} outcomes", outcomes.len()),
+        );
         verify_round(&outcomes, &mock.attempts(), &sent, &mut tally);
         mock.reset_records();
         sent.clear();
@@ -859,10 +906,10 @@ async fn soak_every_request_keeps_every_invariant() {
     // 5. The budget's own counters agree with the provider: one deposit per hop
     // that reached it, one allowed withdrawal per retry it saw.
     let (hops, retries) = (tally.hops, tally.retries);
-    tally.check(snapshot.deposits == hops, || {
+    tally.check("5 budget", snapshot.deposits == hops, || {
         format!("budget deposits {} != hops {hops}", snapshot.deposits)
     });
-    tally.check(snapshot.retries_allowed == retries, || {
+    tally.check("5 budget", snapshot.retries_allowed == retries, || {
         format!(
             "budget allowed {} retries, the provider saw {retries}",
             snapshot.retries_allowed
@@ -882,6 +929,7 @@ async fn soak_every_request_keeps_every_invariant() {
         wall.elapsed(),
         tally.checks
     );
+    eprintln!("checks per invariant: {:#?}", tally.per_invariant);
     eprintln!("outcomes: {:#?}", tally.outcomes);
     eprintln!("answers (fault, source): {:#?}", tally.faults);
     assert_eq!(tally.requests, total);
