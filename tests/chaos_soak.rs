@@ -556,6 +556,8 @@ struct Tally {
     faults: BTreeMap<String, u64>,
     outcomes: BTreeMap<String, u64>,
     fallback_fired: u64,
+    /// Requests that ended in a refusal of a breaker after a provider had answered.
+    breaker_open_after_answers: u64,
     /// (withdrawal instant, deposit instants) for the budget check.
     withdrawals: Vec<Instant>,
     deposits: Vec<Instant>,
@@ -743,6 +745,15 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                 served_by.is_some() || attempts.is_empty(),
                 || format!("request {id}: an error after sending carries no ServedBy"),
             );
+            // A success the provider sent is never lost: the caller gets an error
+            // after one only when the attempt's time ran out before it arrived.
+            let last_ok = attempts.last().is_some_and(|a| a.fault.is_ok());
+            tally.check("1 one outcome", !last_ok || *kind == FailureKind::TimedOut, || {
+                format!("request {id}: the provider's last answer was a success, the caller got {kind}")
+            });
+            if *kind == FailureKind::BreakerOpen && !attempts.is_empty() {
+                tally.breaker_open_after_answers += 1;
+            }
             served_by.as_ref()
         }
         Received::NoOutcome => {
@@ -758,6 +769,22 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
     // tried, in order, each with exactly its attempts; the retry waits it logs date
     // the budget withdrawals.
     if let Some(served_by) = served_by {
+        // The record names the last model tried; a response came from the last
+        // attempt, so from that attempt's model.
+        let last_hop = served_by.hops.last().map(|h| &*h.model);
+        let last_attempted = attempts.last().and_then(|a| a.model.as_deref());
+        let is_response = matches!(outcome.received, Received::Response { .. });
+        tally.check(
+            "records agree",
+            last_hop == Some(&*served_by.model)
+                && (!is_response || last_attempted == Some(&*served_by.model)),
+            || {
+                format!(
+                    "request {id}: ServedBy names {}, its last hop {last_hop:?}, the last attempt was on {last_attempted:?}",
+                    served_by.model
+                )
+            },
+        );
         if served_by.fallback_fired {
             tally.fallback_fired += 1;
         }
@@ -928,6 +955,10 @@ async fn soak_every_request_keeps_every_invariant() {
         Instant::now() - virtual_start,
         wall.elapsed(),
         tally.checks
+    );
+    eprintln!(
+        "breaker_open errors after a provider answered: {}",
+        tally.breaker_open_after_answers
     );
     eprintln!("checks per invariant: {:#?}", tally.per_invariant);
     eprintln!("outcomes: {:#?}", tally.outcomes);
