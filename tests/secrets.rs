@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::error::Error as _;
 use std::time::Duration;
 
-use backstop::classify::{AttemptLog, ClassifiedError};
+use backstop::classify::{AttemptLog, ClassifiedError, StopReason};
 use backstop::fallback::{Credential, FallbackConfig, Secret, ServedBy, Target};
 use backstop::mock::{Attempt, Fault, MockProvider, ModelPlan, Scenario, StreamStyle};
 use backstop::{BackstopLayer, StackConfig};
@@ -466,5 +466,64 @@ async fn a_configured_target_gets_its_own_key_never_the_one_the_caller_sent() {
     let models: Vec<_> = mock.attempts().iter().map(|a| a.model.clone()).collect();
     assert_eq!(models, [Some(PRIMARY.into()), Some(SECOND.into())]);
     // Each configured target got exactly its own key; the caller's went nowhere.
+    assert_each_provider_got_only_its_key(&mock.attempts());
+}
+
+#[tokio::test(start_paused = true)]
+async fn breaker_and_budget_refusals_print_no_key() {
+    // One stack for many requests against providers that keep failing, with an
+    // empty retry budget: retries are refused and the breakers open, so their
+    // refusals are printed too.
+    let toml = STACK_TOML.replace(
+        "[breaker]",
+        "[budget]\nretry_ratio = 0.0\nmin_retries_per_sec = 0.0\n\n[breaker]",
+    );
+    let layer = StackConfig::from_toml_str(&toml)
+        .expect("valid TOML")
+        .into_layer_with_env(env)
+        .expect("valid stack");
+    let mock = MockProvider::new(
+        Scenario::new(8)
+            .model(PRIMARY, ModelPlan::always(Fault::OpenAiOverloaded))
+            .model(SECOND, ModelPlan::always(Fault::AnthropicOverloaded))
+            .model(THIRD, ModelPlan::always(Fault::GeminiUnavailable)),
+    );
+    let mut refusals = std::collections::HashSet::new();
+    let mut budget_refused = false;
+    for i in 0..40 {
+        let request = http::Request::post("http://provider.local/v1/chat/completions")
+            .body(format!(r#"{{"model":"{PRIMARY}","messages":[],"n":{i}}}"#))
+            .expect("valid request");
+        let outcome = layer.clone().layer(mock.clone()).oneshot(request).await;
+        if let Err(error) = &outcome {
+            refusals.insert(error.kind());
+            for hop in ServedBy::of_error(error).map_or(&[][..], |s| &s.hops[..]) {
+                if hop.attempts.as_ref().and_then(|l| l.stop) == Some(StopReason::BudgetExhausted) {
+                    budget_refused = true;
+                }
+            }
+        }
+        if let Ok(response) = &outcome {
+            if let Some(served) = response.extensions().get::<ServedBy>() {
+                for hop in &served.hops {
+                    if let Some(failure) = &hop.failure {
+                        refusals.insert(failure.kind);
+                    }
+                    if hop.attempts.as_ref().and_then(|l| l.stop)
+                        == Some(StopReason::BudgetExhausted)
+                    {
+                        budget_refused = true;
+                    }
+                }
+            }
+        }
+        let text = printout(outcome).await;
+        assert_no_key("a refused request", &text);
+    }
+    assert!(
+        refusals.contains(&backstop::classify::FailureKind::BreakerOpen),
+        "the breakers opened: {refusals:?}"
+    );
+    assert!(budget_refused, "the budget refused a retry");
     assert_each_provider_got_only_its_key(&mock.attempts());
 }
