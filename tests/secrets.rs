@@ -503,17 +503,15 @@ async fn breaker_and_budget_refusals_print_no_key() {
                 }
             }
         }
-        if let Ok(response) = &outcome {
-            if let Some(served) = response.extensions().get::<ServedBy>() {
-                for hop in &served.hops {
-                    if let Some(failure) = &hop.failure {
-                        refusals.insert(failure.kind);
-                    }
-                    if hop.attempts.as_ref().and_then(|l| l.stop)
-                        == Some(StopReason::BudgetExhausted)
-                    {
-                        budget_refused = true;
-                    }
+        if let Ok(response) = &outcome
+            && let Some(served) = response.extensions().get::<ServedBy>()
+        {
+            for hop in &served.hops {
+                if let Some(failure) = &hop.failure {
+                    refusals.insert(failure.kind);
+                }
+                if hop.attempts.as_ref().and_then(|l| l.stop) == Some(StopReason::BudgetExhausted) {
+                    budget_refused = true;
                 }
             }
         }
