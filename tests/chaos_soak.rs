@@ -556,6 +556,9 @@ struct Tally {
     faults: BTreeMap<String, u64>,
     outcomes: BTreeMap<String, u64>,
     fallback_fired: u64,
+    streamed: u64,
+    idempotent: u64,
+    faults_injected: u64,
     /// Requests that ended in a refusal of a breaker after a provider had answered.
     breaker_open_after_answers: u64,
     /// (withdrawal instant, deposit instants) for the budget check.
@@ -587,6 +590,9 @@ fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tall
             by_id.entry(id).or_default().push(attempt);
         }
         let source = format!("{:?}", attempt.source).to_lowercase();
+        if !attempt.fault.is_ok() {
+            tally.faults_injected += 1;
+        }
         *tally
             .faults
             .entry(format!("{} ({source})", fault_label(&attempt.fault)))
@@ -596,6 +602,8 @@ fn verify_round(outcomes: &[Outcome], attempts: &[Attempt], sent: &SentLog, tall
     let mut seen = HashSet::new();
     for outcome in outcomes {
         tally.requests += 1;
+        tally.streamed += u64::from(outcome.stream);
+        tally.idempotent += u64::from(outcome.idempotent);
         // 1. Exactly one outcome per request.
         tally.check("1 one outcome", seen.insert(outcome.id), || {
             format!("request {} has two outcomes", outcome.id)
@@ -957,8 +965,8 @@ async fn soak_every_request_keeps_every_invariant() {
         tally.checks
     );
     eprintln!(
-        "breaker_open errors after a provider answered: {}",
-        tally.breaker_open_after_answers
+        "{} streamed and {} idempotent requests; {} faults injected; breaker_open errors after a provider answered: {}",
+        tally.streamed, tally.idempotent, tally.faults_injected, tally.breaker_open_after_answers
     );
     eprintln!("checks per invariant: {:#?}", tally.per_invariant);
     eprintln!("outcomes: {:#?}", tally.outcomes);
