@@ -7,7 +7,7 @@
 //! - An error body above the classify layer's inspection cap is not buffered beyond
 //!   it: at most the cap plus one frame has been pulled from the provider when the
 //!   response reaches the caller, who then receives every byte, in order.
-//! - A hung provider holds no more than the requests in flight: the mock's in-flight
+//! - A hung or slow provider holds no more than the requests in flight: the mock's in-flight
 //!   count never exceeds them, and everything is released when attempts time out.
 
 mod common;
@@ -24,7 +24,7 @@ use backstop::classify::{
     Classification, ClassifiedError, ClassifyLayer, DEFAULT_MAX_ERROR_BODY, FailureKind,
     ReplayBody, Rules,
 };
-use backstop::mock::{Fault, MockProvider, ModelPlan, Scenario};
+use backstop::mock::{Fault, Latency, MockProvider, ModelPlan, Scenario};
 use backstop::retry::{BodyLimitError, RetryConfig};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -309,8 +309,12 @@ async fn through_the_stack_no_attempt_holds_more_than_the_classify_cap_and_one_f
 /// Runs `n` concurrent requests against a provider that never answers, sampling the
 /// mock's in-flight count every 10 ms of virtual time; returns the highest count
 /// seen, the count after every request ended, the attempts made and the errors.
-async fn hang_with(n: usize, idempotent: bool) -> (usize, usize, usize, Vec<ClassifiedError>) {
-    let mock = MockProvider::new(Scenario::new(3).model("gpt-4o", ModelPlan::always(Fault::Hang)));
+async fn hang_with(
+    plan: ModelPlan,
+    n: usize,
+    idempotent: bool,
+) -> (usize, usize, usize, Vec<ClassifiedError>) {
+    let mock = MockProvider::new(Scenario::new(3).model("gpt-4o", plan));
     let retry = RetryConfig::interactive()
         .with_max_attempts(3)
         .and_then(|r| r.with_deadline(Some(Duration::from_secs(20))))
@@ -364,7 +368,8 @@ async fn hang_with(n: usize, idempotent: bool) -> (usize, usize, usize, Vec<Clas
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_provider_holds_exactly_the_requests_in_flight_and_releases_them_on_timeout() {
-    let (highest, after, attempts, errors) = hang_with(50, false).await;
+    let (highest, after, attempts, errors) =
+        hang_with(ModelPlan::always(Fault::Hang), 50, false).await;
     assert_eq!(highest, 50, "every request is held, and nothing more");
     assert_eq!(after, 0, "every timed-out attempt was released");
     // Not idempotent: a timeout after sending is never retried.
@@ -375,7 +380,8 @@ async fn a_hung_provider_holds_exactly_the_requests_in_flight_and_releases_them_
 
 #[tokio::test(start_paused = true)]
 async fn retries_against_a_hung_provider_never_hold_more_than_the_requests_in_flight() {
-    let (highest, after, attempts, errors) = hang_with(50, true).await;
+    let (highest, after, attempts, errors) =
+        hang_with(ModelPlan::always(Fault::Hang), 50, true).await;
     assert_eq!(
         highest, 50,
         "a retry replaces its attempt, it never adds to it"
@@ -385,5 +391,18 @@ async fn retries_against_a_hung_provider_never_hold_more_than_the_requests_in_fl
     // retries: 50 first attempts time out together, 15 are retried, then none.
     assert_eq!(attempts, 65);
     assert_eq!(errors.len(), 50);
+    assert!(errors.iter().all(|e| e.kind() == FailureKind::TimedOut));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_provider_holds_exactly_the_requests_in_flight_and_releases_them_on_timeout() {
+    // Answers would come after 10 s; the attempt timeout is 2 s.
+    let slow = ModelPlan::ok().latency(Latency::Fixed {
+        value: Duration::from_secs(10),
+    });
+    let (highest, after, attempts, errors) = hang_with(slow, 50, false).await;
+    assert_eq!(highest, 50);
+    assert_eq!(after, 0);
+    assert_eq!(attempts, 50);
     assert!(errors.iter().all(|e| e.kind() == FailureKind::TimedOut));
 }
