@@ -22,6 +22,7 @@
 //!
 //! Properties of a request:
 //! - an answer always arrives (within 5 s);
+//! - a head of more than 100 fields is an empty 431 from hyper, never forwarded;
 //! - a chat body over `max_request_body` (2048 bytes) is a 413, one `read_model`
 //!   refuses a 400 `invalid_body`, a model that is not configured a 404
 //!   `model_not_found`: each with `x-should-retry: false`, an OpenAI-style JSON error,
@@ -239,6 +240,18 @@ async fn request(world: &World, route: u8, rest: &[u8]) {
     let provider = world.mock.provider();
     provider.reset_records();
     let answer = send(world.addr, request).await;
+
+    // hyper's server refuses a head of more than 100 header fields with an empty 431
+    // before the proxy sees it. The harness adds `host`, and hyper's client adds
+    // `content-length` when the body is not empty or the method is not GET, hence
+    // the range.
+    let fields = caller_headers.len() + 2;
+    if answer.status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+        assert!(fields > 99, "431 for a head of {fields} fields");
+        assert_eq!(provider.attempt_count(), 0);
+        return;
+    }
+    assert!(fields <= 101, "a head of {fields} fields was accepted");
 
     match (method, path) {
         (Method::POST, "/v1/chat/completions") => {}
