@@ -53,6 +53,9 @@ struct Args {
     /// The proxy's in-flight bound (`--max-in-flight` of `backstop proxy`).
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
+    /// The proxy's connection bound (`--max-connections` of `backstop proxy`).
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// How long the mock provider takes to answer (0 = instantly).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     mock_latency: Duration,
@@ -180,14 +183,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         plan = plan.latency(Latency::fixed(args.mock_latency));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let max_in_flight = args.max_in_flight;
+    let (max_in_flight, max_connections) = (args.max_in_flight, args.max_connections);
     let handle = proxy::serve_builtin_mock_with(
         Scenario::new(0).model("gpt-4o", plan),
         listener,
         move |config| {
             config
                 .max_in_flight(max_in_flight)
-                .max_connections(args.concurrency + 64)
+                .max_connections(max_connections)
                 .drain_timeout(Duration::from_secs(5))
         },
     )
@@ -203,7 +206,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.stream
     ));
     println!(
-        "proxy_load: {} callers, {} for at most {}{}, max_in_flight {}, mock latency {:?}, {} over {}",
+        "proxy_load: {} callers, {} for at most {}{}, max_in_flight {}, max_connections {}, mock latency {:?}, {} over {}",
         args.concurrency,
         if args.stream {
             "SSE streams"
@@ -214,6 +217,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.requests
             .map_or_else(String::new, |n| format!(" or {n} requests")),
         args.max_in_flight,
+        args.max_connections,
         args.mock_latency,
         url,
         if args.http2 { "h2c" } else { "HTTP/1.1" },

@@ -84,7 +84,8 @@ struct ProxyLimits {
     /// request is answered at once with a 503 `proxy_overloaded` and `Retry-After: 1`.
     #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
-    /// Client connections open at once; beyond it new ones wait in the listen backlog.
+    /// Client connections open at once; beyond it a new one gets an immediate 503
+    /// `proxy_connection_limit` and is closed.
     #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// Time a client has to send each HTTP/1.1 request head (and an idle keep-alive

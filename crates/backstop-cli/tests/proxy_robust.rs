@@ -444,30 +444,50 @@ async fn requests_beyond_max_in_flight_are_shed_at_once_with_a_retryable_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn beyond_max_connections_new_connections_wait_until_one_closes() {
-    let (_mock, proxy) = start(Scenario::new(1), |c| c.max_connections(2)).await;
+async fn beyond_max_connections_a_new_connection_gets_an_immediate_503_and_is_closed() {
+    let (mock, proxy) = start(Scenario::new(1), |c| c.max_connections(2)).await;
     let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    let expected_tail = "\r\n\r\nok";
     let mut open = Vec::new();
     for _ in 0..2 {
         let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
         stream.write_all(request).await.unwrap();
         let (response, closed) = read_until_closed(&mut stream, Duration::from_millis(300)).await;
-        assert!(response.ends_with(expected_tail), "{response:?}");
+        assert!(response.ends_with("\r\n\r\nok"), "{response:?}");
         assert!(!closed, "kept alive");
         open.push(stream);
     }
-    // The third connection is accepted by the kernel but not served.
-    let mut third = TcpStream::connect(proxy.local_addr()).await.unwrap();
-    third.write_all(request).await.unwrap();
-    let (response, closed) = read_until_closed(&mut third, Duration::from_millis(500)).await;
-    assert_eq!(response, "", "served beyond the connection limit");
-    assert!(!closed);
-    // One of the two leaves: the third is served at once.
+    // The third connection is answered at once, its request unread, and closed.
+    let started = Instant::now();
+    let (response, closed) = raw_exchange(&proxy, request).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(closed);
+    assert_eq!(
+        response.as_bytes(),
+        &proxy::connection_limit_answer(2)[..],
+        "{response}"
+    );
+    // A client library sees an ordinary retryable 503.
+    let response = http1()
+        .request(chat(&proxy, "gpt-4o", false))
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["x-should-retry"], "true");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(error_code(&body), "proxy_connection_limit");
+    assert_eq!(mock.provider().attempt_count(), 0);
+    // One of the two leaves: new connections are served again.
     drop(open.pop());
-    let (response, _) = read_until_closed(&mut third, Duration::from_millis(1000)).await;
-    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response:?}");
-    assert!(response.ends_with(expected_tail), "{response:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (response, _) = raw_exchange(&proxy, request).await;
+        if response.starts_with("HTTP/1.1 200 OK\r\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {response:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     proxy.shutdown().await;
 }
 

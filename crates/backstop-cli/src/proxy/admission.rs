@@ -24,12 +24,15 @@ use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::body::ProxyBody;
+use super::body::{ErrorEnvelope, ProxyBody};
 use super::outcome::SHOULD_RETRY_HEADER;
 use super::reply::openai_error;
 
 /// The error `code` of a shed request.
 pub const OVERLOADED_CODE: &str = "proxy_overloaded";
+
+/// The error `code` of a connection refused at the connection limit.
+pub const CONNECTION_LIMIT_CODE: &str = "proxy_connection_limit";
 
 /// A bound on requests in flight, shared by every connection.
 #[derive(Debug)]
@@ -108,6 +111,28 @@ pub fn overloaded_response(overloaded: Overloaded) -> Response<ProxyBody> {
     headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
     headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("true"));
     response
+}
+
+/// The whole HTTP/1.1 answer written on a connection over the connection limit,
+/// before its request is read: 503, the OpenAI-style error, `Retry-After: 1`,
+/// `x-should-retry: true`, `Connection: close`. Written raw because hyper is never
+/// given the connection (an h2c client sees a protocol error, and retries).
+pub fn connection_limit_answer(max_connections: usize) -> Bytes {
+    let body = ErrorEnvelope::new(
+        &format!(
+            "backstop proxy is at its limit of {max_connections} open connections; retry after 1 s, reuse connections, or raise --max-connections"
+        ),
+        "server_error",
+        CONNECTION_LIMIT_CODE,
+    )
+    .to_bytes();
+    let mut answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nx-should-retry: true\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&body);
+    Bytes::from(answer)
 }
 
 pin_project! {
@@ -244,6 +269,19 @@ mod tests {
         assert_eq!(
             body,
             "{\"error\":{\"message\":\"backstop proxy is at its limit of 1024 requests in flight; retry after 1 s, or raise --max-in-flight\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_overloaded\"}}"
+        );
+    }
+
+    #[test]
+    fn connection_limit_answer_is_a_complete_http1_503_that_closes() {
+        let answer = connection_limit_answer(4096);
+        let body = "{\"error\":{\"message\":\"backstop proxy is at its limit of 4096 open connections; retry after 1 s, reuse connections, or raise --max-connections\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_connection_limit\"}}";
+        assert_eq!(
+            answer,
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nx-should-retry: true\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
         );
     }
 

@@ -20,8 +20,8 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// their last byte); beyond it requests are shed with a 503.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
-/// How many client connections may be open at once by default; beyond it the
-/// proxy stops accepting until one closes.
+/// How many client connections may be open at once by default; beyond it a new
+/// connection gets an immediate 503 and is closed.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// How long a client may take to send a request head by default (HTTP/1.1, and the
@@ -161,10 +161,11 @@ impl ProxyConfig {
         self
     }
 
-    /// How many client connections may be open at once. At the limit the proxy
-    /// stops accepting until one closes: new connections wait in the kernel's
-    /// listen backlog (bounded) instead of holding a task and buffers each. At
-    /// least 1.
+    /// How many client connections may be open at once. A connection over it is
+    /// answered at once, its request unread, with an HTTP/1.1 503
+    /// `proxy_connection_limit` (`Retry-After: 1`, `x-should-retry: true`) and
+    /// closed, instead of waiting in the kernel's listen backlog, where a client may
+    /// sit through SYN retries for a minute. At least 1.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.limits.max_connections = max.max(1);
         self
@@ -305,6 +306,38 @@ mod tests {
         assert!(!config.needs_tls());
         assert_eq!(config.max_request_body(), 8 * 1024 * 1024);
         config.build_layer().expect("valid");
+    }
+
+    #[test]
+    fn limits_default_to_the_documented_values_and_are_clamped_to_workable_ones() {
+        let config = builtin_mock("http://127.0.0.1:9/v1").unwrap();
+        assert_eq!(
+            config.limits(),
+            Limits {
+                max_in_flight: 1024,
+                max_connections: 4096,
+                header_read_timeout: Duration::from_secs(30),
+                max_header_bytes: 64 * 1024,
+                max_concurrent_streams: 256,
+            }
+        );
+        // Zero would refuse everything; below 8 KiB hyper's HTTP/1.1 reader panics.
+        let config = config
+            .max_in_flight(0)
+            .max_connections(0)
+            .max_header_bytes(100)
+            .max_concurrent_streams(0)
+            .header_read_timeout(Duration::from_millis(250));
+        assert_eq!(
+            config.limits(),
+            Limits {
+                max_in_flight: 1,
+                max_connections: 1,
+                header_read_timeout: Duration::from_millis(250),
+                max_header_bytes: 8 * 1024,
+                max_concurrent_streams: 1,
+            }
+        );
     }
 
     #[test]

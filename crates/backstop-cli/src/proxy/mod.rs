@@ -41,7 +41,7 @@
 //! | bound | default | beyond it |
 //! |---|---|---|
 //! | chat requests in flight ([`ProxyConfig::max_in_flight`], `--max-in-flight`) | 1024 | answered at once, body unread: 503 `proxy_overloaded`, `Retry-After: 1`, `x-should-retry: true` |
-//! | open connections ([`ProxyConfig::max_connections`], `--max-connections`) | 4096 | not accepted until one closes: they wait in the kernel's listen backlog |
+//! | open connections ([`ProxyConfig::max_connections`], `--max-connections`) | 4096 | answered at once, request unread: HTTP/1.1 503 `proxy_connection_limit`, `Retry-After: 1`, `x-should-retry: true`, then closed (64 such answers at a time, each within 500 ms; beyond, closed at once) |
 //! | time to send the preface and each HTTP/1.1 head ([`ProxyConfig::header_read_timeout`]) | 30 s | connection closed (an idle keep-alive connection too) |
 //! | request head size ([`ProxyConfig::max_header_bytes`]) | 64 KiB | HTTP/1.1: 431 and close; HTTP/2: the advertised header list size |
 //! | HTTP/1.1 headers per request | 100 (hyper's) | 431 and close |
@@ -187,7 +187,10 @@ use backstop::mock::{MockServer, Scenario};
 use tokio::net::TcpListener;
 use tower::Layer;
 
-pub use admission::{InFlightGuard, InFlightLimit, OVERLOADED_CODE, Overloaded};
+pub use admission::{
+    CONNECTION_LIMIT_CODE, InFlightGuard, InFlightLimit, OVERLOADED_CODE, Overloaded,
+    connection_limit_answer,
+};
 pub use body::{ProxyBody, error_event};
 pub use config::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,

@@ -13,10 +13,12 @@ use backstop::mock::MockServer;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::admission::connection_limit_answer;
 use super::config::Limits;
 use super::handshake::{Prefixed, Protocol, read_preface};
 use super::service::{Shared, handle};
@@ -82,37 +84,30 @@ pub(crate) async fn accept_loop(
 ) {
     let protocols = Protocols::new(&limits);
     let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refusal_slots = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     let graceful = GracefulShutdown::new();
     // Connections still choosing their protocol have no request in flight: at
     // shutdown they close at once instead of waiting out the preface timeout.
     let (stopping, stopping_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
-        // At the connection limit, stop accepting: new clients wait in the
-        // kernel's listen backlog (bounded) rather than each costing a task and
-        // buffers here.
-        let slot = tokio::select! {
-            slot = connection_slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                // The semaphore is never closed; were it, stop serving.
-                Err(_closed) => break,
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of
+                    // spinning, then keep serving the connections already open.
+                    tracing::warn!(target: "backstop::proxy", %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = &mut stop => break,
         };
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        // Out of file descriptors and the like: pause instead of
-                        // spinning, then keep serving the connections already open.
-                        tracing::warn!(target: "backstop::proxy", %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Reap finished connections so a long-running proxy does not keep them.
-                while connections.try_join_next().is_some() {}
+        // Reap finished connections so a long-running proxy does not keep them.
+        while connections.try_join_next().is_some() {}
+        match connection_slots.clone().try_acquire_owned() {
+            Ok(slot) => {
                 connections.spawn(serve_connection(
                     stream,
                     peer,
@@ -123,7 +118,16 @@ pub(crate) async fn accept_loop(
                     slot,
                 ));
             }
-            _ = &mut stop => break,
+            // At the connection limit: a clear, immediate 503 rather than leaving
+            // the client in the listen backlog (where it may wait out SYN retries,
+            // a minute or more). At most `REFUSALS_AT_ONCE` are written at a time;
+            // beyond that a connection is closed at once.
+            Err(_no_slot) => match refusal_slots.clone().try_acquire_owned() {
+                Ok(refusal) => {
+                    connections.spawn(refuse(stream, limits.max_connections, refusal));
+                }
+                Err(_) => drop(stream),
+            },
         }
     }
     drop(listener);
@@ -176,6 +180,35 @@ impl Protocols {
             preface_timeout: limits.header_read_timeout,
         }
     }
+}
+
+/// Connections over the limit being answered at once (each for at most
+/// `REFUSAL_LINGER`).
+const REFUSALS_AT_ONCE: usize = 64;
+
+/// How long a refused connection is kept to deliver its 503: the client's request
+/// bytes are read and discarded meanwhile, since closing with them unread would
+/// make the kernel reset the connection and could destroy the answer in flight. A
+/// client that sends nothing in that time is closed without an answer.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// Answers a connection over the limit with [`connection_limit_answer`] and closes it.
+async fn refuse(mut stream: TcpStream, max_connections: usize, _refusal: OwnedSemaphorePermit) {
+    let answer = connection_limit_answer(max_connections);
+    let deliver = async {
+        let mut discard = [0u8; 4096];
+        // Answer once the request has started: an HTTP client treats bytes that
+        // arrive before it sent anything as a broken connection, not an answer.
+        if stream.read(&mut discard).await? == 0 {
+            return Ok(());
+        }
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        while stream.read(&mut discard).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    // A timeout or an error both end in closing: nothing more is owed.
+    let _ = tokio::time::timeout(REFUSAL_LINGER, deliver).await;
 }
 
 /// How often an HTTP/2 connection is pinged, and how long the answer may take.
