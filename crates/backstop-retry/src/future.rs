@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::{Instant, Timeout, timeout_at};
 use tower_service::Service;
 
 use crate::RetryBody;
@@ -44,9 +44,15 @@ pin_project! {
         First {
             #[pin]
             call: F,
-            // Only when the attempt has a time limit.
-            timer: Option<Timer>,
             // Taken when the first attempt leads to a retry or a held stream.
+            attempts: Option<A>,
+        },
+        // The first attempt with a time limit: `tokio::time::timeout` (which keeps the
+        // limit working when the attempt uses up the task's cooperative budget),
+        // boxed so that only requests with a limit pay for its size.
+        FirstTimed {
+            call: Pin<Box<Timeout<F>>>,
+            limit: TimeLimit,
             attempts: Option<A>,
         },
         Retrying { future: Retrying<RB> },
@@ -54,11 +60,11 @@ pin_project! {
     }
 }
 
-/// The first attempt's time limit: when it started, and the sleep until the limit
-/// (boxed: most requests have none, and pay nothing).
-struct Timer {
+/// When the first attempt started, and until when it may run.
+#[derive(Clone, Copy)]
+struct TimeLimit {
     started: Instant,
-    limit: Pin<Box<Sleep>>,
+    until: Instant,
 }
 
 /// `Option` only so the state can move into the retry loop.
@@ -80,19 +86,17 @@ where
             started,
             until,
         } = sent;
+        let attempts = Some(attempts);
         // Both are set together: a start time is read only for a time limit.
-        let timer = started.zip(until).map(|(started, until)| Timer {
-            started,
-            limit: Box::pin(sleep_until(until)),
-        });
-        ResponseFuture {
-            state: State::First {
-                call,
-                timer,
-                attempts: Some(attempts),
+        let state = match started.zip(until) {
+            Some((started, until)) => State::FirstTimed {
+                call: Box::pin(timeout_at(until, call)),
+                limit: TimeLimit { started, until },
+                attempts,
             },
-            span,
-        }
+            None => State::First { call, attempts },
+        };
+        ResponseFuture { state, span }
     }
 }
 
@@ -111,50 +115,15 @@ where
         let mut this = self.project();
         let _entered = this.span.enter();
         loop {
-            let resume = match this.state.as_mut().project() {
-                StateProj::First {
-                    call,
-                    timer,
-                    attempts,
-                } => {
-                    // The attempt first, then its time limit, as `tokio::time::timeout`.
-                    let result = match call.poll(cx) {
-                        Poll::Ready(result) => Some(result),
-                        Poll::Pending => {
-                            let expired = timer
-                                .as_mut()
-                                .is_some_and(|t| t.limit.as_mut().poll(cx).is_ready());
-                            if !expired {
-                                return Poll::Pending;
-                            }
-                            None
-                        }
-                    };
-                    let started = timer.as_ref().map(|t| t.started);
-                    let until = timer.as_ref().map(|t| t.limit.deadline());
-                    // Judged in place: a request settled by its first attempt never
-                    // moves its state out of this future.
-                    let in_place = attempts.as_mut().expect(IN_PLACE);
-                    let resume = match in_place.head(result, started, until) {
-                        AfterHead::Done {
-                            outcome,
-                            classification,
-                        } => match in_place.conclude(outcome, classification, None, None) {
-                            Next::Return(outcome) => {
-                                this.state.set(State::Done);
-                                return Poll::Ready(outcome);
-                            }
-                            Next::Retry(waited) => Resume::Wait(waited),
-                        },
-                        AfterHead::Hold(held) => Resume::Held {
-                            first_event: held.wait_for_first_event(started, until),
-                            waited: None,
-                        },
-                    };
-                    // A retry or a held stream: the rest of the request moves into
-                    // one boxed future.
-                    Box::pin(attempts.take().expect(IN_PLACE).resume(resume)) as Retrying<RB>
+            let (result, limit, attempts) = match this.state.as_mut().project() {
+                StateProj::First { call, attempts } => {
+                    (Some(ready!(call.poll(cx))), None, attempts)
                 }
+                StateProj::FirstTimed {
+                    call,
+                    limit,
+                    attempts,
+                } => (ready!(call.as_mut().poll(cx)).ok(), Some(*limit), attempts),
                 StateProj::Retrying { future } => {
                     let outcome = ready!(future.as_mut().poll(cx));
                     this.state.set(State::Done);
@@ -162,6 +131,30 @@ where
                 }
                 StateProj::Done => panic!("retry ResponseFuture polled after completion"),
             };
+            let started = limit.map(|l| l.started);
+            let until = limit.map(|l| l.until);
+            // Judged in place: a request settled by its first attempt never moves its
+            // state out of this future.
+            let in_place = attempts.as_mut().expect(IN_PLACE);
+            let resume = match in_place.head(result, started, until) {
+                AfterHead::Done {
+                    outcome,
+                    classification,
+                } => match in_place.conclude(outcome, classification, None, None) {
+                    Next::Return(outcome) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(outcome);
+                    }
+                    Next::Retry(waited) => Resume::Wait(waited),
+                },
+                AfterHead::Hold(held) => Resume::Held {
+                    first_event: held.wait_for_first_event(started, until),
+                    waited: None,
+                },
+            };
+            // A retry or a held stream: the rest of the request moves into one boxed
+            // future.
+            let resume: Retrying<RB> = Box::pin(attempts.take().expect(IN_PLACE).resume(resume));
             this.state.set(State::Retrying { future: resume });
         }
     }

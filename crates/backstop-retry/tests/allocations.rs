@@ -1,15 +1,16 @@
 //! The success path's cost in allocations: a request that succeeds at once through
 //! [`Retry`](backstop_retry::Retry) allocates no more than the same request through
 //! `tower::retry::Retry` plus what the [`AttemptLog`] on the response needs. Counted
-//! with a global allocator (this file is its own test binary, so the allocator sees
-//! only these tests; one test at a time, by a lock).
+//! with a global allocator, only on the thread that is measuring (tests run in
+//! parallel) and one measurement at a time.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use backstop_classify::{AttemptLog, ReplayBody, StopReason};
@@ -21,16 +22,26 @@ use tower::{Layer, Service, ServiceExt};
 
 struct Counting;
 
-static TRACKING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+}
 static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn note() {
+    if TRACKING.try_with(Cell::get).unwrap_or(false) {
+        COUNT.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn track(on: bool) {
+    TRACKING.with(|t| t.set(on));
+}
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 // SAFETY: delegates every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
-            COUNT.fetch_add(1, Ordering::Relaxed);
-        }
+        note();
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
@@ -41,9 +52,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
-            COUNT.fetch_add(1, Ordering::Relaxed);
-        }
+        note();
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -135,7 +144,7 @@ where
     for _ in 0..2 {
         let req = make();
         COUNT.store(0, Ordering::SeqCst);
-        TRACKING.store(true, Ordering::SeqCst);
+        track(true);
         let response = now(async {
             let ready = svc.ready().await.expect("ready");
             ready.call(req).await
@@ -143,7 +152,7 @@ where
         .expect("success");
         check(&response);
         drop(response);
-        TRACKING.store(false, Ordering::SeqCst);
+        track(false);
         count = COUNT.load(Ordering::SeqCst);
     }
     count
@@ -160,9 +169,9 @@ fn runtime() -> tokio::runtime::Runtime {
 fn allocations_of<T>(f: impl FnOnce() -> T) -> usize {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     COUNT.store(0, Ordering::SeqCst);
-    TRACKING.store(true, Ordering::SeqCst);
+    track(true);
     drop(f());
-    TRACKING.store(false, Ordering::SeqCst);
+    track(false);
     COUNT.load(Ordering::SeqCst)
 }
 
