@@ -369,6 +369,20 @@ impl CapturedLog {
 
 #[tokio::test(start_paused = true)]
 async fn every_failure_path_across_providers_keeps_every_key_private() {
+    // Register the layers' callsites on this thread before installing the capturing
+    // subscriber: tracing caches a callsite's interest at its first registration, and
+    // another test thread registering it at the same moment could hide it from the
+    // subscriber. `set_default` rebuilds the interest of every registered callsite.
+    {
+        let (_, layer) = stack();
+        let mock = MockProvider::new(
+            Scenario::new(0).model(PRIMARY, ModelPlan::always(Fault::OpenAiServerError)),
+        );
+        let request = http::Request::post("http://provider.local/v1/chat/completions")
+            .body(format!(r#"{{"model":"{PRIMARY}","messages":[]}}"#))
+            .expect("valid request");
+        let _ = layer.layer(mock).oneshot(request).await;
+    }
     // The test runtime is single-threaded, so a thread-local default subscriber sees
     // every event of every layer.
     let log = CapturedLog::default();

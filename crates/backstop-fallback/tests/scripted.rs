@@ -514,14 +514,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 
 #[tokio::test(start_paused = true)]
 async fn a_fallback_is_logged_at_info_with_the_models_and_never_a_key() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
     let fake = Fake::new(|model| {
         let model = model.to_owned();
         Box::pin(async move {
@@ -531,6 +523,24 @@ async fn a_fallback_is_logged_at_info_with_the_models_and_never_a_key() {
             }
         })
     });
+    // Register the layer's span and event callsites on this thread first. tracing
+    // caches each callsite's interest when it is first registered; if another test
+    // thread registers it while this test installs its subscriber, the cache can miss
+    // the subscriber (the span then vanishes from the log). Once registered, the
+    // `set_default` below rebuilds the interest of every registered callsite.
+    FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+        .unwrap();
+
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let mut request = chat("gpt-4o");
     request
         .headers_mut()
