@@ -57,8 +57,11 @@ impl std::fmt::Display for ModelRoute {
 /// Whether a request is idempotent: it carries an `Idempotency-Key` header or the
 /// [`Idempotent`] marker.
 pub fn is_idempotent<B>(request: &http::Request<B>) -> bool {
+    // A prebuilt name: looking up a `&str` parses and lower-cases it on every call,
+    // which cost more than the rest of this check on the success path.
+    const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
     request.extensions().get::<Idempotent>().is_some()
-        || request.headers().contains_key("idempotency-key")
+        || request.headers().contains_key(IDEMPOTENCY_KEY)
 }
 
 /// A retry budget shared by many requests, as the retry layer sees it.
@@ -147,4 +150,36 @@ pub struct AttemptLog {
     pub attempts: Vec<AttemptRecord>,
     /// Why attempting stopped, once it has.
     pub stop: Option<StopReason>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_by_header_in_any_case_or_by_marker_and_not_otherwise() {
+        let plain = http::Request::post("/v1/chat/completions")
+            .body(())
+            .unwrap();
+        assert!(!is_idempotent(&plain));
+
+        let keyed = http::Request::post("/v1/chat/completions")
+            .header("Idempotency-Key", "k-1")
+            .body(())
+            .unwrap();
+        assert!(is_idempotent(&keyed));
+
+        let mut marked = http::Request::post("/v1/chat/completions")
+            .body(())
+            .unwrap();
+        marked.extensions_mut().insert(Idempotent);
+        assert!(is_idempotent(&marked));
+
+        // A header that only starts like the key is not the key.
+        let other = http::Request::post("/v1/chat/completions")
+            .header("idempotency-keys", "k-1")
+            .body(())
+            .unwrap();
+        assert!(!is_idempotent(&other));
+    }
 }
