@@ -10,7 +10,7 @@ use backstop_classify::{
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use crate::config::Compiled;
+use crate::config::{Compiled, CompiledTarget};
 use crate::hop::{HopError, Original};
 use crate::policy::{ChainKind, ChainWalk, Verdict, judge};
 use crate::served::{ChainFailed, ChainStop, Hop, ServedBy};
@@ -38,17 +38,19 @@ pub(crate) struct Journey {
 }
 
 impl Journey {
-    /// Starts the journey and builds the first hop's request.
+    /// Starts the journey and builds the first hop's request; `target` is the
+    /// requested model's, when it has one (the caller has looked it up already).
     pub(crate) fn start(
         config: Arc<Compiled>,
         original: Original,
+        target: Option<&CompiledTarget>,
         idempotent: bool,
         deadline: Option<Instant>,
         span: tracing::Span,
     ) -> Result<(Self, Request<ReplayBody>), ClassifiedError> {
         let requested = original.model.clone();
         let dl = deadline.map(Deadline);
-        let (request, route) = match config.targets.get(&requested) {
+        let (request, route) = match target {
             Some(target) => original
                 .for_target(&config, target, dl)
                 .map_err(|e| ClassifiedError::new(Failure::new(FailureKind::InvalidRequest), e))?,

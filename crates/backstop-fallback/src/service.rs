@@ -120,9 +120,9 @@ where
         let decoded = rewrite::decode_string(&bytes, model_span);
         // A configured model shares its name with the configuration: no allocation
         // per request, and the breaker's route comparison meets the same pointer.
-        let model: Arc<str> = match self.config.targets.get_key_value(&*decoded) {
-            Some((name, _)) => Arc::clone(name),
-            None => Arc::from(decoded),
+        let (model, target) = match self.config.targets.get_key_value(&*decoded) {
+            Some((name, target)) => (Arc::clone(name), Some(target)),
+            None => (Arc::from(decoded), None),
         };
         span.record("gen_ai.request.model", &*model);
 
@@ -156,6 +156,7 @@ where
         match Journey::start(
             self.config.clone(),
             original,
+            target,
             idempotent,
             deadline,
             span.clone(),
