@@ -169,24 +169,24 @@
 //! [`AttemptLog`](backstop_classify::AttemptLog) alone, built, put on a response and
 //! dropped. One run of
 //! `cargo bench -p backstop-retry --bench retry_overhead -- --warm-up-time 1 --measurement-time 3`,
-//! 2026-11-24 07:30 UTC, on the shared development machine (2 cores, loaded by other
-//! engineers' builds, benchmarks and fuzzers: load average 4.2 to 4.8 during the run).
+//! 2026-11-24 07:38 UTC, on the shared development machine (2 cores, loaded by other
+//! engineers' builds, benchmarks and fuzzers: load average 5.5 to 5.6 during the run).
 //! Instruction counts (callgrind, the bench binary's `RETRY_OVERHEAD_CALLS` mode, see
 //! the bench's docs) and allocations (`tests/allocations.rs`) do not depend on load:
 //!
 //! | per request | criterion mean | interleaved best | added over bare | instructions added over bare | allocations |
 //! |---|---|---|---|---|---|
-//! | bare service | 288 ns | 90 ns | — | — | 0 |
-//! | `tower::retry::Retry` | 470 ns | 288 ns | +199 ns | +1 757 | 4 |
-//! | backstop `Retry` | 504 ns | 486 ns | +397 ns | +3 678 | 8 |
-//! | the attempt log alone | 262 ns | 88 ns | | 1 084 | 4 |
+//! | bare service | 244 ns | 89 ns | — | — | 0 |
+//! | `tower::retry::Retry` | 681 ns | 272 ns | +183 ns | +1 755 | 4 |
+//! | backstop `Retry` | 843 ns | 442 ns | +353 ns | +3 727 | 8 |
+//! | the attempt log alone | 189 ns | 71 ns | | 1 084 | 4 |
 //!
 //! Use the interleaved column: the three services take turns in one process and the
 //! best of 200 short rounds is kept, which filters out the preemption that inflates
-//! criterion's means on this machine (the bare service's 288 ns against 90 ns).
+//! criterion's means on this machine (the bare service's 244 ns against 89 ns).
 //!
-//! **The target is not met**: backstop's `Retry` costs 1.69× tower's retry on this
-//! path (target ≤ 1.0) and adds about 400 ns over the bare service (target < 200 ns).
+//! **The target is not met**: backstop's `Retry` costs 1.63× tower's retry on this
+//! path (target ≤ 1.0) and adds about 350 ns over the bare service (target < 200 ns).
 //! Where the difference goes:
 //!
 //! - Both make the one copy of the request a retry needs (tower's policy clones it;
@@ -195,23 +195,25 @@
 //! - The [`AttemptLog`](backstop_classify::AttemptLog) every response carries is the
 //!   largest part of the rest: its `Vec`, and on a response that has no extensions
 //!   yet, the map's box, its table and the value's box: 4 allocations, about 1 100
-//!   instructions and 88 ns with the frees. tower's retry attaches nothing. It is the
+//!   instructions and 71 ns with the frees. tower's retry attaches nothing. It is the
 //!   layer's contract (the fallback layer, the proxy and callers read it), so it stays.
 //!   When the request carries extensions (the budget's handle, the fallback's model
 //!   route: every request in the full stack) and the response none, the log goes into
 //!   the request's emptied map instead, and costs 2 allocations, not 4.
-//! - The remaining ≈ 850 instructions (≈ 110 ns here) are the layer's own
+//! - The remaining ≈ 900 instructions (≈ 100 ns here) are the layer's own
 //!   bookkeeping: the effective deadline and stream decision, the verdict on the
 //!   response head, the record, a reference count on the shared configuration, and
-//!   moving a 576-byte future.
+//!   moving a 552-byte future.
 //!
-//! Before this version (commit `0535f00`), measured the same way minutes later in
-//! one process with both versions compiled in (interleaved best; a different build
-//! from the table's, so its figures differ a little): bare 90 ns, tower 272–291 ns,
-//! backstop 564–565 ns (1.95–2.07× tower); this version 440–453 ns (1.51–1.67×).
-//! Its request future was boxed (1.1 KiB, allocated on every request): 9 allocations
-//! and +4 285 instructions per request, against 8 and +3 634 now (same build). What
-//! changed: the first attempt is polled inside [`ResponseFuture`] (a `pin-project`
+//! Before this version (commit `0535f00`), measured the same way just before the
+//! table's run, in one process with both versions compiled in (interleaved best; a
+//! different build from the table's, so its figures differ a little), three runs:
+//! bare 98–104 ns, tower 262–274 ns, backstop 581–589 ns (2.13–2.25× tower); this
+//! version 439–461 ns (1.64–1.76×). Its request future was boxed (1.1 KiB, allocated
+//! on every request): 9 allocations and +4 297 instructions per request, against 8
+//! and +3 712 now (same build).
+//!
+//! What changed: the first attempt is polled inside [`ResponseFuture`] (a `pin-project`
 //! state machine) and the retry loop is boxed only when a retry or a held stream
 //! needs it; a single-attempt request (`max_attempts` 1, or the last attempt) is sent
 //! without a copy; the response head is judged in place; the provider request-id
