@@ -197,9 +197,9 @@
 //!   yet, the map's box, its table and the value's box: 4 allocations, about 1 100
 //!   instructions and 71 ns with the frees. tower's retry attaches nothing. It is the
 //!   layer's contract (the fallback layer, the proxy and callers read it), so it stays.
-//!   When the request carries extensions (the budget's handle, the fallback's model
-//!   route: every request in the full stack) and the response none, the log goes into
-//!   the request's emptied map instead, and costs 2 allocations, not 4.
+//!   When the request carries extensions (in the full stack: the budget's handle, the
+//!   fallback's model route) and the response none, the log goes into the request's
+//!   emptied map instead, and costs 2 allocations, not 4 (tested).
 //! - The remaining ≈ 900 instructions (≈ 100 ns here) are the layer's own
 //!   bookkeeping: the effective deadline and stream decision, the verdict on the
 //!   response head, the record, a reference count on the shared configuration, and
