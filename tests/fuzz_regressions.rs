@@ -36,7 +36,7 @@ fn sse_events(chunks: &[&[u8]], cap: usize) -> Vec<SseEvent> {
 /// and its value is copied whole: the reader holds 2 bytes with a cap of 1 (a hostile
 /// upstream can make it hold a whole read buffer per event).
 #[test]
-#[ignore = "bug: SseReader keeps an `event:` value longer than its cap when the line arrives in one chunk, see report"]
+
 fn sse_event_name_is_held_within_the_cap() {
     let events = sse_events(&[b"event: ab\ndata: x\n\n"], 1);
     assert_eq!(events.len(), 1);
@@ -55,7 +55,7 @@ fn sse_event_name_is_held_within_the_cap() {
 /// where the network cut it (and an over-long error event may be recognised as an
 /// error in one reading and not in the other).
 #[test]
-#[ignore = "bug: SseReader cuts an over-long line differently depending on the chunking, see report"]
+
 fn sse_over_long_data_line_reads_the_same_whatever_the_chunking() {
     let stream: &[u8] = b"data: 01234567\n\n";
     let whole = sse_events(&[stream], 8);
@@ -72,7 +72,7 @@ fn sse_over_long_data_line_reads_the_same_whatever_the_chunking() {
 /// chunks, is cut to `data` and read as a data field: the split stream dispatches an
 /// event the whole stream does not have.
 #[test]
-#[ignore = "bug: SseReader reads a cut unknown field as `data` when the line spans chunks, see report"]
+
 fn sse_over_long_unknown_field_never_becomes_an_event() {
     let stream: &[u8] = b"datax: y\n\n";
     assert_eq!(sse_events(&[stream], 4), []);

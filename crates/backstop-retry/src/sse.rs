@@ -4,7 +4,9 @@
 //! Pure and bounded: it is fed chunks as they arrive (an event, a line, even a
 //! `\r\n` pair may be split across chunks), accepts `\n`, `\r\n` and `\r` line ends,
 //! ignores comments (`: keep-alive`) and unknown fields, and never holds more than
-//! its cap: a longer line or data field is cut and the event marked `truncated`.
+//! its cap: a longer data field or event name is cut and the event marked
+//! `truncated`. Lines are parsed as their bytes arrive, so the events do not depend
+//! on where the stream was split into chunks.
 
 /// One dispatched event.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,15 +57,50 @@ pub struct Fed {
     pub event: Option<SseEvent>,
 }
 
+/// Which field a line is setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Data,
+    Event,
+    /// `id`, `retry` and unknown fields: they do not matter for finding errors.
+    Other,
+}
+
+/// Where the reader is within the current line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading the field name (no colon yet).
+    Name,
+    /// Just after the colon: one space may follow and is not part of the value.
+    AfterColon(Field),
+    /// Reading the value.
+    Value(Field),
+    /// A comment line (`: keep-alive`).
+    Comment,
+}
+
+/// The longest field name the reader acts on is `event`; longer names are never
+/// `data` or `event`, so only this many bytes of a name are kept.
+const MAX_FIELD_NAME: usize = 8;
+
 /// The incremental reader. See the module docs.
+///
+/// Each line is parsed as its bytes arrive: the field name (at most
+/// [`MAX_FIELD_NAME`] bytes kept), then the value streamed straight into the event
+/// being built, each part under the cap. So the same stream gives the same events
+/// however the network cut it into chunks.
 #[derive(Debug)]
 pub struct SseReader {
     cap: usize,
-    /// The current line when it spans chunks (kept to at most `cap` bytes).
-    line: Vec<u8>,
-    line_truncated: bool,
     /// The previous chunk ended in `\r`: a `\n` that starts this one is part of it.
     after_cr: bool,
+    phase: Phase,
+    name: [u8; MAX_FIELD_NAME],
+    name_len: usize,
+    /// The field name was longer than [`MAX_FIELD_NAME`].
+    name_overflow: bool,
+    /// No byte of the current line has been read yet.
+    line_empty: bool,
     event: Option<Vec<u8>>,
     data: Vec<u8>,
     has_data: bool,
@@ -71,13 +108,17 @@ pub struct SseReader {
 }
 
 impl SseReader {
-    /// A reader that holds at most `cap` bytes of one line and of one event's data.
+    /// A reader that holds at most `cap` bytes of one event's data, and of its
+    /// `event:` name.
     pub fn new(cap: usize) -> Self {
         SseReader {
             cap,
-            line: Vec::new(),
-            line_truncated: false,
             after_cr: false,
+            phase: Phase::Name,
+            name: [0; MAX_FIELD_NAME],
+            name_len: 0,
+            name_overflow: false,
+            line_empty: true,
             event: None,
             data: Vec::new(),
             has_data: false,
@@ -98,7 +139,7 @@ impl SseReader {
         while pos < chunk.len() {
             let rest = &chunk[pos..];
             let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
-                self.push_partial(rest);
+                self.line_bytes(rest);
                 return Fed {
                     consumed: chunk.len(),
                     event: None,
@@ -112,18 +153,8 @@ impl SseReader {
                     None => self.after_cr = true,
                 }
             }
-            let event = if self.line.is_empty() && !self.line_truncated {
-                self.line_ended(&rest[..end], false)
-            } else {
-                self.push_partial(&rest[..end]);
-                let line = std::mem::take(&mut self.line);
-                let truncated = std::mem::take(&mut self.line_truncated);
-                let event = self.line_ended(&line, truncated);
-                // Keep the allocation for the next long line.
-                self.line = line;
-                self.line.clear();
-                event
-            };
+            self.line_bytes(&rest[..end]);
+            let event = self.line_ended();
             pos = next;
             if event.is_some() {
                 return Fed {
@@ -138,42 +169,106 @@ impl SseReader {
         }
     }
 
-    fn push_partial(&mut self, bytes: &[u8]) {
-        let room = self.cap.saturating_sub(self.line.len());
-        if bytes.len() > room {
-            self.line_truncated = true;
+    /// Bytes of the current line (no line end among them).
+    fn line_bytes(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.phase {
+                Phase::Name => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    if b == b':' {
+                        if self.line_empty {
+                            self.phase = Phase::Comment;
+                        } else {
+                            let field = self.field();
+                            self.start_value(field);
+                            self.phase = Phase::AfterColon(field);
+                        }
+                    } else if self.name_len < MAX_FIELD_NAME {
+                        self.name[self.name_len] = b;
+                        self.name_len += 1;
+                    } else {
+                        self.name_overflow = true;
+                    }
+                    self.line_empty = false;
+                }
+                Phase::AfterColon(field) => {
+                    if bytes[0] == b' ' {
+                        bytes = &bytes[1..];
+                    }
+                    self.phase = Phase::Value(field);
+                }
+                Phase::Value(field) => {
+                    self.push_value(field, bytes);
+                    return;
+                }
+                Phase::Comment => return,
+            }
         }
-        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
-    fn line_ended(&mut self, line: &[u8], truncated: bool) -> Option<SseEvent> {
-        self.truncated |= truncated;
-        if line.is_empty() {
-            return self.dispatch();
+    /// The field the name read so far names.
+    fn field(&self) -> Field {
+        if self.name_overflow {
+            return Field::Other;
         }
-        if line[0] == b':' {
-            return None;
+        match &self.name[..self.name_len] {
+            b"data" => Field::Data,
+            b"event" => Field::Event,
+            _ => Field::Other,
         }
-        let (field, value) = match line.iter().position(|b| *b == b':') {
-            Some(i) => {
-                let value = &line[i + 1..];
-                (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
-            }
-            None => (line, &b""[..]),
-        };
+    }
+
+    /// A field's value begins (it may be empty).
+    fn start_value(&mut self, field: Field) {
         match field {
-            b"event" => self.event = Some(value.to_vec()),
-            b"data" => {
+            Field::Data => {
                 if self.has_data {
                     self.append_data(b"\n");
                 }
                 self.has_data = true;
-                self.append_data(value);
             }
-            // `id`, `retry` and unknown fields do not matter for finding errors.
-            _ => {}
+            Field::Event => self.event = Some(Vec::new()),
+            Field::Other => {}
         }
+    }
+
+    fn push_value(&mut self, field: Field, bytes: &[u8]) {
+        match field {
+            Field::Data => self.append_data(bytes),
+            Field::Event => {
+                let cap = self.cap;
+                let name = self.event.get_or_insert_with(Vec::new);
+                let room = cap.saturating_sub(name.len());
+                if bytes.len() > room {
+                    self.truncated = true;
+                }
+                name.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+            Field::Other => {}
+        }
+    }
+
+    /// The current line ended; a blank line dispatches the event.
+    fn line_ended(&mut self) -> Option<SseEvent> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Name);
+        let blank = std::mem::replace(&mut self.line_empty, true);
+        if phase == Phase::Name {
+            if blank {
+                self.reset_name();
+                return self.dispatch();
+            }
+            // A line without a colon is a field with an empty value.
+            let field = self.field();
+            self.start_value(field);
+        }
+        self.reset_name();
         None
+    }
+
+    fn reset_name(&mut self) {
+        self.name_len = 0;
+        self.name_overflow = false;
     }
 
     fn append_data(&mut self, bytes: &[u8]) {
@@ -407,12 +502,42 @@ mod tests {
         }
 
         #[test]
+        fn any_stream_reads_the_same_whatever_the_chunking_and_cap(
+            stream in proptest::collection::vec(
+                prop::sample::select(&b"data:event:datax id: \r\n\n\nab{}\"error\"ping"[..]),
+                0..120,
+            ),
+            cap in 0usize..24,
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            // Arbitrary field names, over-long lines and values, bare CRs: the events
+            // (ignoring where each ended) never depend on where the stream was cut.
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.sort();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&stream[last..p]);
+                last = p;
+            }
+            chunks.push(&stream[last..]);
+            let whole: Vec<SseEvent> = events(&[&stream], cap).into_iter().map(|(_, e)| e).collect();
+            let split: Vec<SseEvent> = events(&chunks, cap).into_iter().map(|(_, e)| e).collect();
+            prop_assert_eq!(&whole, &split);
+            for e in &whole {
+                prop_assert!(e.data.len() <= cap);
+                prop_assert!(e.event.as_ref().map_or(0, Vec::len) <= cap);
+            }
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic_and_stay_within_the_cap(
             chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16),
         ) {
             let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
             for (_, e) in events(&refs, 32) {
                 prop_assert!(e.data.len() <= 32);
+                prop_assert!(e.event.as_ref().map_or(0, Vec::len) <= 32);
             }
         }
     }
