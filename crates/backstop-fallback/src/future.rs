@@ -22,7 +22,7 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         inner: S,
-        journey: Option<Journey>,
+        journey: Option<Journey<RB>>,
         // Boxed because most requests have no total deadline: only those pay for it.
         deadline: Option<Pin<Box<Sleep>>>,
         span: tracing::Span,
@@ -49,12 +49,12 @@ where
     pub(crate) fn calling(
         inner: S,
         future: S::Future,
-        journey: Option<Journey>,
+        journey: Option<Journey<RB>>,
         span: tracing::Span,
     ) -> Self {
         let deadline = journey
             .as_ref()
-            .and_then(Journey::deadline)
+            .and_then(|j| j.deadline())
             .map(|at| Box::pin(tokio::time::sleep_until(at)));
         ResponseFuture {
             state: State::Calling { future },
@@ -146,7 +146,7 @@ fn poll_deadline(deadline: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -
 }
 
 fn outcome_step<RB>(
-    journey: &mut Option<Journey>,
+    journey: &mut Option<Journey<RB>>,
     result: Result<Response<RB>, BoxError>,
 ) -> Step<RB> {
     match (journey, result) {
@@ -158,7 +158,7 @@ fn outcome_step<RB>(
     }
 }
 
-fn deadline_step<RB>(journey: &mut Option<Journey>) -> Step<RB> {
+fn deadline_step<RB>(journey: &mut Option<Journey<RB>>) -> Step<RB> {
     match journey {
         Some(j) => j.on_deadline(),
         // Without a journey there is no deadline timer, so this is not reached; a

@@ -23,7 +23,7 @@ pub(crate) enum Step<RB> {
     Next(Request<ReplayBody>),
 }
 
-pub(crate) struct Journey {
+pub(crate) struct Journey<RB> {
     config: Arc<Compiled>,
     original: Original,
     walk: ChainWalk,
@@ -34,10 +34,15 @@ pub(crate) struct Journey {
     hops: Vec<Hop>,
     /// Per finished hop, when its failure's hint says it may serve again.
     reopen: Vec<Option<(Instant, HintSource)>>,
+    /// The last response a provider sent that the journey fell back from, with the
+    /// index of its hop. When every later hop ends without a response (refused by
+    /// a breaker or the throttle, timed out, reset), this is the most informative
+    /// failure the caller can get: the provider's own answer, byte-for-byte.
+    kept: Option<(Response<RB>, usize)>,
     span: tracing::Span,
 }
 
-impl Journey {
+impl<RB> Journey<RB> {
     /// Starts the journey and builds the first hop's request; `target` is the
     /// requested model's, when it has one (the caller has looked it up already).
     pub(crate) fn start(
@@ -65,6 +70,7 @@ impl Journey {
             deadline,
             hops: Vec::new(),
             reopen: Vec::new(),
+            kept: None,
             span,
         };
         Ok((journey, request))
@@ -76,7 +82,7 @@ impl Journey {
     }
 
     /// A hop's response arrived.
-    pub(crate) fn on_response<RB>(&mut self, mut response: Response<RB>) -> Step<RB> {
+    pub(crate) fn on_response(&mut self, mut response: Response<RB>) -> Step<RB> {
         let extensions = response.extensions();
         let verdict = judge(extensions.get::<Classification>(), self.idempotent);
         let attempts = extensions.get::<AttemptLog>().cloned();
@@ -103,7 +109,11 @@ impl Journey {
                 let kind = failure.as_ref().map(|f| f.kind);
                 self.record(attempts, failure);
                 match self.advance(route, kind) {
-                    Ok(next) => return Step::Next(next),
+                    Ok(next) => {
+                        // A newer provider answer replaces an older one.
+                        self.kept = Some((response, self.hops.len() - 1));
+                        return Step::Next(next);
+                    }
                     Err(stop) => stop,
                 }
             }
@@ -115,7 +125,7 @@ impl Journey {
     }
 
     /// A hop's error arrived (or the inner service failed to become ready).
-    pub(crate) fn on_error<RB>(&mut self, error: BoxError) -> Step<RB> {
+    pub(crate) fn on_error(&mut self, error: BoxError) -> Step<RB> {
         let mut error = into_classified(error);
         let attempts = error.take_attempt_log();
         let failure = error.failure().clone();
@@ -132,19 +142,38 @@ impl Journey {
                 Err(stop) => stop,
             },
         };
-        Step::Return(Err(self.final_error(error, attempts, stop)))
+        self.finish_without_response(error, attempts, stop)
     }
 
     /// The total deadline fired while a hop was in flight.
-    pub(crate) fn on_deadline<RB>(&mut self) -> Step<RB> {
+    pub(crate) fn on_deadline(&mut self) -> Step<RB> {
         let failure = Failure::new(FailureKind::TimedOut);
         self.record(None, Some(failure.clone()));
         let error = ClassifiedError::local(failure);
-        Step::Return(Err(self.final_error(
-            error,
-            None,
-            ChainStop::DeadlineReached,
-        )))
+        self.finish_without_response(error, None, ChainStop::DeadlineReached)
+    }
+
+    /// The chain ended on a hop that got no response: the caller gets the last
+    /// provider response the journey fell back from, if there was one (with the full
+    /// record, naming the model that sent it), else the error.
+    fn finish_without_response(
+        &mut self,
+        error: ClassifiedError,
+        attempts: Option<AttemptLog>,
+        stop: ChainStop,
+    ) -> Step<RB> {
+        match self.kept.take() {
+            Some((mut response, hop)) => {
+                let mut served = self.served_by(false, Some(stop));
+                if let Some(h) = served.hops.get(hop) {
+                    served.model = h.model.clone();
+                    served.route = h.route.clone();
+                }
+                response.extensions_mut().insert(served);
+                Step::Return(Ok(response))
+            }
+            None => Step::Return(Err(self.final_error(error, attempts, stop))),
+        }
     }
 
     fn final_error(

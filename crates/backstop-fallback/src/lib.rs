@@ -40,7 +40,8 @@
 //! - On every response it returns: a [`ServedBy`] record (requested model, the model
 //!   whose outcome is returned, its route, whether it served, whether a fallback
 //!   fired, and per model tried its attempt log and the failure it was left for).
-//! - On an error after anything was sent: the verdict of the last model (its hint
+//! - On an error after anything was sent, when no provider answered: the verdict of
+//!   the last model (its hint
 //!   moved to the earliest reopening when every model was cooling down), with a
 //!   [`ChainFailed`] as its cause that holds the [`ServedBy`]:
 //!   [`ServedBy::of_error`] reads it back.
@@ -77,10 +78,15 @@
 //! | content filtered | the content-filter chain, then along it |
 //! | invalid request | returned as it is: it would fail anywhere |
 //!
-//! When the chain ends without a success, the caller gets the last model's outcome:
-//! its response byte-for-byte (with [`ServedBy`] in the extensions), or its error.
-//! Earlier failed responses are dropped as soon as the next hop starts, so no
-//! connection stays pinned by a response nobody will read.
+//! When the chain ends without a success, the caller gets the most informative
+//! failure: the last response a provider sent, byte-for-byte, with [`ServedBy`] in
+//! its extensions (its `model` names the model that sent it). So when the later hops
+//! got no response at all (their breakers were open, the throttle refused them, they
+//! timed out or were reset), the caller still gets the provider's own answer rather
+//! than a local refusal for a model never reached. Only when no provider answered at
+//! all does the caller get the last model's error. A failed response is held while
+//! the next hop runs (its body was already read up to the classify layer's cap), and
+//! a newer provider answer replaces it.
 //!
 //! ## Configuration
 //!

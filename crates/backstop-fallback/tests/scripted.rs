@@ -569,3 +569,90 @@ async fn a_fallback_is_logged_at_info_with_the_models_and_never_a_key() {
     );
     assert!(!log.contains("sk-1") && !log.contains("SECRET"), "{log}");
 }
+
+/// A provider's failure response, classified as the classify layer would.
+fn failed_response(status: u16, kind: FailureKind, body: &str) -> Outcome {
+    let mut response = Response::new(body.to_owned());
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    let failure = Failure::new(kind).with_status(response.status());
+    response
+        .extensions_mut()
+        .insert(Classification::Failure(failure));
+    Ok(response)
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_later_hops_get_no_response_the_caller_gets_the_last_providers_response() {
+    // gpt-4o answers 503; claude's breaker is open; gemini times out. The caller gets
+    // gpt-4o's own answer byte-for-byte (the most informative failure), with the
+    // whole record, naming the model that sent it.
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            match model.as_str() {
+                "gpt-4o" => failed_response(503, FailureKind::Overloaded, "overloaded: gpt-4o"),
+                "claude-sonnet-4-5" => {
+                    failed(FailureKind::BreakerOpen, Some(Duration::from_secs(10)))
+                }
+                _ => failed(FailureKind::TimedOut, None),
+            }
+        })
+    });
+    let response = FallbackLayer::new(config())
+        .layer(fake.clone())
+        .oneshot(chat("gpt-4o"))
+        .await
+        .expect("the provider's response, not a local refusal");
+    assert_eq!(response.status(), 503);
+    let record = response.extensions().get::<ServedBy>().unwrap().clone();
+    assert_eq!(response.into_body(), "overloaded: gpt-4o");
+    assert!(!record.served);
+    assert!(record.fallback_fired);
+    assert_eq!(&*record.model, "gpt-4o");
+    assert_eq!(&*record.route.upstream, "openai");
+    // The last hop's timeout, on a request without an idempotency key, is what stopped
+    // the chain.
+    assert_eq!(record.stop, Some(ChainStop::NotFallbackable));
+    let kinds: Vec<_> = record
+        .hops
+        .iter()
+        .map(|h| h.failure.as_ref().map(|f| f.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Some(FailureKind::Overloaded),
+            Some(FailureKind::BreakerOpen),
+            Some(FailureKind::TimedOut)
+        ]
+    );
+    assert_eq!(fake.seen().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_provider_response_replaces_an_earlier_one() {
+    // gpt-4o answers 503, claude answers 429, gemini's breaker is open: claude's
+    // answer is the last a provider sent.
+    let fake = Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            match model.as_str() {
+                "gpt-4o" => failed_response(503, FailureKind::Overloaded, "overloaded: gpt-4o"),
+                "claude-sonnet-4-5" => {
+                    failed_response(429, FailureKind::RateLimited, "rate limited: claude")
+                }
+                _ => failed(FailureKind::BreakerOpen, Some(Duration::from_secs(5))),
+            }
+        })
+    });
+    let response = FallbackLayer::new(config())
+        .layer(fake)
+        .oneshot(chat("gpt-4o"))
+        .await
+        .expect("a provider's response");
+    assert_eq!(response.status(), 429);
+    let record = response.extensions().get::<ServedBy>().unwrap().clone();
+    assert_eq!(response.into_body(), "rate limited: claude");
+    assert_eq!(&*record.model, "claude");
+    assert_eq!(record.hops.len(), 3);
+}
