@@ -477,17 +477,34 @@ async fn beyond_max_connections_a_new_connection_gets_an_immediate_503_and_is_cl
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(error_code(&body), "proxy_connection_limit");
     assert_eq!(mock.provider().attempt_count(), 0);
-    // One of the two leaves: new connections are served again.
+    // Counted, as read over one of the two connections already open.
+    open[0]
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (metrics, _) = read_until_closed(&mut open[0], Duration::from_millis(300)).await;
+    for line in [
+        "backstop_proxy_connections_open 2",
+        "backstop_proxy_connections_refused_total 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     drop(open.pop());
+    // One of the two left: new connections are served again.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let (response, _) = raw_exchange(&proxy, request).await;
+        let (response, _) = raw_exchange(
+            &proxy,
+            b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         if response.starts_with("HTTP/1.1 200 OK\r\n") {
             break;
         }
         assert!(Instant::now() < deadline, "still refused: {response:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    drop(open);
     proxy.shutdown().await;
 }
 

@@ -63,6 +63,8 @@ pub struct Counters {
     requests: [AtomicU64; 6],
     attempts: AtomicU64,
     fallbacks: AtomicU64,
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
 }
 
 /// The counters' values at one moment.
@@ -78,6 +80,10 @@ pub struct CounterValues {
     pub in_flight: u64,
     /// The in-flight bound beyond which requests are shed.
     pub max_in_flight: u64,
+    /// Client connections open now.
+    pub connections_open: u64,
+    /// Connections refused (503 or closed at once) at the connection limit.
+    pub connections_refused: u64,
 }
 
 impl Counters {
@@ -90,6 +96,21 @@ impl Counters {
         }
     }
 
+    /// A client connection was accepted and is being served.
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A served client connection ended.
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A connection over the connection limit was refused.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The current values.
     pub fn values(&self) -> CounterValues {
         CounterValues {
@@ -98,6 +119,8 @@ impl Counters {
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             in_flight: 0,
             max_in_flight: 0,
+            connections_open: self.connections_open.load(Ordering::Relaxed),
+            connections_refused: self.connections_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -138,8 +161,19 @@ pub fn render(
          backstop_proxy_in_flight {}\n\
          # HELP backstop_proxy_max_in_flight The in-flight bound beyond which requests are shed with a 503.\n\
          # TYPE backstop_proxy_max_in_flight gauge\n\
-         backstop_proxy_max_in_flight {}",
-        counters.attempts, counters.fallbacks, counters.in_flight, counters.max_in_flight
+         backstop_proxy_max_in_flight {}\n\
+         # HELP backstop_proxy_connections_open Client connections open.\n\
+         # TYPE backstop_proxy_connections_open gauge\n\
+         backstop_proxy_connections_open {}\n\
+         # HELP backstop_proxy_connections_refused_total Connections refused at the connection limit.\n\
+         # TYPE backstop_proxy_connections_refused_total counter\n\
+         backstop_proxy_connections_refused_total {}",
+        counters.attempts,
+        counters.fallbacks,
+        counters.in_flight,
+        counters.max_in_flight,
+        counters.connections_open,
+        counters.connections_refused
     );
     let _ = writeln!(
         out,
@@ -242,6 +276,11 @@ mod tests {
         counters.record(Outcome::Rejected, 0, false);
         counters.record(Outcome::Shed, 0, false);
         counters.record(Outcome::Served, 2, false);
+        counters.connection_opened();
+        counters.connection_opened();
+        counters.connection_closed();
+        counters.connection_refused();
+        counters.connection_refused();
         assert_eq!(
             counters.values(),
             CounterValues {
@@ -250,6 +289,8 @@ mod tests {
                 fallbacks: 1,
                 in_flight: 0,
                 max_in_flight: 0,
+                connections_open: 1,
+                connections_refused: 2,
             }
         );
     }
@@ -262,6 +303,8 @@ mod tests {
             fallbacks: 1,
             in_flight: 7,
             max_in_flight: 1024,
+            connections_open: 12,
+            connections_refused: 3,
         };
         let mut budget = BudgetSnapshot::new("windowed");
         budget.deposits = 9;
@@ -276,6 +319,8 @@ mod tests {
             "backstop_proxy_requests_total{outcome=\"shed\"} 4",
             "backstop_proxy_in_flight 7",
             "backstop_proxy_max_in_flight 1024",
+            "backstop_proxy_connections_open 12",
+            "backstop_proxy_connections_refused_total 3",
             "backstop_proxy_upstream_attempts_total 11",
             "backstop_proxy_fallbacks_total 1",
             "backstop_budget_deposits_total{model=\"windowed\"} 9",

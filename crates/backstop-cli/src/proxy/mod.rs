@@ -24,7 +24,7 @@
 //! | `POST /v1/chat/completions` | through the stack, to the model the body names (JSON or SSE) |
 //! | `GET /v1/models` | the configured models, from the configuration (no upstream call) |
 //! | `GET /healthz` | `200 ok` |
-//! | `GET /metrics` | Prometheus text: requests by outcome (`shed` included), requests in flight and the bound, upstream attempts, fallbacks, breaker state per key, the retry budget |
+//! | `GET /metrics` | Prometheus text: requests by outcome (`shed` included), requests in flight and the bound, connections open and refused at the limit, upstream attempts, fallbacks, breaker state per key, the retry budget |
 //!
 //! ## What it reads
 //!

@@ -122,12 +122,15 @@ pub(crate) async fn accept_loop(
             // the client in the listen backlog (where it may wait out SYN retries,
             // a minute or more). At most `REFUSALS_AT_ONCE` are written at a time;
             // beyond that a connection is closed at once.
-            Err(_no_slot) => match refusal_slots.clone().try_acquire_owned() {
-                Ok(refusal) => {
-                    connections.spawn(refuse(stream, limits.max_connections, refusal));
+            Err(_no_slot) => {
+                shared.counters.connection_refused();
+                match refusal_slots.clone().try_acquire_owned() {
+                    Ok(refusal) => {
+                        connections.spawn(refuse(stream, limits.max_connections, refusal));
+                    }
+                    Err(_) => drop(stream),
                 }
-                Err(_) => drop(stream),
-            },
+            }
         }
     }
     drop(listener);
@@ -182,6 +185,16 @@ impl Protocols {
     }
 }
 
+/// Counts a connection as open while it lives, however its task ends (aborted at
+/// the drain bound included).
+struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.counters.connection_closed();
+    }
+}
+
 /// Connections over the limit being answered at once (each for at most
 /// `REFUSAL_LINGER`).
 const REFUSALS_AT_ONCE: usize = 64;
@@ -227,6 +240,8 @@ async fn serve_connection(
     mut stopping: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 ) {
+    shared.counters.connection_opened();
+    let _open = OpenConnection(shared.clone());
     // Streams are written event by event: no Nagle delay on small SSE frames.
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(target: "backstop::proxy", %peer, %error, "cannot disable Nagle's algorithm");
