@@ -708,11 +708,16 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                 format!("{status} response")
             };
             *tally.outcomes.entry(key).or_insert(0) += 1;
-            // 6. The response the caller got is from the last attempt.
+            // 6. The response the caller got is from the last attempt, or it is a
+            // failure response an earlier hop sent and the fallback layer held,
+            // unread by the caller, while later hops got no response (the most
+            // informative failure). Either way it is one of this request's attempts,
+            // and a success is never held back while another model is tried.
+            let own = seq.is_some_and(|s| attempts.iter().any(|a| a.seq == s));
             tally.check(
                 "6 nothing after delivery",
-                seq.is_some() && *seq == last_seq,
-                || format!("request {id}: got response {seq:?}, last attempt {last_seq:?}"),
+                own && (*seq == last_seq || *status >= 400),
+                || format!("request {id}: got response {seq:?} (status {status}), last attempt {last_seq:?}"),
             );
             // 8. Byte-identical to what the provider sent.
             if let Some(seq) = seq {
@@ -777,18 +782,26 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
     // tried, in order, each with exactly its attempts; the retry waits it logs date
     // the budget withdrawals.
     if let Some(served_by) = served_by {
-        // The record names the last model tried; a response came from the last
-        // attempt, so from that attempt's model.
+        // The record names the model whose outcome the caller got: for a response,
+        // the model of the attempt that sent it (the last provider answer, which may
+        // be an earlier hop's when later hops got no response); for an error, the
+        // last model tried.
         let last_hop = served_by.hops.last().map(|h| &*h.model);
-        let last_attempted = attempts.last().and_then(|a| a.model.as_deref());
-        let is_response = matches!(outcome.received, Received::Response { .. });
+        let expected = match &outcome.received {
+            Received::Response { seq: Some(seq), .. } => attempts
+                .iter()
+                .find(|a| a.seq == *seq)
+                .and_then(|a| a.model.as_deref()),
+            Received::Response { seq: None, .. } => None,
+            _ => last_hop,
+        };
+        let named_hop = served_by.hops.iter().any(|h| *h.model == *served_by.model);
         tally.check(
             "records agree",
-            last_hop == Some(&*served_by.model)
-                && (!is_response || last_attempted == Some(&*served_by.model)),
+            expected == Some(&*served_by.model) && named_hop,
             || {
                 format!(
-                    "request {id}: ServedBy names {}, its last hop {last_hop:?}, the last attempt was on {last_attempted:?}",
+                    "request {id}: ServedBy names {}, expected {expected:?} (last hop {last_hop:?})",
                     served_by.model
                 )
             },
