@@ -115,3 +115,36 @@ fn same_seed_gives_the_same_report_and_another_seed_does_not() {
     let c = serde_json::to_string(&run(12)).expect("serialises");
     assert_ne!(a, c);
 }
+
+#[test]
+fn the_plot_has_one_panel_per_policy_with_offered_and_upstream_series() {
+    let report = run(5);
+    let scenario = &report.scenarios[0];
+    let svg = simulate::plot::render_svg(scenario);
+    assert!(
+        svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+        "{svg}"
+    );
+    assert!(svg.trim_end().ends_with("</svg>"));
+    // Two series (offered, upstream) per policy, each with one point per second.
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        2 * scenario.policies.len()
+    );
+    let seconds = scenario.policies[0].timeline.len();
+    for line in svg.lines().filter(|l| l.starts_with("<polyline")) {
+        let points = line
+            .split("points=\"")
+            .nth(1)
+            .expect("points")
+            .trim_end_matches("\"/>");
+        assert_eq!(points.split(' ').count(), seconds, "{line}");
+    }
+    for p in &scenario.policies {
+        assert!(
+            svg.contains(&format!("{} (amplification", p.policy)),
+            "{}",
+            p.policy
+        );
+    }
+}
