@@ -48,7 +48,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<24} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9}  served by",
+        "{:<24} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>9}  served by",
         "policy",
         "success",
         "amplif.",
@@ -57,6 +57,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
         "max ms",
         "429s",
         "fallbacks",
+        "local",
         "recovery"
     );
     for p in &scenario.policies {
