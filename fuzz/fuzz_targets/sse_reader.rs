@@ -14,16 +14,9 @@
 //! - the cap holds: no dispatched event carries more than `cap` bytes of data or of
 //!   event name, whatever the chunking.
 //!
-//! Two of these fail on the reader as committed (see README.md, "Findings"): an
-//! `event:` value that arrives within one chunk is kept whole (over the cap), and a
-//! line longer than the cap reads differently depending on the chunking (its data,
-//! its truncation flag, even the number of events). With `BACKSTOP_FUZZ_SKIP_KNOWN=1`
-//! those checks are narrowed (event names are not checked against the cap; a stream
-//! with a line longer than the cap is only checked for the data cap) so a
-//! run can look for anything else.
+//! These found three ways the reader's events depended on the chunking (fixed in
+//! 23f428f; regression tests in `tests/fuzz_regressions.rs`).
 #![no_main]
-
-use std::sync::OnceLock;
 
 use backstop_retry::sse::{SseEvent, SseReader};
 use libfuzzer_sys::fuzz_target;
@@ -68,11 +61,6 @@ fn events(chunks: &[&[u8]], cap: usize) -> Vec<(usize, SseEvent)> {
     out
 }
 
-fn skip_known() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("BACKSTOP_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some(([cap, k], rest)) = data.split_first_chunk::<2>() else {
         return;
@@ -104,18 +92,9 @@ fuzz_target!(|data: &[u8]| {
         );
         let name = event.event.as_deref().map_or(0, <[u8]>::len);
         assert!(
-            name <= cap || skip_known(),
+            name <= cap,
             "event name of {name} bytes over the {cap}-byte cap"
         );
-    }
-    // A line over the cap is where chunking changes the reading (the known finding);
-    // a block without data forgets that it was truncated, so the events' flags alone
-    // do not tell.
-    let long_line = stream
-        .split(|b| *b == b'\n' || *b == b'\r')
-        .any(|line| line.len() > cap);
-    if skip_known() && long_line {
-        return;
     }
     assert_eq!(
         whole.len(),
