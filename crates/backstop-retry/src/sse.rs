@@ -86,7 +86,7 @@ const MAX_FIELD_NAME: usize = 8;
 /// The incremental reader. See the module docs.
 ///
 /// Each line is parsed as its bytes arrive: the field name (at most
-/// [`MAX_FIELD_NAME`] bytes kept), then the value streamed straight into the event
+/// 8 bytes kept), then the value streamed straight into the event
 /// being built, each part under the cap. So the same stream gives the same events
 /// however the network cut it into chunks.
 #[derive(Debug)]
