@@ -186,8 +186,11 @@ fn config_errors_never_echo_a_key() {
 }
 
 /// One of every fault, each provider's formats, transport and stream failures.
+/// Every fault the mock knows (so a new kind is covered here automatically), plus the
+/// variants of a few that exercise other paths.
 fn every_fault() -> Vec<Fault> {
-    vec![
+    let mut all = Fault::one_of_each();
+    let extra = vec![
         Fault::Ok,
         Fault::OpenAiContentFilterFinish,
         Fault::OpenAiRateLimit {
@@ -249,7 +252,13 @@ fn every_fault() -> Vec<Fault> {
             chunks: 2,
             style: StreamStyle::Anthropic,
         },
-    ]
+    ];
+    for fault in extra {
+        if !all.contains(&fault) {
+            all.push(fault);
+        }
+    }
+    all
 }
 
 /// Everything a caller (or its logs) could print about one outcome.

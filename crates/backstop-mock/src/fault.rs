@@ -211,64 +211,9 @@ impl Fault {
         }
     }
 
-    /// The snake-case name of the answer (the serde `kind`); for
-    /// [`Fault::WithHeaders`] the name of the wrapped fault.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Fault::Ok => "ok",
-            Fault::OpenAiContentFilterFinish => "openai_content_filter_finish",
-            Fault::OpenAiRateLimit { .. } => "openai_rate_limit",
-            Fault::OpenAiRequestTooLarge => "openai_request_too_large",
-            Fault::OpenAiInsufficientQuota => "openai_insufficient_quota",
-            Fault::OpenAiBillingLimit { .. } => "openai_billing_limit",
-            Fault::OpenAiSlowDown => "openai_slow_down",
-            Fault::OpenAiContextLength => "openai_context_length",
-            Fault::OpenAiContentPolicy => "openai_content_policy",
-            Fault::OpenAiModelNotFound => "openai_model_not_found",
-            Fault::OpenAiServerError => "openai_server_error",
-            Fault::OpenAiOverloaded => "openai_overloaded",
-            Fault::BadGateway => "bad_gateway",
-            Fault::GatewayTimeout => "gateway_timeout",
-            Fault::Unauthorized => "unauthorized",
-            Fault::InvalidRequest => "invalid_request",
-            Fault::AzureRateLimit { .. } => "azure_rate_limit",
-            Fault::AzureContentFilter => "azure_content_filter",
-            Fault::AnthropicOverloaded => "anthropic_overloaded",
-            Fault::AnthropicRateLimit { .. } => "anthropic_rate_limit",
-            Fault::AnthropicSpendLimit => "anthropic_spend_limit",
-            Fault::AnthropicPromptTooLong => "anthropic_prompt_too_long",
-            Fault::AnthropicError { .. } => "anthropic_error",
-            Fault::GeminiResourceExhausted { .. } => "gemini_resource_exhausted",
-            Fault::GeminiUnavailable => "gemini_unavailable",
-            Fault::GeminiDeadlineExceeded => "gemini_deadline_exceeded",
-            Fault::Status { .. } => "status",
-            Fault::WithHeaders { fault, .. } => fault.name(),
-            Fault::Hang => "hang",
-            Fault::ConnectRefused => "connect_refused",
-            Fault::ResetBeforeHead => "reset_before_head",
-            Fault::ResetAfterHead => "reset_after_head",
-            Fault::ResetAfterChunks { .. } => "reset_after_chunks",
-            Fault::StreamErrorAfter { .. } => "stream_error_after",
-        }
-    }
-
-    /// True for [`Fault::Ok`] (possibly with extra headers).
-    pub fn is_ok(&self) -> bool {
-        match self {
-            Fault::Ok => true,
-            Fault::WithHeaders { fault, .. } => fault.is_ok(),
-            _ => false,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One value of every variant; the match below fails to compile when a
-    /// variant is added without being listed here.
-    fn one_of_each() -> Vec<Fault> {
+    /// One example of every kind of fault, for tests that must cover them all (the
+    /// match inside fails to compile when a variant is added without being listed).
+    pub fn one_of_each() -> Vec<Fault> {
         let all = vec![
             Fault::Ok,
             Fault::OpenAiContentFilterFinish,
@@ -366,9 +311,64 @@ mod tests {
         all
     }
 
+    /// The snake-case name of the answer (the serde `kind`); for
+    /// [`Fault::WithHeaders`] the name of the wrapped fault.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::Ok => "ok",
+            Fault::OpenAiContentFilterFinish => "openai_content_filter_finish",
+            Fault::OpenAiRateLimit { .. } => "openai_rate_limit",
+            Fault::OpenAiRequestTooLarge => "openai_request_too_large",
+            Fault::OpenAiInsufficientQuota => "openai_insufficient_quota",
+            Fault::OpenAiBillingLimit { .. } => "openai_billing_limit",
+            Fault::OpenAiSlowDown => "openai_slow_down",
+            Fault::OpenAiContextLength => "openai_context_length",
+            Fault::OpenAiContentPolicy => "openai_content_policy",
+            Fault::OpenAiModelNotFound => "openai_model_not_found",
+            Fault::OpenAiServerError => "openai_server_error",
+            Fault::OpenAiOverloaded => "openai_overloaded",
+            Fault::BadGateway => "bad_gateway",
+            Fault::GatewayTimeout => "gateway_timeout",
+            Fault::Unauthorized => "unauthorized",
+            Fault::InvalidRequest => "invalid_request",
+            Fault::AzureRateLimit { .. } => "azure_rate_limit",
+            Fault::AzureContentFilter => "azure_content_filter",
+            Fault::AnthropicOverloaded => "anthropic_overloaded",
+            Fault::AnthropicRateLimit { .. } => "anthropic_rate_limit",
+            Fault::AnthropicSpendLimit => "anthropic_spend_limit",
+            Fault::AnthropicPromptTooLong => "anthropic_prompt_too_long",
+            Fault::AnthropicError { .. } => "anthropic_error",
+            Fault::GeminiResourceExhausted { .. } => "gemini_resource_exhausted",
+            Fault::GeminiUnavailable => "gemini_unavailable",
+            Fault::GeminiDeadlineExceeded => "gemini_deadline_exceeded",
+            Fault::Status { .. } => "status",
+            Fault::WithHeaders { fault, .. } => fault.name(),
+            Fault::Hang => "hang",
+            Fault::ConnectRefused => "connect_refused",
+            Fault::ResetBeforeHead => "reset_before_head",
+            Fault::ResetAfterHead => "reset_after_head",
+            Fault::ResetAfterChunks { .. } => "reset_after_chunks",
+            Fault::StreamErrorAfter { .. } => "stream_error_after",
+        }
+    }
+
+    /// True for [`Fault::Ok`] (possibly with extra headers).
+    pub fn is_ok(&self) -> bool {
+        match self {
+            Fault::Ok => true,
+            Fault::WithHeaders { fault, .. } => fault.is_ok(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     #[test]
     fn name_is_the_serde_kind_of_every_variant() {
-        for fault in one_of_each() {
+        for fault in Fault::one_of_each() {
             let json = serde_json::to_value(&fault).unwrap();
             assert_eq!(json["kind"], fault.name(), "{fault:?}");
         }
@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn every_variant_round_trips_through_json() {
-        for fault in one_of_each() {
+        for fault in Fault::one_of_each() {
             let wrapped = fault.clone().with_header("x-should-retry", "false");
             for f in [fault, wrapped] {
                 let text = serde_json::to_string(&f).unwrap();
