@@ -147,14 +147,186 @@ impl AttemptRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AttemptLog {
     /// The attempts, in order.
-    pub attempts: Vec<AttemptRecord>,
+    pub attempts: AttemptRecords,
     /// Why attempting stopped, once it has.
     pub stop: Option<StopReason>,
+}
+
+/// The attempts of an [`AttemptLog`], in order: a slice to read (it derefs to
+/// `[AttemptRecord]`), grown with [`push`](AttemptRecords::push).
+///
+/// Most logical requests make one attempt, and every response carries its log, so the
+/// first record is stored inline: a first-attempt success costs no allocation for it
+/// (a `Vec` would cost one on every request). A second record moves them all to the
+/// heap.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AttemptRecords(Records);
+
+#[derive(Clone, Default, PartialEq, Eq)]
+enum Records {
+    #[default]
+    None,
+    One(AttemptRecord),
+    Many(Vec<AttemptRecord>),
+}
+
+impl AttemptRecords {
+    /// No attempts yet.
+    pub const fn new() -> Self {
+        AttemptRecords(Records::None)
+    }
+
+    /// Appends the next attempt's record.
+    #[inline]
+    pub fn push(&mut self, record: AttemptRecord) {
+        if let Records::None = self.0 {
+            // The common case, without moving the (large) record twice.
+            self.0 = Records::One(record);
+            return;
+        }
+        self.0 = match std::mem::take(&mut self.0) {
+            Records::None => Records::One(record),
+            Records::One(first) => Records::Many(vec![first, record]),
+            Records::Many(mut all) => {
+                all.push(record);
+                Records::Many(all)
+            }
+        };
+    }
+
+    /// The records as a slice.
+    pub fn as_slice(&self) -> &[AttemptRecord] {
+        match &self.0 {
+            Records::None => &[],
+            Records::One(one) => std::slice::from_ref(one),
+            Records::Many(all) => all,
+        }
+    }
+
+    /// The records, mutably (to amend one, not to add one).
+    pub fn as_mut_slice(&mut self) -> &mut [AttemptRecord] {
+        match &mut self.0 {
+            Records::None => &mut [],
+            Records::One(one) => std::slice::from_mut(one),
+            Records::Many(all) => all,
+        }
+    }
+
+    /// The records as a `Vec` (allocates).
+    pub fn into_vec(self) -> Vec<AttemptRecord> {
+        match self.0 {
+            Records::None => Vec::new(),
+            Records::One(one) => vec![one],
+            Records::Many(all) => all,
+        }
+    }
+}
+
+impl std::ops::Deref for AttemptRecords {
+    type Target = [AttemptRecord];
+
+    fn deref(&self) -> &[AttemptRecord] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for AttemptRecords {
+    fn deref_mut(&mut self) -> &mut [AttemptRecord] {
+        self.as_mut_slice()
+    }
+}
+
+impl std::fmt::Debug for AttemptRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+impl From<Vec<AttemptRecord>> for AttemptRecords {
+    fn from(records: Vec<AttemptRecord>) -> Self {
+        let mut records = records;
+        AttemptRecords(match records.len() {
+            0 => Records::None,
+            1 => Records::One(records.remove(0)),
+            _ => Records::Many(records),
+        })
+    }
+}
+
+impl FromIterator<AttemptRecord> for AttemptRecords {
+    fn from_iter<I: IntoIterator<Item = AttemptRecord>>(iter: I) -> Self {
+        let mut records = AttemptRecords::new();
+        for record in iter {
+            records.push(record);
+        }
+        records
+    }
+}
+
+impl<'a> IntoIterator for &'a AttemptRecords {
+    type Item = &'a AttemptRecord;
+    type IntoIter = std::slice::Iter<'a, AttemptRecord>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl IntoIterator for AttemptRecords {
+    type Item = AttemptRecord;
+    type IntoIter = std::vec::IntoIter<AttemptRecord>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.into_vec().into_iter()
+    }
+}
+
+impl PartialEq<[AttemptRecord]> for AttemptRecords {
+    fn eq(&self, other: &[AttemptRecord]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl PartialEq<Vec<AttemptRecord>> for AttemptRecords {
+    fn eq(&self, other: &Vec<AttemptRecord>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(number: u32) -> AttemptRecord {
+        AttemptRecord::new(number, crate::Classification::Success)
+    }
+
+    #[test]
+    fn attempt_records_keep_their_order_inline_and_on_the_heap() {
+        let mut records = AttemptRecords::new();
+        assert!(records.is_empty());
+        records.push(record(1));
+        assert_eq!(records.iter().map(|r| r.number).collect::<Vec<_>>(), [1]);
+        records.push(record(2));
+        records.push(record(3));
+        assert_eq!(
+            records.iter().map(|r| r.number).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(records.last().map(|r| r.number), Some(3));
+        let same: AttemptRecords = vec![record(1), record(2), record(3)].into();
+        assert_eq!(records, same);
+        assert_eq!(
+            records.clone().into_vec(),
+            vec![record(1), record(2), record(3)]
+        );
+        records[0].waited = std::time::Duration::from_secs(1);
+        assert_eq!(records[0].waited, std::time::Duration::from_secs(1));
+        assert_eq!(
+            format!("{:?}", AttemptRecords::from(vec![record(7)])),
+            format!("{:?}", [record(7)])
+        );
+    }
 
     #[test]
     fn idempotent_by_header_in_any_case_or_by_marker_and_not_otherwise() {

@@ -91,10 +91,11 @@ impl<E> tower::retry::Policy<Req, Res, E> for TwoRetries {
 fn attempt_log_alone() {
     let mut record = AttemptRecord::new(1, Classification::Success);
     record.status = Some(http::StatusCode::OK);
-    let log = AttemptLog {
-        attempts: vec![record],
+    let mut log = AttemptLog {
         stop: Some(StopReason::Succeeded),
+        ..AttemptLog::default()
     };
+    log.attempts.push(record);
     let mut response = Response::new(());
     response.extensions_mut().insert(black_box(log));
     black_box(response);

@@ -56,7 +56,10 @@ pub(crate) struct Attempts<S, B> {
     deadline: Option<Instant>,
     hold: HoldChoice,
     rng: Option<SmallRng>,
-    log: AttemptLog,
+    /// The attempts so far, boxed when the first is recorded: a request that succeeds
+    /// at once builds its log on the response instead, and the state every request
+    /// carries stays small.
+    log: Option<Box<AttemptLog>>,
     /// The attempt in progress, 1 for the first.
     number: u32,
 }
@@ -160,7 +163,7 @@ impl<S, B> Attempts<S, B> {
             deadline,
             hold,
             rng,
-            log: AttemptLog::default(),
+            log: None,
             number: 0,
         }
     }
@@ -305,30 +308,12 @@ impl<S, B> Attempts<S, B> {
                     .and_then(|f| f.request_id.clone()),
             ),
         };
-        tracing::debug!(
-            attempt = self.number,
-            "http.response.status_code" = status.map(|s| s.as_u16()),
-            "error.type" = classification.failure().map(|f| f.kind.as_str()),
-            waited_ms = waited.map_or(0, |w| w.wait.as_millis() as u64),
-            "attempt finished"
-        );
-        let mut record = AttemptRecord::new(self.number, classification);
-        record.status = status;
-        record.provider_request_id = request_id;
-        if let Some(waited) = waited {
-            record.waited = waited.wait;
-            record.hint_used = waited.hint;
-        }
-        if self.log.attempts.is_empty() {
-            // Exactly one record's room: most logs never hold a second.
-            self.log.attempts = vec![record];
-        } else {
-            self.log.attempts.push(record);
-        }
-        let failure = match self.log.attempts.last().map(|r| &r.classification) {
+        self.record(status, request_id, classification, waited);
+        let last = self.log.as_deref().and_then(|log| log.attempts.last());
+        let failure = match last.map(|r| &r.classification) {
             Some(Classification::Failure(failure)) => failure,
             _ => {
-                self.log.stop = Some(StopReason::Succeeded);
+                self.log_mut().stop = Some(StopReason::Succeeded);
                 return Next::Return(self.finish(outcome));
             }
         };
@@ -377,7 +362,7 @@ impl<S, B> Attempts<S, B> {
                     }
                     other => other,
                 };
-                self.log.stop = Some(reason);
+                self.log_mut().stop = Some(reason);
                 Next::Return(self.finish(outcome))
             }
             Decision::RetryAfter(wait, hint) => {
@@ -389,27 +374,113 @@ impl<S, B> Attempts<S, B> {
         }
     }
 
+    /// Adds the attempt to the log, and emits its event.
+    #[inline]
+    fn record(
+        &mut self,
+        status: Option<http::StatusCode>,
+        provider_request_id: Option<HeaderValue>,
+        classification: Classification,
+        waited: Option<Waited>,
+    ) {
+        let record = self.new_record(status, provider_request_id, classification, waited);
+        self.log_mut().attempts.push(record);
+    }
+
+    /// The record of the attempt in progress; emits its event.
+    #[inline]
+    fn new_record(
+        &self,
+        status: Option<http::StatusCode>,
+        provider_request_id: Option<HeaderValue>,
+        classification: Classification,
+        waited: Option<Waited>,
+    ) -> AttemptRecord {
+        tracing::debug!(
+            attempt = self.number,
+            "http.response.status_code" = status.map(|s| s.as_u16()),
+            "error.type" = classification.failure().map(|f| f.kind.as_str()),
+            waited_ms = waited.map_or(0, |w| w.wait.as_millis() as u64),
+            "attempt finished"
+        );
+        let mut record = AttemptRecord::new(self.number, classification);
+        record.status = status;
+        record.provider_request_id = provider_request_id;
+        if let Some(waited) = waited {
+            record.waited = waited.wait;
+            record.hint_used = waited.hint;
+        }
+        record
+    }
+
+    fn log_mut(&mut self) -> &mut AttemptLog {
+        self.log.get_or_insert_with(Box::default)
+    }
+
+    fn take_log(&mut self) -> AttemptLog {
+        self.log.take().map(|log| *log).unwrap_or_default()
+    }
+
+    /// The common case, settled where the response lies (no move of it, no verdict
+    /// built): a first attempt that succeeded with a response that is not a stream.
+    /// Records it and puts the log on it; `false` (nothing done) for anything else.
+    #[inline]
+    pub(crate) fn settle_plain_success<RB>(&mut self, response: &mut Response<RB>) -> bool {
+        let success = match response.extensions().get::<Classification>() {
+            Some(classification) => classification.is_success(),
+            // Below 400 the rules are not consulted (`verdict::response_classification`).
+            None => response.status().as_u16() < 400,
+        };
+        if !success || is_event_stream(response.headers()) {
+            return false;
+        }
+        let request_id = provider_request_id(response.headers());
+        let record = self.new_record(
+            Some(response.status()),
+            request_id,
+            Classification::Success,
+            None,
+        );
+        let mut log = AttemptLog {
+            stop: Some(StopReason::Succeeded),
+            ..AttemptLog::default()
+        };
+        log.attempts.push(record);
+        self.put_on(response, log);
+        true
+    }
+
     /// Puts the attempt log on the outcome the caller gets. No attempt follows.
     #[inline]
     fn finish<RB>(&mut self, outcome: Outcome<RB>) -> Outcome<RB> {
-        let log = std::mem::take(&mut self.log);
         match outcome {
             Ok(mut response) => {
-                let spare = &mut self.parts.extensions;
-                if response.extensions().is_empty() && !spare.is_empty() {
-                    // The request's extensions map is no longer needed: emptied, it
-                    // carries the log, which then costs no map of its own (a box, a
-                    // table: two allocations, and two frees when the copy is dropped).
-                    let mut extensions = std::mem::take(spare);
-                    extensions.clear();
-                    extensions.insert(log);
-                    *response.extensions_mut() = extensions;
-                } else {
-                    response.extensions_mut().insert(log);
-                }
+                self.put_log_on(&mut response);
                 Ok(response)
             }
-            Err(error) => Err(error.with_attempt_log(log)),
+            Err(error) => Err(error.with_attempt_log(self.take_log())),
+        }
+    }
+
+    #[inline]
+    fn put_log_on<RB>(&mut self, response: &mut Response<RB>) {
+        let log = self.take_log();
+        self.put_on(response, log);
+    }
+
+    #[inline]
+    fn put_on<RB>(&mut self, response: &mut Response<RB>, log: AttemptLog) {
+        let spare = &mut self.parts.extensions;
+        if response.extensions().is_empty() && !spare.is_empty() {
+            // The request's extensions map is no longer needed: emptied, it carries
+            // the log, which then costs no map of its own (a box, a table: two
+            // allocations, and two frees when the copy is dropped).
+            let mut extensions = std::mem::take(spare);
+            extensions.clear();
+            extensions.insert(log);
+            *response.extensions_mut() = extensions;
+        } else {
+            response.extensions_mut().insert(log);
         }
     }
 
@@ -465,21 +536,23 @@ impl<S, B> Attempts<S, B> {
             match ready {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    self.log.stop = Some(StopReason::NotRetryable);
-                    return Err(verdict::classified_error(e.into()).with_attempt_log(self.log));
+                    self.log_mut().stop = Some(StopReason::NotRetryable);
+                    return Err(
+                        verdict::classified_error(e.into()).with_attempt_log(self.take_log())
+                    );
                 }
                 None => {
                     // The verdict on the attempt that led to this retry.
                     let failure = self
                         .log
-                        .attempts
-                        .last()
+                        .as_deref()
+                        .and_then(|log| log.attempts.last())
                         .and_then(|r| r.classification.failure().cloned())
                         .unwrap_or_else(|| Failure::new(FailureKind::TimedOut));
-                    self.log.stop = Some(StopReason::Deadline);
+                    self.log_mut().stop = Some(StopReason::Deadline);
                     return Err(
                         ClassifiedError::new(failure, RetryError::NotReadyBeforeDeadline)
-                            .with_attempt_log(self.log),
+                            .with_attempt_log(self.take_log()),
                     );
                 }
             }

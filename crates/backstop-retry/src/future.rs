@@ -116,9 +116,17 @@ where
         let _entered = this.span.enter();
         loop {
             let (result, limit, attempts) = match this.state.as_mut().project() {
-                StateProj::First { call, attempts } => {
-                    (Some(ready!(call.poll(cx))), None, attempts)
-                }
+                StateProj::First { call, attempts } => match ready!(call.poll(cx)) {
+                    Ok(mut response) => {
+                        let in_place = attempts.as_mut().expect(IN_PLACE);
+                        if in_place.settle_plain_success(&mut response) {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(response.map(RetryBody::passthrough)));
+                        }
+                        (Some(Ok(response)), None, attempts)
+                    }
+                    Err(error) => (Some(Err(error)), None, attempts),
+                },
                 StateProj::FirstTimed {
                     call,
                     limit,
