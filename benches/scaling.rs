@@ -1,0 +1,296 @@
+//! How the cost per request grows with the number of requests in flight at once: 1,
+//! 16, 256 and 4,096 concurrent requests through one [`BackstopLayer`] (so one retry
+//! budget and one breaker state shared by all), side by side in one run with the bare
+//! service and the tower composition of `benches/stack_overhead.rs` (tower's `Retry`
+//! classifying with tower-http's `StatusInRangeAsFailures`, one shared `TpsBudget`)
+//! at the same concurrency.
+//!
+//! A multi-thread tokio runtime with 2 workers runs `N` tasks that each send their
+//! share of the requests one after another; the in-memory service yields once before
+//! answering 200, so every task has a request pending at the same time and the `N`
+//! requests really are in flight together. Each task sends at least 16 requests, so
+//! spawning the tasks is a small part of what is timed. After criterion's report the
+//! binary prints a table: for each concurrency, each variant's mean time per request
+//! over every batch criterion timed, and its ratio to the bare service.
+//!
+//! Run: `cargo bench -p backstop --bench scaling -- --warm-up-time 1 --measurement-time 2`
+//! (in `cargo test --all-targets` each case runs once, with one request per task).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use backstop::BackstopLayer;
+use backstop::classify::ReplayBody;
+use backstop::fallback::{FallbackConfig, Target};
+use bytes::Bytes;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service, ServiceExt};
+use tower_http::classify::{ClassifiedResponse, ClassifyResponse, StatusInRangeAsFailures};
+
+type Req = Request<ReplayBody>;
+type Res = Response<Full<Bytes>>;
+
+const BODY: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}]}"#;
+
+/// The requests in flight at once.
+const CONCURRENCY: [usize; 4] = [1, 16, 256, 4096];
+
+/// In a full run, the fewest requests each task sends per timed batch.
+const MIN_REQUESTS_PER_TASK: u64 = 16;
+
+fn request() -> Req {
+    Request::post("https://api.provider.test/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-bench")
+        .body(ReplayBody::new(Bytes::from_static(BODY)))
+        .expect("static request")
+}
+
+/// The provider stand-in: answers 200 after yielding once to the scheduler, so that
+/// a request is pending while the other tasks' requests start.
+fn bare()
+-> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send + 'static {
+    tower::service_fn(|_req: Req| async {
+        tokio::task::yield_now().await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+            b"{\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\"}",
+        ))))
+    })
+}
+
+/// The tower composition of `benches/stack_overhead.rs` (copied; that file is its
+/// own benchmark): up to 2 retries on 429/5xx (tower-http's classifier), each
+/// withdrawn from a shared `TpsBudget`, which every request deposits into.
+#[derive(Clone)]
+struct TowerPolicy {
+    budget: Arc<TpsBudget>,
+    retries_left: u8,
+}
+
+impl<E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
+        let failed = match result {
+            Ok(response) => {
+                let classifier = StatusInRangeAsFailures::new(429..=599);
+                matches!(
+                    classifier.classify_response(response),
+                    ClassifiedResponse::Ready(Err(_))
+                )
+            }
+            Err(_) => true,
+        };
+        if !failed {
+            self.budget.deposit();
+            return None;
+        }
+        if self.retries_left == 0 || !self.budget.withdraw() {
+            return None;
+        }
+        self.retries_left -= 1;
+        Some(tokio::time::sleep(Duration::from_millis(500)))
+    }
+
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        let mut clone = Request::new(req.body().replay());
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.headers_mut() = req.headers().clone();
+        Some(clone)
+    }
+}
+
+/// The stack of `benches/stack_overhead.rs`: every layer at its default, two
+/// targets, one chain.
+fn backstop_layer() -> BackstopLayer {
+    let fallback = FallbackConfig::builder()
+        .target(
+            "gpt-4o",
+            Target::new("openai", "https://api.provider.test/v1"),
+        )
+        .target(
+            "claude-sonnet",
+            Target::new("anthropic", "https://api.provider.test/v1"),
+        )
+        .chain("gpt-4o", ["claude-sonnet"])
+        .build()
+        .expect("valid fallback config");
+    BackstopLayer::builder()
+        .fallback(fallback)
+        .retry_seed(1)
+        .build()
+        .expect("valid stack")
+}
+
+/// A case: requests in flight, and the variant.
+type Case = (usize, &'static str);
+
+/// Time and requests per case, summed over every timed batch.
+#[derive(Default)]
+struct Tally(Mutex<BTreeMap<Case, (Duration, u64)>>);
+
+impl Tally {
+    fn add(&self, variant: &'static str, in_flight: usize, elapsed: Duration, requests: u64) {
+        let mut tally = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = tally.entry((in_flight, variant)).or_default();
+        entry.0 += elapsed;
+        entry.1 += requests;
+    }
+
+    /// Mean nanoseconds per request, if the case ran.
+    fn mean_ns(&self, variant: &'static str, in_flight: usize) -> Option<f64> {
+        let tally = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (elapsed, requests) = tally.get(&(in_flight, variant))?;
+        (*requests > 0).then(|| elapsed.as_nanos() as f64 / *requests as f64)
+    }
+}
+
+/// Sends `requests` requests through clones of `svc` from `in_flight` tasks (the
+/// requests split as evenly as they go) and waits for all of them.
+fn batch<S>(runtime: &tokio::runtime::Runtime, svc: &S, in_flight: usize, requests: u64) -> Duration
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Response: Send,
+    S::Error: std::fmt::Debug + Send,
+    S::Future: Send,
+{
+    runtime.block_on(async {
+        let tasks = in_flight as u64;
+        let start = tokio::time::Instant::now();
+        let mut handles = Vec::with_capacity(in_flight);
+        for task in 0..tasks {
+            let share = requests / tasks + u64::from(task < requests % tasks);
+            let svc = svc.clone();
+            handles.push(tokio::spawn(async move {
+                for _ in 0..share {
+                    let response = svc.clone().oneshot(request()).await;
+                    black_box(response.expect("the in-memory service always serves"));
+                }
+            }));
+        }
+        for handle in handles {
+            handle.await.expect("a request task panicked");
+        }
+        start.elapsed()
+    })
+}
+
+/// What every case shares.
+struct Run {
+    runtime: tokio::runtime::Runtime,
+    tally: Tally,
+    /// `false` in the smoke run (`cargo test --all-targets`).
+    full_run: bool,
+}
+
+/// One case: `variant` with `in_flight` requests at once.
+fn bench_case<S>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    run: &Run,
+    (variant, svc): (&'static str, &S),
+    in_flight: usize,
+) where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Response: Send,
+    S::Error: std::fmt::Debug + Send,
+    S::Future: Send,
+{
+    group.bench_function(BenchmarkId::new(variant, in_flight), |b| {
+        b.iter_custom(|iters| {
+            // A batch must keep `in_flight` requests going: run at least that many
+            // per task, and report the time of `iters` of them.
+            let floor = if run.full_run {
+                MIN_REQUESTS_PER_TASK
+            } else {
+                1
+            };
+            let requests = iters.max(in_flight as u64 * floor);
+            let elapsed = batch(&run.runtime, svc, in_flight, requests);
+            run.tally.add(variant, in_flight, elapsed, requests);
+            elapsed.mul_f64(iters as f64 / requests as f64)
+        })
+    });
+}
+
+const BARE: &str = "bare";
+const TOWER: &str = "tower_retry_tps_budget";
+const BACKSTOP: &str = "backstop_full_stack";
+
+fn print_table(tally: &Tally, full_run: bool) {
+    println!();
+    println!(
+        "scaling: mean time per request over every timed batch, 2 tokio workers{}",
+        if full_run {
+            ""
+        } else {
+            " (smoke run, one request per task: not a measurement)"
+        }
+    );
+    println!(
+        "{:>9} | {:>9} | {:>9} {:>7} | {:>9} {:>7} | {:>13}",
+        "in flight", "bare", "tower", "vs bare", "Backstop", "vs bare", "Backstop adds"
+    );
+    for in_flight in CONCURRENCY {
+        let (Some(bare), Some(tower), Some(backstop)) = (
+            tally.mean_ns(BARE, in_flight),
+            tally.mean_ns(TOWER, in_flight),
+            tally.mean_ns(BACKSTOP, in_flight),
+        ) else {
+            // A filter on the command line left this concurrency out.
+            continue;
+        };
+        println!(
+            "{in_flight:>9} | {bare:>6.0} ns | {tower:>6.0} ns {:>6.2}× | {backstop:>6.0} ns {:>6.2}× | {:>10.0} ns",
+            tower / bare,
+            backstop / bare,
+            backstop - bare
+        );
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs the binary
+    // without it, and criterion then runs each case once.
+    let full_run = std::env::args().any(|arg| arg == "--bench");
+    let run = Run {
+        runtime: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .expect("runtime"),
+        tally: Tally::default(),
+        full_run,
+    };
+    let mut c = Criterion::default().configure_from_args();
+
+    let bare = bare();
+    let tower_stack = tower::retry::RetryLayer::new(TowerPolicy {
+        budget: Arc::new(TpsBudget::default()),
+        retries_left: 2,
+    })
+    .layer(bare.clone());
+    // One layer, one service: every task's clone shares the budget and the breaker.
+    let backstop_stack = backstop_layer().layer(bare.clone());
+
+    // Variants interleaved at each concurrency, so a change in the machine's load
+    // falls on all three alike.
+    let mut group = c.benchmark_group("scaling");
+    group.sample_size(10);
+    for in_flight in CONCURRENCY {
+        bench_case(&mut group, &run, (BARE, &bare), in_flight);
+        bench_case(&mut group, &run, (TOWER, &tower_stack), in_flight);
+        bench_case(&mut group, &run, (BACKSTOP, &backstop_stack), in_flight);
+    }
+    group.finish();
+
+    c.final_summary();
+    print_table(&run.tally, run.full_run);
+}
