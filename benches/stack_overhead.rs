@@ -8,6 +8,11 @@
 //!
 //! Run: `cargo bench -p backstop --bench stack_overhead -- --warm-up-time 1 --measurement-time 3`
 //! (in `cargo test --all-targets` each case runs once, as a smoke test).
+//!
+//! Instruction counts, which a loaded machine does not blur: with
+//! `STACK_OVERHEAD_CALLS="<bare|tower|backstop> <n>"` the binary makes `n` calls and
+//! nothing else; run it under `valgrind --tool=callgrind` with `n` and with `0`, and
+//! divide the difference by `n`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -18,7 +23,7 @@ use backstop::BackstopLayer;
 use backstop::classify::ReplayBody;
 use backstop::fallback::{FallbackConfig, Target};
 use bytes::Bytes;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::retry::budget::{Budget, TpsBudget};
@@ -158,5 +163,47 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// `n` calls through one variant, for an instruction counter.
+fn calls_only(spec: &str) {
+    let mut words = spec.split_whitespace();
+    let which = words.next().unwrap_or_default();
+    let n: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    fn run<S>(runtime: &tokio::runtime::Runtime, svc: S, n: usize)
+    where
+        S: Service<Req> + Clone,
+        S::Error: std::fmt::Debug,
+    {
+        for _ in 0..n {
+            runtime.block_on(async { black_box(svc.clone().oneshot(request()).await.ok()) });
+        }
+    }
+    match which {
+        "bare" => run(&runtime, bare(), n),
+        "tower" => run(
+            &runtime,
+            tower::retry::RetryLayer::new(TowerPolicy {
+                budget: Arc::new(TpsBudget::default()),
+                retries_left: 2,
+            })
+            .layer(bare()),
+            n,
+        ),
+        "backstop" => run(&runtime, backstop_layer().layer(bare()), n),
+        other => eprintln!("STACK_OVERHEAD_CALLS: unknown variant {other:?}"),
+    }
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("STACK_OVERHEAD_CALLS") {
+        calls_only(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,16 +1,18 @@
 //! The request-body adapter: any [`http_body::Body`] in, a capped
 //! [`ReplayBody`] out, so the retry layer (and fallback) can replay it.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker, ready};
 
 use backstop_classify::{BoxError, ClassifiedError, Failure, FailureKind, ReplayBody};
 use bytes::{Buf, Bytes, BytesMut};
 use http::Request;
 use http_body::Body;
 use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -121,7 +123,7 @@ where
 {
     type Response = S::Response;
     type Error = ClassifiedError;
-    type Future = CollectFuture<S::Response>;
+    type Future = CollectFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ClassifiedError>> {
         self.inner
@@ -133,37 +135,138 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limit = self.max_body_bytes;
-        CollectFuture {
-            inner: Box::pin(async move {
-                let (parts, body) = request.into_parts();
-                let bytes = collect(body, limit).await.map_err(|e| {
-                    ClassifiedError::new(Failure::new(FailureKind::InvalidRequest), e)
-                })?;
-                let request = Request::from_parts(parts, ReplayBody::new(bytes));
-                inner
-                    .call(request)
-                    .await
-                    .map_err(|e| verdict::classified_error(e.into()))
-            }),
+        let (parts, mut body) = request.into_parts();
+
+        // A body that is replayable already is used as it is: no read, no copy.
+        if let Some(replay) = (&mut body as &mut dyn Any).downcast_mut::<ReplayBody>() {
+            let replay = std::mem::take(replay);
+            if replay.bytes().len() > limit {
+                return CollectFuture::failed(BodyLimitError::TooLarge { limit });
+            }
+            return CollectFuture::calling(inner.call(Request::from_parts(parts, replay)));
+        }
+
+        // Any other body is read, now as far as it can be: an in-memory body (`Full`,
+        // `String`, ...) is read whole at once and the request goes straight on,
+        // without a boxed future around the inner one. A body still arriving (hyper's
+        // `Incoming`) is read by the future, which then calls the inner service
+        // (driven to ready already: it was swapped out above).
+        let mut collecting: Collecting = Box::pin(collect(body, limit));
+        match collecting
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(Ok(bytes)) => CollectFuture::calling(
+                inner.call(Request::from_parts(parts, ReplayBody::new(bytes))),
+            ),
+            Poll::Ready(Err(e)) => CollectFuture::failed(e),
+            Poll::Pending => CollectFuture {
+                state: CollectState::Collecting {
+                    collecting,
+                    rest: Some((parts, inner)),
+                },
+            },
         }
     }
 }
 
-/// The future of [`CollectBody`].
-pub struct CollectFuture<R> {
-    #[allow(clippy::type_complexity)]
-    inner: Pin<Box<dyn Future<Output = Result<R, ClassifiedError>> + Send>>,
-}
+/// A body being read, boxed: its type depends on the caller's body, and only a body
+/// that is still arriving needs it kept.
+type Collecting = Pin<Box<dyn Future<Output = Result<Bytes, BodyLimitError>> + Send>>;
 
-impl<R> Future for CollectFuture<R> {
-    type Output = Result<R, ClassifiedError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+pin_project! {
+    /// The future of [`CollectBody`]: the body's reading (when it was not read at
+    /// once), then the inner service's future.
+    pub struct CollectFuture<S>
+    where
+        S: Service<Request<ReplayBody>>,
+    {
+        #[pin]
+        state: CollectState<S, S::Future>,
     }
 }
 
-impl<R> fmt::Debug for CollectFuture<R> {
+pin_project! {
+    #[project = CollectStateProj]
+    enum CollectState<S, F> {
+        Collecting {
+            collecting: Collecting,
+            // The request's head and the ready service, until the body is in.
+            rest: Option<(http::request::Parts, S)>,
+        },
+        Calling { #[pin] future: F },
+        Failed { error: Option<BodyLimitError> },
+    }
+}
+
+impl<S> CollectFuture<S>
+where
+    S: Service<Request<ReplayBody>>,
+{
+    fn calling(future: S::Future) -> Self {
+        CollectFuture {
+            state: CollectState::Calling { future },
+        }
+    }
+
+    fn failed(error: BodyLimitError) -> Self {
+        CollectFuture {
+            state: CollectState::Failed { error: Some(error) },
+        }
+    }
+}
+
+fn invalid_body(error: BodyLimitError) -> ClassifiedError {
+    ClassifiedError::new(Failure::new(FailureKind::InvalidRequest), error)
+}
+
+impl<S> Future for CollectFuture<S>
+where
+    S: Service<Request<ReplayBody>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, ClassifiedError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                CollectStateProj::Calling { future } => {
+                    return future
+                        .poll(cx)
+                        .map_err(|e| verdict::classified_error(e.into()));
+                }
+                CollectStateProj::Failed { error } => {
+                    return match error.take() {
+                        Some(error) => Poll::Ready(Err(invalid_body(error))),
+                        None => panic!("CollectFuture polled after completion"),
+                    };
+                }
+                CollectStateProj::Collecting { collecting, rest } => {
+                    let read = ready!(collecting.as_mut().poll(cx));
+                    let Some((parts, mut inner)) = rest.take() else {
+                        panic!("CollectFuture polled after completion");
+                    };
+                    match read {
+                        Ok(bytes) => {
+                            let request = Request::from_parts(parts, ReplayBody::new(bytes));
+                            let future = inner.call(request);
+                            this.state.set(CollectState::Calling { future });
+                        }
+                        Err(error) => {
+                            return Poll::Ready(Err(invalid_body(error)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S> fmt::Debug for CollectFuture<S>
+where
+    S: Service<Request<ReplayBody>>,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("CollectFuture")
     }

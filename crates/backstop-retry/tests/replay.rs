@@ -152,3 +152,72 @@ impl LayerOn for ReplayBodyLayer {
         tower::Layer::layer(&self, inner)
     }
 }
+
+#[tokio::test]
+async fn a_replayable_body_goes_on_as_it_is_and_the_cap_still_holds() {
+    let fake = Fake::new(vec![Step::ok("{}")]);
+    let svc = ReplayBodyLayer::new(4096).layer_on(fake.clone());
+    let bytes = Bytes::from(vec![b'x'; 4096]);
+    svc.oneshot(post(backstop_classify::ReplayBody::new(bytes.clone())))
+        .await
+        .unwrap();
+    let seen = fake.seen.lock().unwrap()[0].body.clone();
+    assert_eq!(seen.as_ptr(), bytes.as_ptr());
+
+    let over = ReplayBodyLayer::new(4095).layer_on(fake.clone());
+    let error = over
+        .oneshot(post(backstop_classify::ReplayBody::new(bytes)))
+        .await
+        .unwrap_err();
+    assert_eq!(fake.attempts(), 1, "the oversized request was not sent");
+    assert_eq!(error.kind(), FailureKind::InvalidRequest);
+    let cause = error.cause().unwrap().downcast_ref::<BodyLimitError>();
+    assert!(matches!(
+        cause,
+        Some(BodyLimitError::TooLarge { limit: 4095 })
+    ));
+}
+
+/// A body whose frames arrive later, through a channel (as a network body's do).
+struct Arriving(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for Arriving {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+#[tokio::test]
+async fn a_body_still_arriving_is_read_by_the_future_before_the_provider_is_called() {
+    use tower::Service;
+
+    let fake = Fake::new(vec![Step::ok("{}")]);
+    let mut svc = ReplayBodyLayer::new(100).layer_on(fake.clone());
+    let (send, receive) = tokio::sync::mpsc::channel(4);
+    let ready = ServiceExt::<http::Request<Arriving>>::ready(&mut svc)
+        .await
+        .unwrap();
+    let mut future = std::pin::pin!(ready.call(post(Arriving(receive))));
+    // Nothing has arrived: the call waits, and the provider has not been called.
+    assert!(futures_poll_once(future.as_mut()).await.is_pending());
+    assert_eq!(fake.attempts(), 0);
+    send.send(Bytes::from_static(b"{\"model\":")).await.unwrap();
+    send.send(Bytes::from_static(b"\"m\"}")).await.unwrap();
+    drop(send);
+    future.await.unwrap();
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(&fake.seen.lock().unwrap()[0].body[..], b"{\"model\":\"m\"}");
+}
+
+/// Polls `future` once, with the test task's own waker.
+async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await
+}
