@@ -119,7 +119,7 @@ pub(crate) enum AfterHead<RB> {
 impl<S, B> Attempts<S, B> {
     /// The set-up before the first attempt: the effective deadline, the idempotency
     /// key, whether streams are held.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(inner: S, shared: Arc<Shared>, request: Request<B>) -> Self {
         let config = &shared.config;
         let (mut parts, body) = request.into_parts();
