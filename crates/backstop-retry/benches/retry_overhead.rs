@@ -20,7 +20,8 @@
 //! Run briefly: `cargo bench -p backstop-retry -- --warm-up-time 1 --measurement-time 2`.
 //!
 //! Instruction counts, which a loaded machine does not blur: with
-//! `RETRY_OVERHEAD_CALLS="<bare|tower|backstop|log> <n>"` the binary makes `n` calls
+//! `RETRY_OVERHEAD_CALLS="<bare|tower|backstop|log|bare-routed|tower-routed|backstop-routed> <n>"`
+//! the binary makes `n` calls
 //! (requests built in the loop) and nothing else; run it under
 //! `valgrind --tool=callgrind` with `n` and with `0`, and divide the difference by `n`.
 
@@ -50,6 +51,16 @@ fn request() -> Req {
         .header("authorization", "Bearer sk-bench")
         .body(ReplayBody::new(Bytes::from_static(BODY)))
         .expect("static request")
+}
+
+/// The request as the retry layer sees it inside a Backstop stack: the layers
+/// outside have put one typed value in its extensions (the fallback layer's route).
+fn request_with_route() -> Req {
+    let mut request = request();
+    request
+        .extensions_mut()
+        .insert(backstop_classify::ModelRoute::new("openai", "gpt-4o"));
+    request
 }
 
 /// The provider stand-in: answers 200 at once.
@@ -156,14 +167,14 @@ fn bench(c: &mut Criterion) {
 
 /// Nanoseconds per call, best of `rounds` rounds of `n` calls (requests built, and
 /// their batch freed, outside the timed loop: see the module docs).
-fn per_call<S>(svc: &mut S, n: usize, rounds: usize) -> f64
+fn per_call<S>(svc: &mut S, make: fn() -> Req, n: usize, rounds: usize) -> f64
 where
     S: Service<Req>,
     S::Error: std::fmt::Debug,
 {
     let mut best = f64::INFINITY;
     for _ in 0..rounds {
-        let mut requests: Vec<Req> = (0..n).map(|_| request()).collect();
+        let mut requests: Vec<Req> = (0..n).map(|_| make()).collect();
         let start = Instant::now();
         for req in requests.drain(..) {
             one_call(svc, req);
@@ -196,11 +207,15 @@ fn print_ratios() {
     let mut backstop = RetryLayer::new(RetryConfig::interactive()).layer(bare());
     // Interleaved, so drift in machine load hits all three alike.
     let (mut b, mut t, mut r, mut l) = (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let (mut be, mut te, mut re) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
     for _ in 0..10 {
-        b = b.min(per_call(&mut plain, n, rounds));
-        t = t.min(per_call(&mut tower_retry, n, rounds));
-        r = r.min(per_call(&mut backstop, n, rounds));
+        b = b.min(per_call(&mut plain, request, n, rounds));
+        t = t.min(per_call(&mut tower_retry, request, n, rounds));
+        r = r.min(per_call(&mut backstop, request, n, rounds));
         l = l.min(log_alone(n, rounds));
+        be = be.min(per_call(&mut plain, request_with_route, n, rounds));
+        te = te.min(per_call(&mut tower_retry, request_with_route, n, rounds));
+        re = re.min(per_call(&mut backstop, request_with_route, n, rounds));
     }
     println!();
     println!("success path, ns per call (best of interleaved rounds):");
@@ -215,6 +230,17 @@ fn print_ratios() {
     );
     println!("  attempt log alone     {l:8.1}");
     println!("  ratio backstop / tower retry = {:.2}", r / t);
+    println!("the same, the request carrying one extension (as inside a Backstop stack):");
+    println!("  bare service          {be:8.1}");
+    println!(
+        "  tower::retry::Retry   {te:8.1}   (+{:.1} ns over bare)",
+        te - be
+    );
+    println!(
+        "  backstop Retry        {re:8.1}   (+{:.1} ns over bare)",
+        re - be
+    );
+    println!("  ratio backstop / tower retry = {:.2}", re / te);
 }
 
 /// `n` calls through one service, for an instruction counter.
@@ -232,6 +258,15 @@ fn calls_only(spec: &str) {
             let mut svc = RetryLayer::new(RetryConfig::interactive()).layer(bare());
             (0..n).for_each(|_| one_call(&mut svc, request()));
         }
+        "tower-routed" => {
+            let mut svc = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
+            (0..n).for_each(|_| one_call(&mut svc, request_with_route()));
+        }
+        "backstop-routed" => {
+            let mut svc = RetryLayer::new(RetryConfig::interactive()).layer(bare());
+            (0..n).for_each(|_| one_call(&mut svc, request_with_route()));
+        }
+        "bare-routed" => (0..n).for_each(|_| one_call(&mut bare(), request_with_route())),
         "log" => (0..n).for_each(|_| attempt_log_alone()),
         other => eprintln!("RETRY_OVERHEAD_CALLS: unknown service {other:?}"),
     }
