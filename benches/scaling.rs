@@ -15,6 +15,9 @@
 //!
 //! Run: `cargo bench -p backstop --bench scaling -- --warm-up-time 1 --measurement-time 2`
 //! (in `cargo test --all-targets` each case runs once, with one request per task).
+//! `SCALING_WORKERS=<n>` sets the number of workers (default 2): comparing 1 with 2
+//! tells a cost that does not shrink with a second worker (contention on shared
+//! state) from one that does.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -224,10 +227,10 @@ const BARE: &str = "bare";
 const TOWER: &str = "tower_retry_tps_budget";
 const BACKSTOP: &str = "backstop_full_stack";
 
-fn print_table(tally: &Tally, full_run: bool) {
+fn print_table(tally: &Tally, full_run: bool, workers: usize) {
     println!();
     println!(
-        "scaling: mean time per request over every timed batch, 2 tokio workers{}",
+        "scaling: mean time per request over every timed batch, {workers} tokio worker(s){}",
         if full_run {
             ""
         } else {
@@ -235,23 +238,33 @@ fn print_table(tally: &Tally, full_run: bool) {
         }
     );
     println!(
-        "{:>9} | {:>9} | {:>9} {:>7} | {:>9} {:>7} | {:>13}",
+        "{:>9} | {:>10} | {:>10} {:>7} | {:>10} {:>7} | {:>13}",
         "in flight", "bare", "tower", "vs bare", "Backstop", "vs bare", "Backstop adds"
     );
+    // A case a filter on the command line left out shows as a dash.
+    let time = |ns: Option<f64>| ns.map_or("—".to_string(), |ns| format!("{ns:.0} ns"));
+    let ratio = |ns: Option<f64>, bare: Option<f64>| match (ns, bare) {
+        (Some(ns), Some(bare)) => format!("{:.2}×", ns / bare),
+        _ => "—".to_string(),
+    };
     for in_flight in CONCURRENCY {
-        let (Some(bare), Some(tower), Some(backstop)) = (
-            tally.mean_ns(BARE, in_flight),
-            tally.mean_ns(TOWER, in_flight),
-            tally.mean_ns(BACKSTOP, in_flight),
-        ) else {
-            // A filter on the command line left this concurrency out.
+        let bare = tally.mean_ns(BARE, in_flight);
+        let tower = tally.mean_ns(TOWER, in_flight);
+        let backstop = tally.mean_ns(BACKSTOP, in_flight);
+        if bare.is_none() && tower.is_none() && backstop.is_none() {
             continue;
+        }
+        let added = match (backstop, bare) {
+            (Some(backstop), Some(bare)) => format!("{:.0} ns", backstop - bare),
+            _ => "—".to_string(),
         };
         println!(
-            "{in_flight:>9} | {bare:>6.0} ns | {tower:>6.0} ns {:>6.2}× | {backstop:>6.0} ns {:>6.2}× | {:>10.0} ns",
-            tower / bare,
-            backstop / bare,
-            backstop - bare
+            "{in_flight:>9} | {:>10} | {:>10} {:>7} | {:>10} {:>7} | {added:>13}",
+            time(bare),
+            time(tower),
+            ratio(tower, bare),
+            time(backstop),
+            ratio(backstop, bare),
         );
     }
 }
@@ -260,9 +273,14 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs the binary
     // without it, and criterion then runs each case once.
     let full_run = std::env::args().any(|arg| arg == "--bench");
+    let workers = std::env::var("SCALING_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .filter(|&w: &usize| w > 0)
+        .unwrap_or(2);
     let run = Run {
         runtime: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(workers)
             .enable_time()
             .build()
             .expect("runtime"),
@@ -292,5 +310,5 @@ fn main() {
     group.finish();
 
     c.final_summary();
-    print_table(&run.tally, run.full_run);
+    print_table(&run.tally, run.full_run, workers);
 }
