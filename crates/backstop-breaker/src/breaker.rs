@@ -57,7 +57,7 @@ impl<St: BreakerStore> Breaker<St> {
     /// Asks to make one call to `route` now. The clock is read only when the key's
     /// state needs it (never for a closed key that already exists).
     pub fn admit(&self, route: &ModelRoute) -> Result<BreakerPermit<St>, Rejection> {
-        self.admit_with(route, &Instant::now)
+        self.admit_with(route, &Instant::now, None)
     }
 
     /// Asks to make one call to `route` at `now`.
@@ -66,15 +66,29 @@ impl<St: BreakerStore> Breaker<St> {
         route: &ModelRoute,
         now: Instant,
     ) -> Result<BreakerPermit<St>, Rejection> {
-        self.admit_with(route, &|| now)
+        self.admit_with(route, &|| now, None)
+    }
+
+    /// Asks to make one call to `route` now for a caller that gives up at
+    /// `deadline`: a paced key does not book a slot the caller could not wait for.
+    pub fn admit_before(
+        &self,
+        route: &ModelRoute,
+        deadline: Option<Instant>,
+    ) -> Result<BreakerPermit<St>, Rejection> {
+        self.admit_with(route, &Instant::now, deadline)
     }
 
     fn admit_with(
         &self,
         route: &ModelRoute,
         clock: &dyn Fn() -> Instant,
+        deadline: Option<Instant>,
     ) -> Result<BreakerPermit<St>, Rejection> {
-        match self.store.admit(route, clock, &mut events::announce) {
+        match self
+            .store
+            .admit_before(route, clock, deadline, &mut events::announce)
+        {
             Ok(permit) => Ok(BreakerPermit { permit }),
             Err(rejection) => {
                 events::refused(route, &rejection);

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::Pacing;
+
 /// How a [`Breaker`](crate::Breaker) decides to open, how long it stays open and how it
 /// probes for recovery. The defaults (see the crate docs for why each was chosen) suit
 /// an LLM chat-completions upstream; [`BreakerConfig::validate`] checks a changed one.
@@ -23,9 +25,14 @@ pub struct BreakerConfig {
     /// failures out of four at midnight do not open the key. 0 disables the ratio
     /// rule. Default 10.
     pub minimum_calls: u32,
-    /// How long a key stays open after the counting rules (or a failed probe) opened
-    /// it. Default 30 s.
+    /// How long a key stays open the first time the counting rules open it (when the
+    /// failure that tripped it carried no delay hint). Each failed half-open probe
+    /// doubles the next open period, up to [`max_open_duration`](Self::max_open_duration);
+    /// closing the key resets it. Default 5 s.
     pub open_duration: Duration,
+    /// The longest open period the doubling reaches (at least `open_duration`).
+    /// Default 60 s.
+    pub max_open_duration: Duration,
     /// How many trial requests may be in flight at once while half-open. Default 1.
     pub half_open_probes: u32,
     /// How many probes must succeed before the key closes. Default 1.
@@ -37,8 +44,9 @@ pub struct BreakerConfig {
     pub probe_timeout: Duration,
     /// A 429 or 503 whose Retry-After (or Gemini `retryDelay`, `retry-after-ms`, …) is
     /// at least this long opens the key at once until the hinted time. Shorter hints
-    /// are left to the retry layer, which waits them out inside the request; the
-    /// failure still counts towards the rules above. Default 1 s.
+    /// are left to the retry layer, which waits them out inside the request, and to
+    /// pacing, which slows the key down instead of stopping it; the failure still
+    /// counts towards the rules above. Default 2 s.
     pub hint_opens_at: Duration,
     /// The longest cooldown a delay hint may impose; longer hints (Azure's "retry
     /// after 86400 seconds", a Retry-After of 2.3 days) are cut to this, after which a
@@ -50,6 +58,10 @@ pub struct BreakerConfig {
     /// At most this many keys are tracked by the in-process store; requests for
     /// further keys pass through untracked (and a warning is logged once). Default 4096.
     pub max_keys: usize,
+    /// Pacing after a slow-down signal (a 429 or 503 that did not open the key, or a
+    /// recovery from an open period): see the crate docs. `None` turns it off: a
+    /// closed key then admits every call. Default on, [`Pacing::default`].
+    pub pacing: Option<Pacing>,
 }
 
 impl Default for BreakerConfig {
@@ -60,14 +72,16 @@ impl Default for BreakerConfig {
             window: Duration::from_secs(30),
             window_buckets: 10,
             minimum_calls: 10,
-            open_duration: Duration::from_secs(30),
+            open_duration: Duration::from_secs(5),
+            max_open_duration: Duration::from_secs(60),
             half_open_probes: 1,
             probe_successes_to_close: 1,
             probe_timeout: Duration::from_secs(60),
-            hint_opens_at: Duration::from_secs(1),
+            hint_opens_at: Duration::from_secs(2),
             max_hinted_cooldown: Duration::from_secs(600),
             quota_cooldown: Duration::from_secs(600),
             max_keys: 4096,
+            pacing: Some(Pacing::default()),
         }
     }
 }
@@ -90,6 +104,9 @@ impl BreakerConfig {
         if self.open_duration.is_zero() {
             return Err(ConfigError::Zero("open_duration"));
         }
+        if self.max_open_duration < self.open_duration {
+            return Err(ConfigError::MaxOpenBelowOpen);
+        }
         if self.probe_timeout.is_zero() {
             return Err(ConfigError::Zero("probe_timeout"));
         }
@@ -104,6 +121,17 @@ impl BreakerConfig {
         }
         if self.max_keys == 0 {
             return Err(ConfigError::Zero("max_keys"));
+        }
+        if let Some(p) = &self.pacing {
+            if !(p.backoff > 0.0 && p.backoff < 1.0) {
+                return Err(ConfigError::PaceBackoff(p.backoff));
+            }
+            if !(p.growth > 0.0 && p.growth <= 1.0) {
+                return Err(ConfigError::PaceGrowth(p.growth));
+            }
+            if !(p.min_rate > 0.0 && p.min_rate <= 1e6) {
+                return Err(ConfigError::PaceMinRate(p.min_rate));
+            }
         }
         Ok(())
     }
@@ -126,6 +154,14 @@ pub enum ConfigError {
     WindowTooShort,
     /// A field that must be positive is zero.
     Zero(&'static str),
+    /// `max_open_duration` is shorter than `open_duration`.
+    MaxOpenBelowOpen,
+    /// `pacing.backoff` outside (0, 1).
+    PaceBackoff(f64),
+    /// `pacing.growth` outside (0, 1].
+    PaceGrowth(f64),
+    /// `pacing.min_rate` outside (0, 1e6].
+    PaceMinRate(f64),
 }
 
 impl fmt::Display for ConfigError {
@@ -148,6 +184,21 @@ impl fmt::Display for ConfigError {
             ConfigError::Zero(field) => {
                 write!(f, "breaker {field} is zero; it must be positive")
             }
+            ConfigError::MaxOpenBelowOpen => f.write_str(
+                "breaker max_open_duration is shorter than open_duration; raise it (the default is 60 s) or lower open_duration",
+            ),
+            ConfigError::PaceBackoff(b) => write!(
+                f,
+                "breaker pacing.backoff {b} is outside (0, 1); use e.g. 0.9 to slow down by 10 % per signal"
+            ),
+            ConfigError::PaceGrowth(g) => write!(
+                f,
+                "breaker pacing.growth {g} is outside (0, 1]; use e.g. 0.02 to grow 2 % a second"
+            ),
+            ConfigError::PaceMinRate(r) => write!(
+                f,
+                "breaker pacing.min_rate {r} is outside (0, 1000000] calls per second; use e.g. 0.5"
+            ),
         }
     }
 }

@@ -36,18 +36,23 @@
 //!
 //! ## What it adds
 //!
-//! While a key is open (or half-open with every probe slot taken) a call fails at
-//! once, **without calling the inner service**, with
-//! `ClassifiedError::local(Failure::new(FailureKind::BreakerOpen).with_hint(Some(DelayHint::new(time_until_half_open, HintSource::Breaker))))`:
-//! not retryable here, another model may serve, and the exact time until a probe may
-//! go through (when half-open with every probe slot taken: the time until the
-//! earliest probe's timeout, the latest a slot frees). The layer's error type is
-//! `ClassifiedError`; inner errors pass through (converted as above when they are not
-//! classified yet).
+//! While a key is open (or half-open with every probe slot taken, or paced with no
+//! slot free) a call fails at once, **without calling the inner service**, with
+//! `ClassifiedError::local(Failure::new(FailureKind::BreakerOpen).with_hint(Some(DelayHint::new(retry_in, HintSource::Breaker))))`:
+//! not retryable here, another model may serve, and when to come back: when open,
+//! the exact time until a probe may go through; when half-open with every probe slot
+//! taken, as long as the oldest probe has run so far (at least 50 ms, never past its
+//! timeout), so callers ask again at doubling intervals while it runs; when paced,
+//! the exact time until the slot this call booked is due (see *Pacing*). The fallback
+//! layer waits for that moment, within the request's deadline, when no other model
+//! can serve. The layer's error type is `ClassifiedError`; inner errors pass through
+//! (converted as above when they are not classified yet).
 //!
 //! ## What it never does
 //!
-//! It never retries, waits or sleeps, and never cancels a call: a call it admits runs
+//! It never retries, waits or sleeps (pacing refuses a call with the time its slot
+//! is due; waiting is the caller's or the fallback layer's choice), and never cancels
+//! a call: a call it admits runs
 //! to its end and its result is returned untouched (a probe's timeout takes back the
 //! probe's *slot*, not the call). It never reads or logs headers, so credentials
 //! cannot leak through it. It spawns no task and runs no timer: every deadline is
@@ -67,8 +72,12 @@
 //! - *Closed → Open* on `consecutive_failures` health failures in a row, or when at
 //!   least `failure_ratio` of the calls in the sliding `window` failed and the window
 //!   holds at least `minimum_calls` (resilience4j's time-based window: `window_buckets`
-//!   buckets, the window slides one bucket at a time). Open for `open_duration`, or
-//!   for the tripping failure's delay hint when that is longer.
+//!   buckets, the window slides one bucket at a time). Open for the tripping
+//!   failure's delay hint when it carries one (the provider said when to come back:
+//!   a default never overrides it), otherwise for the open period: `open_duration`
+//!   the first time, **doubled by each failed probe in a row** up to
+//!   `max_open_duration`, back to `open_duration` once the key closes. A blip costs
+//!   5 s; a model that stays down is probed at 5, 10, 20, 40, 60, 60 … s.
 //! - *Closed/HalfOpen → Open at once* on a 429 or 503 (rate limited, overloaded) whose
 //!   delay hint is a retry instruction (Retry-After, `retry-after-ms`, Gemini's
 //!   `retryDelay`: not a rate-limit bucket's reset time) at least `hint_opens_at` long,
@@ -83,15 +92,45 @@
 //! - *HalfOpen*: at most `half_open_probes` calls in flight; each must finish within
 //!   `probe_timeout`, or its slot is taken back at that instant and counts as a failure
 //!   (so a hung probe cannot keep the key half-open). `probe_successes_to_close`
-//!   successes close the key (counts cleared); a failure reopens it for
-//!   `open_duration`. A probe dropped before finishing (its caller went away) frees
-//!   its slot and counts as nothing.
+//!   successes close the key (counts cleared); a failure reopens it for its hint or
+//!   the doubled open period. A probe dropped before finishing (its caller went
+//!   away) frees its slot and counts as nothing. The key closes **paced** at the
+//!   successes per second it served before it opened (see *Pacing*), so the calls
+//!   that waited for the reopening reach the upstream one slot at a time.
 //! - **Re-opening keeps the later deadline, never the earlier**: a cooldown arriving
 //!   while open only ever moves the deadline later (reported as an Open → Open
 //!   transition).
 //! - Outcomes of calls admitted before the key last changed state no longer count
 //!   (a success from before the outage does not close it); their cooldowns
 //!   (hinted 429/503, quota) still apply.
+//!
+//! ## Pacing
+//!
+//! A 429 or 503 that leaves the key closed is still a signal: the upstream is
+//! taking fewer calls than it is sent (a quota, a capacity limit). With no other
+//! model to go to, refusing everything for a while wastes the quota, and sending
+//! everything wastes attempts on 429s. So a closed key learns a **pace**, in calls
+//! per second ([`Pacing`], pure and tested in `pace.rs`), the way TCP learns a
+//! congestion window:
+//!
+//! - the first 429/503 sets it to `backoff` (0.95) times the successes the key
+//!   recorded over the last second, what the upstream really served just before it
+//!   pushed back (a key that served nothing in that second is down, not saturated:
+//!   no pace, the counting rules handle it);
+//! - each later 429/503 multiplies it by `backoff`, once per generation: a signal
+//!   from a call admitted before the last decrease was sent at the old rate;
+//! - while it refuses calls, each success adds `growth` (0.02) calls per second, 2 %
+//!   of the rate per second of saturated use, so it finds a raised quota again; a
+//!   pace that refuses nobody never grows;
+//! - it lifts after a whole `window` (30 s) with no signal and nobody waiting.
+//!
+//! A paced key hands out evenly spaced slots. A call that finds no slot due is
+//! refused with the time until the next free slot, and **books** it: callers that
+//! come back when told get their slots in turn, newcomers queue behind them, and a
+//! caller whose deadline comes first books nothing. A slot left untaken for one
+//! interval is dropped, so idle time never builds up a burst. The same pace, at the
+//! rate served before the outage, admits the calls that waited for a key to close.
+//! `pacing: None` turns it all off.
 //!
 //! ## Defaults
 //!
@@ -101,14 +140,16 @@
 //! | `failure_ratio` | 50 % | resilience4j's default. Polly's 10 % suits cheap high-volume RPCs; LLM upstreams shed 429s in bursts and would flap |
 //! | `window` / `window_buckets` | 30 s / 10 | Polly's 30 s sampling duration, in 3 s buckets |
 //! | `minimum_calls` | 10 | Polly and resilience4j use 100; one model key sees a few calls a second, so 100 would take minutes to gather |
-//! | `open_duration` | 30 s | what LLM gateways use to skip an unhealthy key ("skips unhealthy provider keys for 30 seconds") |
+//! | `open_duration` | 5 s | the first opening is short (LiteLLM's and Polly's 5 s): most outages of an LLM upstream are blips, and with no other model the callers wait it out |
+//! | `max_open_duration` | 60 s | each failed probe doubles the open period up to this: a model that stays down costs one probe a minute |
 //! | `half_open_probes` | 1 | an LLM call is costly and slow; one trial tells enough |
 //! | `probe_successes_to_close` | 1 | with one probe, one success |
 //! | `probe_timeout` | 60 s | a non-streaming completion can take tens of seconds, and a probe includes the retries below; set it to the retry layer's deadline |
-//! | `hint_opens_at` | 1 s | shorter hints are cheaper to wait out in the retry layer than to divert traffic |
+//! | `hint_opens_at` | 2 s | `Retry-After: 1` is the smallest a provider can say in whole seconds and means "this request, a moment later": the retry layer waits it out and pacing slows the key; 2 s or more says the bucket stays empty for a while |
 //! | `max_hinted_cooldown` | 10 min | a Retry-After of 2.3 days (seen in the wild) or Azure's 86 400 s is cut; a probe then finds out |
 //! | `quota_cooldown` | 10 min | quota does not come back within a request; probing every 10 min costs one call |
 //! | `max_keys` | 4096 | every buffer has a cap; further keys pass untracked, with one warning |
+//! | `pacing` | on: backoff 0.95, growth 0.02, min 0.5 calls/s | a quota's 429s come from a slight overshoot; a gentle backoff keeps the pace within 5 % of the quota, and repeated signals still halve it in 14 steps under a real overload |
 //!
 //! ## The cooldown complaints of other gateways' users (peers.md, item 6)
 //!
@@ -116,9 +157,10 @@
 //! - *Cooldowns enforced only every ~10 s*: deadlines are compared with the clock at
 //!   every call; a key half-opens at its deadline to the nanosecond.
 //! - *When every deployment was cooling down the gateway failed at once with no
-//!   Retry-After*: every refusal carries the exact time until the key half-opens as a
+//!   Retry-After*: every refusal carries the time to come back as a
 //!   [`HintSource::Breaker`](backstop_classify::HintSource) delay hint; the fallback
-//!   layer answers with the earliest of them, which a proxy forwards as `Retry-After`.
+//!   layer waits for the earliest of them when it fits in the request's deadline,
+//!   and otherwise answers with it, which a proxy forwards as `Retry-After`.
 //! - *Cooldown state could not be queried*: [`Breaker::snapshot`], [`Breaker::state`],
 //!   [`Breaker::retry_in`] and [`Breaker::key`]; a gauge per key and transition
 //!   counters through the `metrics` crate (see [`events`]); a tracing event at every
@@ -141,9 +183,12 @@
 //!
 //! The closed-state hot path (admit + record) hashes the route once, takes a shard's
 //! read lock for a binary search and the key's mutex twice, reads the clock once (at
-//! the record: a closed key admits without the time), and allocates nothing
+//! the record: a closed key that is not paced admits without the time; a paced one
+//! reads it to find its slot), and allocates nothing
 //! (`benches/breaker.rs`, `-- --warm-up-time 1 --measurement-time 2`, on the 2-core
 //! development VM while other engineers' builds ran, load average about 3):
+//!
+//! The figures below predate pacing (which adds one bucket update to every record).
 //!
 //! | case | time per call |
 //! |---|---|
@@ -194,7 +239,7 @@
 //! let refused = service.ready().await?.call(request()).await.unwrap_err();
 //! assert_eq!(refused.kind(), FailureKind::BreakerOpen);
 //! let hint = refused.failure().hint.expect("a breaker refusal says when to retry");
-//! assert!(hint.delay <= std::time::Duration::from_secs(30));
+//! assert!(hint.delay <= std::time::Duration::from_secs(5)); // the first opening is short
 //! # Ok(())
 //! # }
 //! ```
@@ -207,6 +252,7 @@ pub mod events;
 mod future;
 mod layer;
 mod outcome;
+mod pace;
 mod service;
 mod snapshot;
 mod state;
@@ -217,7 +263,10 @@ pub use config::{BreakerConfig, ConfigError, MAX_WINDOW_BUCKETS};
 pub use future::ResponseFuture;
 pub use layer::BreakerLayer;
 pub use outcome::Outcome;
+pub use pace::Pacing;
 pub use service::BreakerService;
 pub use snapshot::KeySnapshot;
-pub use state::{BreakerState, KeyState, Rejection, Ticket, Transition, TransitionReason};
+pub use state::{
+    BreakerState, HALF_OPEN_RECHECK_MIN, KeyState, Rejection, Ticket, Transition, TransitionReason,
+};
 pub use store::{AdmittedCall, BreakerStore, InProcessPermit, InProcessStore, TransitionSink};

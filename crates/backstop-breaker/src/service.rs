@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use backstop_classify::{BoxError, ClassifiedError, ModelRoute, classify_transport_error};
+use backstop_classify::{
+    BoxError, ClassifiedError, Deadline, ModelRoute, classify_transport_error,
+};
 use http::{Request, Response};
 use tower_service::Service;
 
@@ -75,9 +77,12 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         let admitted = match request.extensions().get::<ModelRoute>() {
-            Some(route) => self.breaker.admit(route),
-            None => self.breaker.admit(&route_from_uri(&request)),
+            Some(route) => self.breaker.admit_before(route, deadline),
+            None => self
+                .breaker
+                .admit_before(&route_from_uri(&request), deadline),
         };
         match admitted {
             Ok(permit) => ResponseFuture::called(self.inner.call(request), permit),

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::{BreakerConfig, BreakerState, KeyState, TransitionReason};
 
 /// One key's breaker as of an instant.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct KeySnapshot {
     /// The key.
@@ -30,6 +30,8 @@ pub struct KeySnapshot {
     pub probes_in_flight: u32,
     /// Why it last changed state.
     pub last_reason: Option<TransitionReason>,
+    /// The pace in calls per second, when the key is paced.
+    pub pace_per_s: Option<f64>,
 }
 
 impl KeySnapshot {
@@ -51,6 +53,7 @@ impl KeySnapshot {
                 .map(|until| until.saturating_duration_since(now)),
             probes_in_flight: state.probes_in_flight(),
             last_reason: state.last_reason(),
+            pace_per_s: state.pace(),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use backstop_classify::{DelayHint, FailureKind, HintSource};
 use tokio::time::Instant;
 
+use crate::pace::Pace;
 use crate::{BreakerConfig, Outcome};
 
 /// Where a key's breaker stands.
@@ -123,6 +124,8 @@ pub struct Transition {
 pub struct Ticket {
     epoch: u64,
     probe: Option<u64>,
+    /// The pace generation the call was admitted in (0: no pace then).
+    pace: u32,
 }
 
 impl Ticket {
@@ -132,15 +135,23 @@ impl Ticket {
     }
 }
 
-/// A refused call: the key is open, or half-open with every probe slot taken.
+/// A refused call: the key is open, half-open with every probe slot taken, or closed
+/// but paced with no slot free now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rejection {
-    /// Open or HalfOpen.
+    /// Open, HalfOpen, or Closed (paced).
     pub state: BreakerState,
-    /// When open: the time until it half-opens. When half-open: the time until the
-    /// earliest probe slot is freed at the latest (its probe's timeout).
+    /// When open: the time until it half-opens. When half-open: when to look again,
+    /// as long as the oldest probe has run so far (at least
+    /// [`HALF_OPEN_RECHECK_MIN`], never past that probe's timeout, when its slot is
+    /// freed at the latest). When paced: the time until the slot this call booked
+    /// is due.
     pub retry_in: Duration,
 }
+
+/// The shortest "look again" a refusal by a busy half-open key gives: a probe that
+/// has just started is given this long before anyone asks again.
+pub const HALF_OPEN_RECHECK_MIN: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Bucket {
@@ -161,13 +172,12 @@ struct FailureWindow {
 }
 
 impl FailureWindow {
-    fn new(origin: Instant, config: &BreakerConfig) -> Self {
-        let bucket_nanos = config.window.as_nanos() / u128::from(config.window_buckets.max(1));
+    fn new(origin: Instant, window: Duration, buckets: u32) -> Self {
+        let bucket_nanos = window.as_nanos() / u128::from(buckets.max(1));
         FailureWindow {
             origin,
             bucket_nanos: u64::try_from(bucket_nanos).unwrap_or(u64::MAX).max(1),
-            buckets: vec![Bucket::default(); config.window_buckets.max(1) as usize]
-                .into_boxed_slice(),
+            buckets: vec![Bucket::default(); buckets.max(1) as usize].into_boxed_slice(),
         }
     }
 
@@ -213,6 +223,11 @@ impl FailureWindow {
     fn clear(&mut self) {
         self.buckets.fill(Bucket::default());
     }
+
+    /// The span the buckets cover.
+    fn length(&self) -> Duration {
+        Duration::from_nanos(self.bucket_nanos.saturating_mul(self.buckets.len() as u64))
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -238,7 +253,21 @@ pub struct KeyState {
     probes: Vec<Probe>,
     next_probe: u64,
     probe_successes: u32,
+    /// Half-open probes that failed in a row: each doubles the next open period.
+    failed_probes: u32,
+    /// Successes over the last second, in any state: what the upstream is serving
+    /// now, the starting point of a pace.
+    recent: FailureWindow,
+    /// Since when the key has been closed (the failure window holds no older calls).
+    closed_since: Instant,
+    /// Successes per second over the failure window when the key last opened from
+    /// closed: the rate a recovering key is paced at once it closes again.
+    rate_before_open: f64,
+    pace: Option<Pace>,
 }
+
+/// What the recent-successes window spans.
+const RECENT: Duration = Duration::from_secs(1);
 
 impl KeyState {
     /// A closed key, created at `now`.
@@ -247,13 +276,34 @@ impl KeyState {
             state: BreakerState::Closed,
             epoch: 0,
             consecutive: 0,
-            window: FailureWindow::new(now, config),
+            window: FailureWindow::new(now, config.window, config.window_buckets),
             open_until: None,
             last_reason: None,
             probes: Vec::new(),
             next_probe: 0,
             probe_successes: 0,
+            failed_probes: 0,
+            recent: FailureWindow::new(now, RECENT, 10),
+            closed_since: now,
+            rate_before_open: 0.0,
+            pace: None,
         }
+    }
+
+    /// The pace, in calls per second, when the key is paced.
+    pub fn pace(&self) -> Option<f64> {
+        self.pace.as_ref().map(Pace::rate)
+    }
+
+    /// How long the key stays open the next time the counting rules or a failed probe
+    /// open it without a delay hint: `open_duration` doubled per failed probe in a row,
+    /// at most `max_open_duration`.
+    pub fn open_period(&self, config: &BreakerConfig) -> Duration {
+        let doubling = 1u32.checked_shl(self.failed_probes).unwrap_or(u32::MAX);
+        config
+            .open_duration
+            .saturating_mul(doubling)
+            .min(config.max_open_duration)
     }
 
     /// The state as of the last call (call [`KeyState::advance`] first for `now`).
@@ -318,13 +368,17 @@ impl KeyState {
                         .min();
                     match expired {
                         // The permit is taken back at the probe's timeout, as a failure.
-                        Some(at) => self.enter(
-                            BreakerState::Open,
-                            at,
-                            TransitionReason::ProbeTimedOut,
-                            Some(at + config.open_duration),
-                            emit,
-                        ),
+                        Some(at) => {
+                            self.failed_probes = self.failed_probes.saturating_add(1);
+                            let period = self.open_period(config);
+                            self.enter(
+                                BreakerState::Open,
+                                at,
+                                TransitionReason::ProbeTimedOut,
+                                Some(at + period),
+                                emit,
+                            )
+                        }
                         None => return,
                     }
                 }
@@ -340,12 +394,48 @@ impl KeyState {
         config: &BreakerConfig,
         emit: &mut (impl FnMut(Transition) + ?Sized),
     ) -> Result<Ticket, Rejection> {
+        self.admit_before(now, None, config, emit)
+    }
+
+    /// Asks to make one call at `now` for a caller that gives up at `deadline`: when
+    /// the key is paced and the next free slot is not before the deadline, the call is
+    /// refused without booking it (the slot stays free for a caller who can wait).
+    pub fn admit_before(
+        &mut self,
+        now: Instant,
+        deadline: Option<Instant>,
+        config: &BreakerConfig,
+        emit: &mut (impl FnMut(Transition) + ?Sized),
+    ) -> Result<Ticket, Rejection> {
         self.advance(now, config, emit);
         match self.state {
-            BreakerState::Closed => Ok(Ticket {
-                epoch: self.epoch,
-                probe: None,
-            }),
+            BreakerState::Closed => {
+                if self
+                    .pace
+                    .as_ref()
+                    .is_some_and(|p| p.may_lift(now, config.window))
+                {
+                    self.pace = None;
+                }
+                let Some(pace) = &mut self.pace else {
+                    return Ok(Ticket {
+                        epoch: self.epoch,
+                        probe: None,
+                        pace: 0,
+                    });
+                };
+                match pace.admit(now, deadline) {
+                    Ok(()) => Ok(Ticket {
+                        epoch: self.epoch,
+                        probe: None,
+                        pace: pace.generation(),
+                    }),
+                    Err(wait) => Err(Rejection {
+                        state: BreakerState::Closed,
+                        retry_in: wait.retry_in,
+                    }),
+                }
+            }
             BreakerState::Open => Err(Rejection {
                 state: BreakerState::Open,
                 retry_in: self
@@ -363,13 +453,23 @@ impl KeyState {
                     Ok(Ticket {
                         epoch: self.epoch,
                         probe: Some(id),
+                        pace: 0,
                     })
                 } else {
-                    let first_free = self.probes.iter().map(|p| p.deadline).min();
+                    // Look again after as long as the oldest probe has run so far: a
+                    // probe that has run for a while is expected to need about as long
+                    // again, so callers ask at doubling intervals, never later than
+                    // the moment its slot is freed by its timeout.
+                    let first_free = self
+                        .probes
+                        .iter()
+                        .map(|p| p.deadline)
+                        .min()
+                        .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+                    let age = config.probe_timeout.saturating_sub(first_free);
                     Err(Rejection {
                         state: BreakerState::HalfOpen,
-                        retry_in: first_free
-                            .map_or(Duration::ZERO, |d| d.saturating_duration_since(now)),
+                        retry_in: age.max(HALF_OPEN_RECHECK_MIN).min(first_free),
                     })
                 }
             }
@@ -384,13 +484,26 @@ impl KeyState {
         config: &BreakerConfig,
         emit: &mut (impl FnMut(Transition) + ?Sized),
     ) -> Result<Ticket, Rejection> {
-        if self.state == BreakerState::Closed {
+        self.admit_with_before(clock, None, config, emit)
+    }
+
+    /// [`KeyState::admit_before`] reading `clock` only when the state needs the time
+    /// (a closed key that is not paced admits without it).
+    pub fn admit_with_before(
+        &mut self,
+        clock: impl FnOnce() -> Instant,
+        deadline: Option<Instant>,
+        config: &BreakerConfig,
+        emit: &mut (impl FnMut(Transition) + ?Sized),
+    ) -> Result<Ticket, Rejection> {
+        if self.state == BreakerState::Closed && self.pace.is_none() {
             return Ok(Ticket {
                 epoch: self.epoch,
                 probe: None,
+                pace: 0,
             });
         }
-        self.admit(clock(), config, emit)
+        self.admit_before(clock(), deadline, config, emit)
     }
 
     /// Records the outcome of the call `ticket` was for, finished at `now`.
@@ -411,6 +524,10 @@ impl KeyState {
                 }
             }
             Outcome::Success => {
+                self.recent.record(now, false);
+                if let (Some(pace), Some(pacing)) = (&mut self.pace, &config.pacing) {
+                    pace.served(now, pacing);
+                }
                 if !current {
                     return;
                 }
@@ -430,6 +547,7 @@ impl KeyState {
                                     None,
                                     emit,
                                 );
+                                self.pace_recovery(now, config);
                             }
                         }
                     }
@@ -446,19 +564,24 @@ impl KeyState {
                 self.open_at_least(now + cooldown, now, TransitionReason::QuotaExhausted, emit);
             }
             Outcome::Failure { kind, hint } => {
+                if matches!(kind, FailureKind::RateLimited | FailureKind::Overloaded) {
+                    self.slow_down(ticket, now, config);
+                }
                 let hinted = cooldown_hint(kind, hint, config);
-                let hinted_delay = hinted.map_or(Duration::ZERO, |h| h.delay);
                 if current && self.state == BreakerState::Closed {
                     self.consecutive = self.consecutive.saturating_add(1);
                     self.window.record(now, true);
                     if let Some(reason) = self.trip_reason(now, config) {
-                        let cooldown = config.open_duration.max(hinted_delay);
+                        // The provider's own "come back in" sets the cooldown; without
+                        // one, the open period scaled to the evidence so far.
+                        let cooldown = hinted.map_or_else(|| self.open_period(config), |h| h.delay);
                         self.open_at_least(now + cooldown, now, reason, emit);
                         return;
                     }
                 } else if current && self.state == BreakerState::HalfOpen && self.take_probe(ticket)
                 {
-                    let cooldown = config.open_duration.max(hinted_delay);
+                    self.failed_probes = self.failed_probes.saturating_add(1);
+                    let cooldown = hinted.map_or_else(|| self.open_period(config), |h| h.delay);
                     self.open_at_least(now + cooldown, now, TransitionReason::ProbeFailed, emit);
                     return;
                 }
@@ -493,6 +616,57 @@ impl KeyState {
         if ticket.epoch == self.epoch {
             self.take_probe(ticket);
         }
+    }
+
+    /// A 429 or 503 from the call `ticket` was for: the upstream wants fewer calls.
+    /// Engages the pace at `backoff` times the successes of the last second, or slows
+    /// an existing pace (once per generation). A key that served nothing in the last
+    /// second is down rather than saturated: that is the counting rules' business, and
+    /// a pace learned from it would start near zero.
+    fn slow_down(&mut self, ticket: Ticket, now: Instant, config: &BreakerConfig) {
+        let Some(pacing) = &config.pacing else {
+            return;
+        };
+        match &mut self.pace {
+            Some(pace) => {
+                pace.slow_down(ticket.pace, now, pacing);
+            }
+            None => {
+                let (calls, failures) = self.recent.totals(now);
+                let served = f64::from(calls.saturating_sub(failures)) / RECENT.as_secs_f64();
+                if served > 0.0 {
+                    self.pace = Some(Pace::new(
+                        served * pacing.backoff,
+                        now,
+                        self.next_pace_generation(),
+                        pacing,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A key that has just closed after an open period admits the calls that waited
+    /// for it gradually: paced at the successes per second it served before it opened
+    /// (unless a pace learned from slow-down signals is already in force). A key that
+    /// served nothing before is not paced: there is no rate to start from.
+    fn pace_recovery(&mut self, now: Instant, config: &BreakerConfig) {
+        let Some(pacing) = &config.pacing else {
+            return;
+        };
+        if self.pace.is_none() && self.rate_before_open > 0.0 {
+            self.pace = Some(Pace::new(
+                self.rate_before_open,
+                now,
+                self.next_pace_generation(),
+                pacing,
+            ));
+        }
+    }
+
+    /// A generation no ticket admitted so far carries (0 means "not paced").
+    fn next_pace_generation(&self) -> u32 {
+        self.epoch.wrapping_add(1) as u32 | 1
     }
 
     fn take_probe(&mut self, ticket: Ticket) -> bool {
@@ -560,6 +734,18 @@ impl KeyState {
         emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         let from = self.state;
+        if from == BreakerState::Closed && to == BreakerState::Open {
+            // What the key served while it was healthy: the pace it recovers at.
+            let span = at
+                .saturating_duration_since(self.closed_since)
+                .min(self.window.length());
+            let (calls, failures) = self.window.totals(at);
+            self.rate_before_open = if span.is_zero() {
+                0.0
+            } else {
+                f64::from(calls.saturating_sub(failures)) / span.as_secs_f64()
+            };
+        }
         self.state = to;
         self.epoch = self.epoch.wrapping_add(1);
         self.open_until = open_until;
@@ -569,6 +755,8 @@ impl KeyState {
         if to == BreakerState::Closed {
             self.consecutive = 0;
             self.window.clear();
+            self.failed_probes = 0;
+            self.closed_since = at;
         }
         emit(Transition {
             from,

@@ -33,6 +33,19 @@ pub trait BreakerStore: Send + Sync + 'static {
         emit: TransitionSink<'_>,
     ) -> Result<Self::Permit, Rejection>;
 
+    /// [`BreakerStore::admit`] for a caller that gives up at `deadline`: a paced key
+    /// books no slot the caller could not wait for. The default ignores the deadline.
+    fn admit_before(
+        &self,
+        route: &ModelRoute,
+        clock: &dyn Fn() -> Instant,
+        deadline: Option<Instant>,
+        emit: TransitionSink<'_>,
+    ) -> Result<Self::Permit, Rejection> {
+        let _ = deadline;
+        self.admit(route, clock, emit)
+    }
+
     /// Every key, as of `now`, sorted by route.
     fn snapshot(&self, now: Instant) -> Vec<KeySnapshot>;
 
@@ -328,10 +341,22 @@ impl BreakerStore for InProcessStore {
         clock: &dyn Fn() -> Instant,
         emit: TransitionSink<'_>,
     ) -> Result<InProcessPermit, Rejection> {
+        self.admit_before(route, clock, None, emit)
+    }
+
+    fn admit_before(
+        &self,
+        route: &ModelRoute,
+        clock: &dyn Fn() -> Instant,
+        deadline: Option<Instant>,
+        emit: TransitionSink<'_>,
+    ) -> Result<InProcessPermit, Rejection> {
         let Some(cell) = self.cell(route, clock) else {
             return Ok(InProcessPermit { held: None });
         };
-        let ticket = cell.change(emit, |s, emit| s.admit_with(clock, &self.config, emit))?;
+        let ticket = cell.change(emit, |s, emit| {
+            s.admit_with_before(clock, deadline, &self.config, emit)
+        })?;
         Ok(InProcessPermit {
             held: Some((cell, ticket)),
         })

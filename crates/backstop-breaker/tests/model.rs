@@ -59,6 +59,7 @@ fn config() -> impl Strategy<Value = BreakerConfig> {
             window: Duration::from_secs(10),
             window_buckets: 5,
             open_duration: Duration::from_secs(5),
+            max_open_duration: Duration::from_secs(20),
             half_open_probes: probes,
             probe_successes_to_close: successes,
             probe_timeout: Duration::from_secs(7),
@@ -66,6 +67,8 @@ fn config() -> impl Strategy<Value = BreakerConfig> {
             max_hinted_cooldown: Duration::from_secs(20),
             quota_cooldown: Duration::from_secs(15),
             max_keys: 16,
+            // Pacing has its own tests; this model covers the open/half-open machine.
+            pacing: None,
         }
     })
 }
@@ -96,6 +99,8 @@ struct Model {
     probes: Vec<(u64, Instant)>,
     next_probe: u64,
     successes: u32,
+    /// Probes that failed in a row (reset when the key closes).
+    failed_probes: u32,
 }
 
 impl Model {
@@ -110,6 +115,7 @@ impl Model {
             probes: Vec::new(),
             next_probe: 0,
             successes: 0,
+            failed_probes: 0,
         }
     }
 
@@ -139,7 +145,14 @@ impl Model {
         if phase == Phase::Closed {
             self.consecutive = 0;
             self.calls.clear();
+            self.failed_probes = 0;
         }
+    }
+
+    /// open_duration doubled per failed probe in a row, at most max_open_duration.
+    fn open_period(&self) -> Duration {
+        (self.config.open_duration * 2u32.pow(self.failed_probes.min(20)))
+            .min(self.config.max_open_duration)
     }
 
     fn open_until(&mut self, until: Instant) {
@@ -162,8 +175,9 @@ impl Model {
                     else {
                         return;
                     };
+                    self.failed_probes += 1;
                     self.set(Phase::Open {
-                        until: expired + self.config.open_duration,
+                        until: expired + self.open_period(),
                     });
                 }
                 _ => return,
@@ -189,8 +203,12 @@ impl Model {
                         probe: Some(id),
                     })
                 } else {
+                    // Look again after the oldest probe's age (at least 50 ms), never
+                    // later than its timeout.
                     let free = self.probes.iter().map(|p| p.1).min().unwrap();
-                    Err((BreakerState::HalfOpen, free - now))
+                    let age = now - (free - self.config.probe_timeout);
+                    let recheck = age.max(Duration::from_millis(50)).min(free - now);
+                    Err((BreakerState::HalfOpen, recheck))
                 }
             }
         }
@@ -241,7 +259,6 @@ impl Model {
                     FailureKind::RateLimited | FailureKind::Overloaded => self.hinted(hint),
                     _ => None,
                 };
-                let cooldown = self.config.open_duration.max(hinted.unwrap_or_default());
                 if current && self.phase == Phase::Closed {
                     self.consecutive += 1;
                     self.calls.push((now, true));
@@ -252,11 +269,13 @@ impl Model {
                         && calls >= self.config.minimum_calls
                         && failures as f64 >= 0.5 * calls as f64;
                     if by_count || by_ratio {
-                        self.open_until(now + cooldown);
+                        // The hint sets the cooldown; without one, the open period.
+                        self.open_until(now + hinted.unwrap_or(self.open_period()));
                         return;
                     }
                 } else if self.phase == Phase::HalfOpen && self.drop_probe(ticket) {
-                    self.open_until(now + cooldown);
+                    self.failed_probes += 1;
+                    self.open_until(now + hinted.unwrap_or(self.open_period()));
                     return;
                 }
                 if let Some(h) = hinted.filter(|h| *h >= self.config.hint_opens_at) {

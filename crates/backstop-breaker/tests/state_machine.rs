@@ -98,9 +98,24 @@ fn rate_limited(delay: Duration, source: HintSource) -> Outcome {
 
 use BreakerState::{Closed, HalfOpen, Open};
 
+/// The machine with a fixed 30 s open period, hints from 1 s opening the key, and no
+/// pacing: the timings below were
+/// written for those (the former defaults). The growing open period, the hint-set
+/// cooldown and pacing of the current defaults are tested in `open_period.rs` and
+/// `pacing.rs`.
+fn fixed_open() -> BreakerConfig {
+    BreakerConfig {
+        open_duration: secs(30),
+        max_open_duration: secs(30),
+        hint_opens_at: Duration::from_secs(1),
+        pacing: None,
+        ..BreakerConfig::default()
+    }
+}
+
 #[test]
 fn five_consecutive_failures_open_the_key_for_30_seconds() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     for i in 0..4 {
         key.call(server_error(), secs(i));
     }
@@ -135,7 +150,7 @@ fn five_consecutive_failures_open_the_key_for_30_seconds() {
 
 #[test]
 fn a_success_resets_the_consecutive_count() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     for i in 0..4 {
         key.call(server_error(), secs(i));
     }
@@ -151,7 +166,7 @@ fn a_success_resets_the_consecutive_count() {
 fn ratio_only() -> BreakerConfig {
     BreakerConfig {
         consecutive_failures: 0,
-        ..BreakerConfig::default()
+        ..fixed_open()
     }
 }
 
@@ -244,14 +259,30 @@ fn opened_at_4s(config: BreakerConfig) -> Key {
 
 #[test]
 fn half_open_admits_one_probe_and_refuses_others_until_its_timeout() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let probe = key.admit(secs(34)).expect("probe");
     assert!(probe.is_probe());
+    // The others are told to look again after as long as the probe has run (at
+    // least 50 ms), never later than its timeout at 94 s.
+    assert_eq!(
+        key.admit(secs(34)),
+        Err(Rejection {
+            state: HalfOpen,
+            retry_in: ms(50)
+        })
+    );
     assert_eq!(
         key.admit(secs(35)),
         Err(Rejection {
             state: HalfOpen,
-            retry_in: secs(59)
+            retry_in: secs(1)
+        })
+    );
+    assert_eq!(
+        key.admit(secs(74)),
+        Err(Rejection {
+            state: HalfOpen,
+            retry_in: secs(20)
         })
     );
     assert_eq!(key.state.probes_in_flight(), 1);
@@ -259,7 +290,7 @@ fn half_open_admits_one_probe_and_refuses_others_until_its_timeout() {
 
 #[test]
 fn a_successful_probe_closes_the_key_and_clears_the_counts() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let probe = key.admit(secs(40)).expect("probe");
     key.record(probe, Outcome::Success, secs(42));
     assert_eq!(key.state.state(), Closed);
@@ -286,7 +317,7 @@ fn a_successful_probe_closes_the_key_and_clears_the_counts() {
 
 #[test]
 fn a_failed_probe_reopens_for_the_open_duration() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let probe = key.admit(secs(34)).expect("probe");
     key.record(probe, server_error(), secs(36));
     assert_eq!(key.state.state(), Open);
@@ -299,7 +330,7 @@ fn a_failed_probe_reopens_for_the_open_duration() {
 
 #[test]
 fn a_hung_probe_is_released_at_its_timeout_as_a_failure() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let hung = key.admit(secs(34)).expect("probe");
     // The probe times out at 94 s: the key reopens then, until 124 s.
     assert_eq!(
@@ -322,7 +353,7 @@ fn a_hung_probe_is_released_at_its_timeout_as_a_failure() {
 
 #[test]
 fn a_probe_timeout_is_applied_at_its_exact_time_even_when_nobody_asks() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let _hung = key.admit(secs(34)).expect("probe");
     // Nobody calls until 200 s: the probe timed out at 94 s, the key reopened until
     // 124 s and has been half-open since.
@@ -339,7 +370,7 @@ fn a_probe_timeout_is_applied_at_its_exact_time_even_when_nobody_asks() {
 
 #[test]
 fn a_dropped_probe_frees_its_slot_without_counting() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let probe = key.admit(secs(34)).expect("probe");
     key.release(probe, secs(35));
     assert_eq!(key.state.state(), HalfOpen);
@@ -352,7 +383,7 @@ fn several_probes_must_succeed_when_configured() {
     let mut key = opened_at_4s(BreakerConfig {
         half_open_probes: 2,
         probe_successes_to_close: 2,
-        ..BreakerConfig::default()
+        ..fixed_open()
     });
     let a = key.admit(secs(34)).expect("probe a");
     let b = key.admit(secs(34)).expect("probe b");
@@ -365,7 +396,7 @@ fn several_probes_must_succeed_when_configured() {
 
 #[test]
 fn an_ignored_probe_outcome_frees_the_slot_and_decides_nothing() {
-    let mut key = opened_at_4s(BreakerConfig::default());
+    let mut key = opened_at_4s(fixed_open());
     let probe = key.admit(secs(34)).expect("probe");
     key.record(
         probe,
@@ -378,7 +409,7 @@ fn an_ignored_probe_outcome_frees_the_slot_and_decides_nothing() {
 
 #[test]
 fn a_hinted_429_opens_at_once_until_the_hinted_time() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(
         rate_limited(secs(20), HintSource::RetryAfterSeconds),
         secs(3),
@@ -401,7 +432,7 @@ fn a_hinted_429_opens_at_once_until_the_hinted_time() {
 
 #[test]
 fn a_hinted_503_opens_at_once_and_gemini_retry_delay_counts_as_a_hint() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(
         Outcome::Failure {
             kind: FailureKind::Overloaded,
@@ -414,7 +445,7 @@ fn a_hinted_503_opens_at_once_and_gemini_retry_delay_counts_as_a_hint() {
 
 #[test]
 fn a_hint_under_one_second_is_left_to_the_retry_layer_and_counts_as_a_failure() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(rate_limited(ms(999), HintSource::RetryAfterMs), secs(0));
     assert_eq!(key.state.state(), Closed);
     assert_eq!(key.state.consecutive_failures(), 1);
@@ -422,7 +453,7 @@ fn a_hint_under_one_second_is_left_to_the_retry_layer_and_counts_as_a_failure() 
 
 #[test]
 fn a_rate_limit_reset_time_is_not_a_retry_instruction_and_does_not_open() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(
         rate_limited(secs(360), HintSource::RateLimitResetTokens),
         secs(0),
@@ -433,7 +464,7 @@ fn a_rate_limit_reset_time_is_not_a_retry_instruction_and_does_not_open() {
 
 #[test]
 fn a_server_error_with_a_retry_after_only_counts() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(
         Outcome::Failure {
             kind: FailureKind::ServerError,
@@ -446,7 +477,7 @@ fn a_server_error_with_a_retry_after_only_counts() {
 
 #[test]
 fn an_absurd_retry_after_is_capped_at_ten_minutes() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(
         rate_limited(secs(198_300), HintSource::RetryAfterSeconds),
         secs(1),
@@ -458,7 +489,7 @@ fn an_absurd_retry_after_is_capped_at_ten_minutes() {
 fn the_tripping_failure_hint_wins_when_longer_than_the_open_duration() {
     let mut key = Key::new(BreakerConfig {
         hint_opens_at: secs(3600),
-        ..BreakerConfig::default()
+        ..fixed_open()
     });
     for i in 0..4 {
         key.call(server_error(), secs(i));
@@ -476,7 +507,7 @@ fn the_tripping_failure_hint_wins_when_longer_than_the_open_duration() {
 
 #[test]
 fn quota_exhausted_opens_for_ten_minutes() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     key.call(Outcome::QuotaExhausted { hint: None }, secs(2));
     assert_eq!(key.state.state(), Open);
     assert_eq!(key.open_until(), Some(secs(602)));
@@ -490,7 +521,7 @@ fn quota_exhausted_opens_for_ten_minutes() {
 fn azure_daily_quota_hint_is_capped_like_any_other() {
     let mut key = Key::new(BreakerConfig {
         quota_cooldown: secs(60),
-        ..BreakerConfig::default()
+        ..fixed_open()
     });
     key.call(
         Outcome::QuotaExhausted {
@@ -503,7 +534,7 @@ fn azure_daily_quota_hint_is_capped_like_any_other() {
 
 #[test]
 fn reopening_keeps_the_later_deadline() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     // Several calls in flight while closed.
     let tickets: Vec<Ticket> = (0..3)
         .map(|_| key.admit(secs(0)).expect("closed"))
@@ -533,7 +564,7 @@ fn reopening_keeps_the_later_deadline() {
 
 #[test]
 fn a_late_result_from_before_the_key_opened_does_not_count() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     let early = key.admit(secs(0)).expect("closed");
     for i in 0..5 {
         key.call(server_error(), secs(i));
@@ -547,7 +578,7 @@ fn a_late_result_from_before_the_key_opened_does_not_count() {
 
 #[test]
 fn a_late_hinted_429_from_before_the_key_opened_reopens_it() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     // Admitted while closed; its answer arrives only once the key is half-open.
     let slow = key.admit(secs(0)).expect("closed");
     for i in 0..5 {
@@ -565,7 +596,7 @@ fn a_late_hinted_429_from_before_the_key_opened_reopens_it() {
 
 #[test]
 fn client_errors_and_local_refusals_never_count() {
-    let mut key = Key::new(BreakerConfig::default());
+    let mut key = Key::new(fixed_open());
     for (i, kind) in [
         FailureKind::InvalidRequest,
         FailureKind::ContentFiltered,

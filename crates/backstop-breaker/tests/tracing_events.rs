@@ -133,7 +133,7 @@ fn each_transition_is_one_event_with_route_states_and_reason() {
                     "to=open",
                     "reason=probe_failed",
                     "detail=ProbeFailed",
-                    "open_for_ms=30000",
+                    "open_for_ms=10000", // the default 5 s, doubled by the failed probe
                     "circuit breaker opened",
                 ])
             ),

@@ -64,6 +64,19 @@ impl Service<Request<ReplayBody>> for Upstreams {
     }
 }
 
+/// A fixed 30 s open period, hints from 1 s opening the key, and no pacing: the
+/// timings of the tests that use it were written for those (the former defaults);
+/// `open_period.rs` and `pacing.rs` cover the current ones.
+fn fixed_open() -> BreakerConfig {
+    BreakerConfig {
+        open_duration: Duration::from_secs(30),
+        max_open_duration: Duration::from_secs(30),
+        hint_opens_at: Duration::from_secs(1),
+        pacing: None,
+        ..BreakerConfig::default()
+    }
+}
+
 fn config() -> FallbackConfig {
     FallbackConfig::builder()
         .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
@@ -134,8 +147,9 @@ async fn with_the_primary_down_60s_it_gets_only_probes_and_gets_traffic_back_wit
         }
     }
 
-    // The primary: five failures open it at 0.4 s; then only the probes at 30.4 s
-    // (still down: reopened until 60.4 s) and 60.4 s (recovered: closed).
+    // The primary: five failures open it at 0.4 s for the base 5 s; each failed probe
+    // doubles the open period (5.4 s → 10 s, 15.4 s → 20 s, 35.4 s → 40 s), and the
+    // probe at 75.4 s finds it recovered and closes it.
     let primary_attempts: Vec<Duration> = upstreams
         .primary()
         .attempts()
@@ -143,22 +157,25 @@ async fn with_the_primary_down_60s_it_gets_only_probes_and_gets_traffic_back_wit
         .map(|a| a.since_start)
         .collect();
     assert_eq!(
-        primary_attempts[..7],
+        primary_attempts[..9],
         [
             ms(0),
             ms(100),
             ms(200),
             ms(300),
             ms(400),
-            ms(30_400),
-            ms(60_400)
+            ms(5_400),
+            ms(15_400),
+            ms(35_400),
+            ms(75_400)
         ]
     );
-    assert_eq!(primary_attempts.len(), 6 + 596);
-    // Recovered at 60 s, back on the primary at 60.4 s: within one open period.
-    assert_eq!(served_by_primary_from, Some(ms(60_400)));
-    // The fallback served everything before that: 604 requests, one call each.
-    assert_eq!(upstreams.secondary().attempts_for("claude-sonnet-4-5"), 604);
+    assert_eq!(primary_attempts.len(), 8 + 446);
+    // Recovered at 60 s, back on the primary at 75.4 s: within the open period then
+    // in force (40 s).
+    assert_eq!(served_by_primary_from, Some(ms(75_400)));
+    // The fallback served everything before that: 754 requests, one call each.
+    assert_eq!(upstreams.secondary().attempts_for("claude-sonnet-4-5"), 754);
     assert_eq!(breaker.state(&primary), BreakerState::Closed);
 }
 
@@ -206,7 +223,7 @@ async fn with_retries_inside_the_breaker_counts_logical_calls_not_attempts() {
         ),
         ModelPlan::ok(),
     );
-    let breaker_layer = BreakerLayer::new(BreakerConfig::default()).unwrap();
+    let breaker_layer = BreakerLayer::new(fixed_open()).unwrap();
     let breaker = breaker_layer.breaker().clone();
     // fallback → breaker → retry (3 attempts, 0.5 s then 1 s, no jitter) → classify.
     let mut stack = ServiceBuilder::new()

@@ -1,0 +1,271 @@
+//! Pacing: how many calls per second a key admits after the upstream said "slow down"
+//! (a 429 or a 503), and when each refused call may come back. Pure: the time is
+//! passed in.
+//!
+//! The rate is learned the way TCP learns a congestion window, per key:
+//!
+//! - **Engage** on the first slow-down signal: the rate becomes `backoff` times the
+//!   successes the key recorded over the last second (what the upstream actually
+//!   served just before it pushed back).
+//! - **Decrease** by `backoff` on a later signal, at most once per pace generation: a
+//!   signal from a call admitted before the last decrease says nothing about the new
+//!   rate (it was sent at the old one).
+//! - **Grow** by `growth` calls per second for every success while the pace is
+//!   binding (it refused a call within the last second), so the rate rises by
+//!   `growth` of itself per second of saturated use and finds a raised quota again;
+//!   a pace that refuses nobody does not grow, so a quiet hour cannot build up a rate
+//!   the upstream never proved it takes.
+//! - **Lift** after a whole `window` with no signal and no call waiting for a slot.
+//!
+//! Admission hands out evenly spaced slots. A call arriving when the next slot is
+//! due takes it; otherwise it is refused and **books** the next unbooked slot, and
+//! the refusal says exactly when that slot is due. Callers that come back when told
+//! find their slots one by one, so a crowd that waited for the same reopening reaches
+//! the upstream at the paced rate instead of all at once. A slot nobody takes within
+//! one interval is dropped, so idle time never builds up a burst.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How a key learns and applies its pace. See [`BreakerConfig::pacing`](crate::BreakerConfig::pacing).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pacing {
+    /// What a slow-down signal multiplies the rate by, in (0, 1). Default 0.95.
+    pub backoff: f64,
+    /// How much of itself the rate may grow per second while the pace is binding, in
+    /// (0, 1]. Default 0.02 (2 % a second: from 95 % of a quota back to it in about 2.6 s).
+    pub growth: f64,
+    /// The slowest pace, in calls per second (> 0). Default 0.5.
+    pub min_rate: f64,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing {
+            backoff: 0.95,
+            growth: 0.02,
+            min_rate: 0.5,
+        }
+    }
+}
+
+/// The pace of one key.
+#[derive(Clone, Debug)]
+pub(crate) struct Pace {
+    /// Calls per second.
+    rate: f64,
+    /// The next slot an arriving call may take.
+    cursor: Instant,
+    /// The next slot a refused call books (`tail >= cursor`; the slots in between are
+    /// booked by callers told to come back then).
+    tail: Instant,
+    /// Bumped at every decrease; a ticket carries the generation it was admitted in.
+    generation: u32,
+    /// The last slow-down signal.
+    last_signal: Instant,
+    /// The last refusal (the pace grows only while binding).
+    last_refusal: Option<Instant>,
+}
+
+/// Why a paced call must wait: the slot it booked (or would book) is due in `retry_in`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Wait {
+    pub(crate) retry_in: Duration,
+}
+
+impl Pace {
+    /// A pace of `rate` calls per second from `now`.
+    pub(crate) fn new(rate: f64, now: Instant, generation: u32, pacing: &Pacing) -> Self {
+        Pace {
+            rate: sane_rate(rate, pacing),
+            cursor: now,
+            tail: now,
+            generation,
+            last_signal: now,
+            last_refusal: None,
+        }
+    }
+
+    pub(crate) fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.rate)
+    }
+
+    /// Takes a slot at `now`, or books the next one. A call that could not come back
+    /// before `deadline` books nothing (its slot would only delay the callers after it).
+    pub(crate) fn admit(&mut self, now: Instant, deadline: Option<Instant>) -> Result<(), Wait> {
+        let interval = self.interval();
+        // A slot left untaken for more than one interval is gone: idle time is not
+        // saved up for a burst.
+        if let Some(earliest) = now.checked_sub(interval)
+            && self.cursor < earliest
+        {
+            self.cursor = earliest;
+        }
+        if self.tail < self.cursor {
+            self.tail = self.cursor;
+        }
+        if self.cursor <= now {
+            self.cursor += interval;
+            if self.tail < self.cursor {
+                self.tail = self.cursor;
+            }
+            return Ok(());
+        }
+        self.last_refusal = Some(now);
+        let slot = self.tail;
+        if deadline.is_none_or(|d| slot < d) {
+            self.tail += interval;
+        }
+        Err(Wait {
+            retry_in: slot.saturating_duration_since(now),
+        })
+    }
+
+    /// A slow-down signal from a call admitted in `generation`. Returns `true` when it
+    /// decreased the rate.
+    pub(crate) fn slow_down(&mut self, generation: u32, now: Instant, pacing: &Pacing) -> bool {
+        self.last_signal = now;
+        if generation != self.generation {
+            return false;
+        }
+        self.rate = sane_rate(self.rate * pacing.backoff, pacing);
+        self.generation = self.generation.wrapping_add(1);
+        // Slots already booked keep their times; new ones follow at the new rate.
+        true
+    }
+
+    /// A success at `now`.
+    pub(crate) fn served(&mut self, now: Instant, pacing: &Pacing) {
+        let binding = self
+            .last_refusal
+            .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1));
+        if binding {
+            self.rate = sane_rate(self.rate + pacing.growth, pacing);
+        }
+    }
+
+    /// Whether the pace may be lifted at `now`: no signal for `quiet`, nobody waiting.
+    pub(crate) fn may_lift(&self, now: Instant, quiet: Duration) -> bool {
+        now.saturating_duration_since(self.last_signal) >= quiet && self.tail <= now
+    }
+}
+
+fn sane_rate(rate: f64, pacing: &Pacing) -> f64 {
+    // At most a million calls a second: a slot interval stays a representable,
+    // non-zero duration whatever was measured.
+    if rate.is_finite() {
+        rate.clamp(pacing.min_rate, 1e6)
+    } else {
+        pacing.min_rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(m: u64) -> Duration {
+        Duration::from_millis(m)
+    }
+
+    #[test]
+    fn slots_are_evenly_spaced_and_refusals_book_them_in_order() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(10.0, t0, 1, &Pacing::default());
+        assert_eq!(pace.admit(t0, None), Ok(()));
+        // Three more callers at the same instant book 100, 200 and 300 ms.
+        for expected in [100, 200, 300] {
+            assert_eq!(
+                pace.admit(t0, None),
+                Err(Wait {
+                    retry_in: ms(expected)
+                })
+            );
+        }
+        // Each comes back when told and finds its slot.
+        for at in [100, 200, 300] {
+            assert_eq!(pace.admit(t0 + ms(at), None), Ok(()));
+        }
+        // The next fresh caller gets the slot after them.
+        assert_eq!(
+            pace.admit(t0 + ms(300), None),
+            Err(Wait { retry_in: ms(100) })
+        );
+    }
+
+    #[test]
+    fn idle_time_is_not_saved_up_for_a_burst() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(10.0, t0, 1, &Pacing::default());
+        let later = t0 + Duration::from_secs(60);
+        // After a quiet minute: one slot due now and one left from the last
+        // interval, then the pace again.
+        assert_eq!(pace.admit(later, None), Ok(()));
+        assert_eq!(pace.admit(later, None), Ok(()));
+        assert_eq!(pace.admit(later, None), Err(Wait { retry_in: ms(100) }));
+    }
+
+    #[test]
+    fn a_caller_that_cannot_wait_until_its_slot_books_nothing() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(10.0, t0, 1, &Pacing::default());
+        assert_eq!(pace.admit(t0, None), Ok(()));
+        assert_eq!(
+            pace.admit(t0, Some(t0 + ms(50))),
+            Err(Wait { retry_in: ms(100) })
+        );
+        // The slot at 100 ms is still free for the next caller.
+        assert_eq!(pace.admit(t0, None), Err(Wait { retry_in: ms(100) }));
+    }
+
+    #[test]
+    fn one_decrease_per_generation() {
+        let t0 = Instant::now();
+        let pacing = Pacing {
+            backoff: 0.9,
+            ..Pacing::default()
+        };
+        let mut pace = Pace::new(40.0, t0, 1, &pacing);
+        assert!(pace.slow_down(1, t0, &pacing));
+        assert!((pace.rate() - 36.0).abs() < 1e-9);
+        // Another signal from a call sent at the old rate changes nothing.
+        assert!(!pace.slow_down(1, t0, &pacing));
+        assert!((pace.rate() - 36.0).abs() < 1e-9);
+        assert!(pace.slow_down(2, t0, &pacing));
+        assert!((pace.rate() - 32.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn growth_happens_only_while_the_pace_refuses_calls() {
+        let t0 = Instant::now();
+        let pacing = Pacing::default();
+        let mut pace = Pace::new(10.0, t0, 1, &pacing);
+        pace.served(t0, &pacing);
+        assert!((pace.rate() - 10.0).abs() < 1e-9);
+        assert_eq!(pace.admit(t0, None), Ok(()));
+        assert!(pace.admit(t0, None).is_err());
+        pace.served(t0 + ms(500), &pacing);
+        assert!((pace.rate() - 10.02).abs() < 1e-9);
+        // More than a second after the last refusal: not binding any more.
+        pace.served(t0 + ms(1500), &pacing);
+        assert!((pace.rate() - 10.02).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_rate_stays_within_bounds_whatever_is_measured() {
+        let t0 = Instant::now();
+        let pacing = Pacing::default();
+        assert_eq!(Pace::new(0.0, t0, 1, &pacing).rate(), 0.5);
+        assert_eq!(Pace::new(f64::NAN, t0, 1, &pacing).rate(), 0.5);
+        assert_eq!(Pace::new(1e12, t0, 1, &pacing).rate(), 1e6);
+    }
+}

@@ -1,0 +1,257 @@
+//! Pacing: after a 429 or 503 the key admits calls at a learned rate, each refused call
+//! booking the next slot; a key that recovers from an open period admits the calls
+//! that waited for it at the rate it served before, not all at once.
+
+use std::time::Duration;
+
+use backstop_breaker::{BreakerConfig, BreakerState, KeyState, Outcome, Pacing, Rejection, Ticket};
+use backstop_classify::FailureKind;
+use tokio::time::Instant;
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+/// A backoff of one half, so the learned rates and slot intervals are exact.
+fn halving() -> BreakerConfig {
+    BreakerConfig {
+        pacing: Some(Pacing {
+            backoff: 0.5,
+            ..Pacing::default()
+        }),
+        ..BreakerConfig::default()
+    }
+}
+
+struct Key {
+    state: KeyState,
+    config: BreakerConfig,
+    t0: Instant,
+}
+
+impl Key {
+    fn new(config: BreakerConfig) -> Self {
+        let t0 = Instant::now();
+        Key {
+            state: KeyState::new(t0, &config),
+            config,
+            t0,
+        }
+    }
+
+    fn admit(&mut self, at: Duration) -> Result<Ticket, Rejection> {
+        self.state.admit(self.t0 + at, &self.config, &mut |_| {})
+    }
+
+    fn record(&mut self, ticket: Ticket, outcome: Outcome, at: Duration) {
+        self.state
+            .record(ticket, outcome, self.t0 + at, &self.config, &mut |_| {});
+    }
+
+    fn call(&mut self, outcome: Outcome, at: Duration) {
+        let ticket = self.admit(at).expect("admitted");
+        self.record(ticket, outcome, at);
+    }
+
+    /// Twenty successes between 1 s and 1.95 s, then a 429 at 1.99 s.
+    fn rate_limited_after_twenty_a_second(config: BreakerConfig) -> Self {
+        let mut key = Key::new(config);
+        for i in 0..20 {
+            key.call(Outcome::Success, ms(1000 + 50 * i));
+        }
+        key.call(rate_limited(), ms(1990));
+        key
+    }
+}
+
+fn rate_limited() -> Outcome {
+    Outcome::Failure {
+        kind: FailureKind::RateLimited,
+        hint: None,
+    }
+}
+
+fn paced(retry_in: Duration) -> Result<(), Rejection> {
+    Err(Rejection {
+        state: BreakerState::Closed,
+        retry_in,
+    })
+}
+
+#[test]
+fn a_429_paces_the_key_at_the_backoff_times_the_successes_of_the_last_second() {
+    let mut key = Key::rate_limited_after_twenty_a_second(halving());
+    assert_eq!(key.state.state(), BreakerState::Closed);
+    assert_eq!(key.state.pace(), Some(10.0));
+    // 10 calls a second: one slot every 100 ms from the signal at 1.99 s. Three
+    // callers at 2 s: the first takes the slot due, the others book 2.09 and 2.19 s.
+    assert!(key.admit(ms(2000)).is_ok());
+    assert_eq!(key.admit(ms(2000)).map(|_| ()), paced(ms(90)));
+    assert_eq!(key.admit(ms(2000)).map(|_| ()), paced(ms(190)));
+    // Each comes back when told and finds its slot; a newcomer queues behind them.
+    assert!(key.admit(ms(2090)).is_ok());
+    assert!(key.admit(ms(2190)).is_ok());
+    assert_eq!(key.admit(ms(2190)).map(|_| ()), paced(ms(100)));
+}
+
+#[test]
+fn a_429_when_nothing_was_served_in_the_last_second_does_not_pace() {
+    let mut key = Key::new(halving());
+    for i in 0..10 {
+        key.call(Outcome::Success, ms(50 * i));
+    }
+    // Nothing served between 1 s and 2 s: the upstream is down, not saturated.
+    key.call(rate_limited(), ms(2000));
+    assert_eq!(key.state.pace(), None);
+    assert!(key.admit(ms(2000)).is_ok());
+    assert!(key.admit(ms(2000)).is_ok());
+}
+
+#[test]
+fn a_signal_from_a_call_admitted_before_the_last_decrease_is_not_counted_again() {
+    let mut key = Key::rate_limited_after_twenty_a_second(halving());
+    let a = key.admit(ms(2000)).expect("slot due");
+    let b = key.admit(ms(2100)).expect("slot due");
+    key.record(a, rate_limited(), ms(2100));
+    assert_eq!(key.state.pace(), Some(5.0));
+    // b was sent at the old rate: its 429 says nothing about 5 calls a second.
+    key.record(b, rate_limited(), ms(2100));
+    assert_eq!(key.state.pace(), Some(5.0));
+    // A call admitted at the new rate that is refused too halves it again.
+    let c = key.admit(ms(2400)).expect("slot due");
+    key.record(c, rate_limited(), ms(2400));
+    assert_eq!(key.state.pace(), Some(2.5));
+}
+
+#[test]
+fn an_overloaded_503_paces_like_a_429_and_a_server_error_does_not() {
+    let mut key = Key::new(halving());
+    for i in 0..20 {
+        key.call(Outcome::Success, ms(1000 + 50 * i));
+    }
+    key.call(
+        Outcome::Failure {
+            kind: FailureKind::ServerError,
+            hint: None,
+        },
+        ms(1990),
+    );
+    assert_eq!(key.state.pace(), None);
+    key.call(
+        Outcome::Failure {
+            kind: FailureKind::Overloaded,
+            hint: None,
+        },
+        ms(1995),
+    );
+    assert_eq!(key.state.pace(), Some(10.0));
+}
+
+#[test]
+fn the_pace_grows_only_while_it_refuses_calls() {
+    let mut key = Key::rate_limited_after_twenty_a_second(BreakerConfig {
+        pacing: Some(Pacing {
+            backoff: 0.5,
+            growth: 0.5,
+            ..Pacing::default()
+        }),
+        ..BreakerConfig::default()
+    });
+    assert_eq!(key.state.pace(), Some(10.0));
+    // Not binding yet: a success leaves the rate alone.
+    let a = key.admit(ms(2000)).expect("slot due");
+    key.record(a, Outcome::Success, ms(2000));
+    assert_eq!(key.state.pace(), Some(10.0));
+    // Binding (a caller was refused within the last second): +0.5 a success.
+    assert!(key.admit(ms(2000)).is_err());
+    let b = key.admit(ms(2090)).expect("booked slot");
+    key.record(b, Outcome::Success, ms(2500));
+    assert_eq!(key.state.pace(), Some(10.5));
+    // More than a second after the last refusal: no longer binding.
+    let c = key.admit(ms(3100)).expect("slot due");
+    key.record(c, Outcome::Success, ms(3100));
+    assert_eq!(key.state.pace(), Some(10.5));
+}
+
+#[test]
+fn the_pace_lifts_after_a_quiet_window_with_nobody_waiting() {
+    let mut key = Key::rate_limited_after_twenty_a_second(halving());
+    // The signal was at 1.99 s and the window is 30 s.
+    assert!(key.admit(ms(31_989)).is_ok());
+    assert_eq!(key.state.pace(), Some(10.0));
+    assert!(key.admit(ms(31_990)).is_ok());
+    assert_eq!(key.state.pace(), None);
+    assert!(key.admit(ms(31_990)).is_ok());
+}
+
+#[test]
+fn a_key_closing_after_an_open_period_admits_at_the_rate_it_served_before() {
+    let mut key = Key::new(BreakerConfig::default());
+    // 10 calls a second for 10 s, then five failures at 10 s open it for 5 s.
+    for i in 0..100 {
+        key.call(Outcome::Success, ms(100 * i));
+    }
+    for _ in 0..5 {
+        key.call(
+            Outcome::Failure {
+                kind: FailureKind::ServerError,
+                hint: None,
+            },
+            ms(10_000),
+        );
+    }
+    assert_eq!(key.state.state(), BreakerState::Open);
+    assert_eq!(key.state.pace(), None);
+    let probe = key.admit(ms(15_000)).expect("probe");
+    key.record(probe, Outcome::Success, ms(15_000));
+    assert_eq!(key.state.state(), BreakerState::Closed);
+    assert_eq!(key.state.pace(), Some(10.0));
+    // Three callers who waited for the reopening: one now, then one every 100 ms.
+    assert!(key.admit(ms(15_000)).is_ok());
+    assert_eq!(key.admit(ms(15_000)).map(|_| ()), paced(ms(100)));
+    assert_eq!(key.admit(ms(15_000)).map(|_| ()), paced(ms(200)));
+}
+
+#[test]
+fn a_key_that_never_served_is_not_paced_when_it_closes() {
+    let mut key = Key::new(BreakerConfig::default());
+    for _ in 0..5 {
+        key.call(
+            Outcome::Failure {
+                kind: FailureKind::ServerError,
+                hint: None,
+            },
+            ms(0),
+        );
+    }
+    let probe = key.admit(ms(5000)).expect("probe");
+    key.record(probe, Outcome::Success, ms(5000));
+    assert_eq!(key.state.state(), BreakerState::Closed);
+    assert_eq!(key.state.pace(), None);
+}
+
+#[test]
+fn without_pacing_a_closed_key_admits_everything() {
+    let mut key = Key::rate_limited_after_twenty_a_second(BreakerConfig {
+        pacing: None,
+        ..BreakerConfig::default()
+    });
+    assert_eq!(key.state.pace(), None);
+    for _ in 0..100 {
+        assert!(key.admit(ms(2000)).is_ok());
+    }
+}
+
+#[test]
+fn a_caller_whose_deadline_comes_before_the_slot_books_nothing() {
+    let mut key = Key::rate_limited_after_twenty_a_second(halving());
+    let now = key.t0 + ms(2000);
+    assert!(key.admit(ms(2000)).is_ok());
+    let refused = key
+        .state
+        .admit_before(now, Some(now + ms(50)), &key.config, &mut |_| {})
+        .map(|_| ());
+    assert_eq!(refused, paced(ms(90)));
+    // The slot at 2.09 s is still the next one.
+    assert_eq!(key.admit(ms(2000)).map(|_| ()), paced(ms(90)));
+}
