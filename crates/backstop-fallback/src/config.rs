@@ -15,6 +15,12 @@ use crate::secret::{REDACTED, Secret};
 /// refuses bodies over 32 MB, so no provider accepts more).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// How many times one request may wait for a cooldown to end by default: enough to
+/// wait for an open key, look in on its probe at doubling intervals from 50 ms (about
+/// ten looks for a probe that takes a minute) and take a paced slot, with room to
+/// spare; bounded because each wait adds the refused hops to the request's record.
+pub const DEFAULT_COOLDOWN_WAITS: u32 = 16;
+
 /// The path prefix a caller's request is assumed to carry by default (OpenAI's
 /// `/v1/chat/completions` shape); see [`FallbackConfig`] for how paths map.
 pub const DEFAULT_CALLER_PATH_PREFIX: &str = "/v1";
@@ -275,6 +281,7 @@ pub struct FallbackConfig {
     total_deadline: Option<Duration>,
     max_body_bytes: usize,
     caller_path_prefix: String,
+    cooldown_waits: u32,
     pub(crate) compiled: Arc<Compiled>,
 }
 
@@ -287,6 +294,7 @@ impl fmt::Debug for FallbackConfig {
             .field("total_deadline", &self.total_deadline)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("caller_path_prefix", &self.caller_path_prefix)
+            .field("cooldown_waits", &self.cooldown_waits)
             .finish()
     }
 }
@@ -319,6 +327,12 @@ impl FallbackConfig {
     /// The largest body the layer will rewrite.
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    /// How many times one request may wait for a cooldown to end (see the crate
+    /// docs, *When every model is cooling down*); 0 never waits.
+    pub fn cooldown_waits(&self) -> u32 {
+        self.cooldown_waits
     }
 
     /// The ordered list of models a request for `requested` may be tried on through
@@ -393,6 +407,15 @@ impl FallbackConfigBuilder {
         self
     }
 
+    /// Sets how many times one request may wait for a cooldown to end when every
+    /// model of its chain is cooling down (default
+    /// [`DEFAULT_COOLDOWN_WAITS`]); 0 fails at once instead, as a gateway without
+    /// waiting would.
+    pub fn cooldown_waits(mut self, waits: u32) -> Self {
+        self.raw.cooldown_waits = Some(waits);
+        self
+    }
+
     /// Validates and builds the configuration.
     pub fn build(self) -> Result<FallbackConfig, ConfigError> {
         FallbackConfig::validate(self.raw, self.total_deadline)
@@ -414,6 +437,8 @@ struct RawConfig {
     max_body_bytes: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     caller_path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cooldown_waits: Option<u32>,
 }
 
 impl TryFrom<RawConfig> for FallbackConfig {
@@ -441,6 +466,7 @@ impl From<FallbackConfig> for RawConfig {
                 .map(|d| humantime::format_duration(d).to_string()),
             max_body_bytes: Some(c.max_body_bytes),
             caller_path_prefix: Some(c.caller_path_prefix),
+            cooldown_waits: Some(c.cooldown_waits),
         }
     }
 }
@@ -448,6 +474,7 @@ impl From<FallbackConfig> for RawConfig {
 impl FallbackConfig {
     fn validate(raw: RawConfig, total_deadline: Option<Duration>) -> Result<Self, ConfigError> {
         let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        let cooldown_waits = raw.cooldown_waits.unwrap_or(DEFAULT_COOLDOWN_WAITS);
         if max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);
         }
@@ -525,6 +552,7 @@ impl FallbackConfig {
             total_deadline,
             max_body_bytes,
             caller_path_prefix: caller_path_prefix.clone(),
+            cooldown_waits,
         };
         Ok(FallbackConfig {
             targets: raw.targets,
@@ -532,6 +560,7 @@ impl FallbackConfig {
             total_deadline,
             max_body_bytes,
             caller_path_prefix,
+            cooldown_waits,
             compiled: Arc::new(compiled),
         })
     }
@@ -557,6 +586,7 @@ pub(crate) struct Compiled {
     pub(crate) total_deadline: Option<Duration>,
     pub(crate) max_body_bytes: usize,
     pub(crate) caller_path_prefix: String,
+    pub(crate) cooldown_waits: u32,
 }
 
 impl Compiled {

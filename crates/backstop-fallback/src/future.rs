@@ -35,6 +35,8 @@ pin_project! {
         // Waiting for the inner service to be ready for the next hop's request.
         Readying { request: Option<Request<ReplayBody>> },
         Calling { #[pin] future: F },
+        // Every model is cooling down: waiting for the earliest reopening.
+        Waiting { #[pin] sleep: Sleep, request: Option<Request<ReplayBody>> },
         // Refused before anything was sent.
         Refused { error: Option<ClassifiedError> },
         Done,
@@ -117,6 +119,16 @@ where
                         }
                     }
                 }
+                StateProj::Waiting { sleep, request } => {
+                    if let Poll::Ready(()) = poll_deadline(this.deadline, cx) {
+                        deadline_step(this.journey)
+                    } else {
+                        ready!(sleep.poll(cx));
+                        let request = request.take();
+                        this.state.set(State::Readying { request });
+                        continue;
+                    }
+                }
                 StateProj::Calling { future } => match future.poll(cx) {
                     Poll::Ready(result) => outcome_step(this.journey, result.map_err(Into::into)),
                     Poll::Pending => {
@@ -131,6 +143,10 @@ where
                     return Poll::Ready(result);
                 }
                 Step::Next(request) => this.state.set(State::Readying {
+                    request: Some(request),
+                }),
+                Step::Wait(until, request) => this.state.set(State::Waiting {
+                    sleep: tokio::time::sleep_until(until),
                     request: Some(request),
                 }),
             }

@@ -21,6 +21,9 @@ pub(crate) enum Step<RB> {
     Return(Result<Response<RB>, ClassifiedError>),
     /// Send this request to the (next) model.
     Next(Request<ReplayBody>),
+    /// Every model is cooling down: wait until this instant (before the deadline),
+    /// then send this request to the requested model again.
+    Wait(Instant, Request<ReplayBody>),
 }
 
 pub(crate) struct Journey<RB> {
@@ -39,6 +42,11 @@ pub(crate) struct Journey<RB> {
     /// a breaker or the throttle, timed out, reset), this is the most informative
     /// failure the caller can get: the provider's own answer, byte-for-byte.
     kept: Option<(Response<RB>, usize)>,
+    /// Where the current round of the chain starts in `hops` (a wait for a cooldown
+    /// starts a new round).
+    round_start: usize,
+    /// Waits for a cooldown so far.
+    waits: u32,
     span: tracing::Span,
 }
 
@@ -71,6 +79,8 @@ impl<RB> Journey<RB> {
             hops: Vec::new(),
             reopen: Vec::new(),
             kept: None,
+            round_start: 0,
+            waits: 0,
             span,
         };
         Ok((journey, request))
@@ -142,7 +152,60 @@ impl<RB> Journey<RB> {
                 Err(stop) => stop,
             },
         };
+        if stop == ChainStop::ChainExhausted
+            && let Some((until, request)) = self.wait_for_cooldown()
+        {
+            return Step::Wait(until, request);
+        }
         self.finish_without_response(error, attempts, stop)
+    }
+
+    /// When every model of this round was refused by a cooldown (a breaker open,
+    /// half-open with its probes out, or paced) and the earliest of them ends before
+    /// the deadline: starts a new round at the requested model, to be sent at that
+    /// moment. Nothing reached a provider in this round, so the wait adds no attempt
+    /// the retry layer or the budget refused; without a deadline there is no bound
+    /// on the wait (a quota cooldown lasts minutes), so the layer never waits.
+    fn wait_for_cooldown(&mut self) -> Option<(Instant, Request<ReplayBody>)> {
+        let deadline = self.deadline?;
+        if self.waits >= self.config.cooldown_waits {
+            return None;
+        }
+        let round = &self.hops[self.round_start..];
+        let cooling = |h: &Hop| {
+            h.failure
+                .as_ref()
+                .is_some_and(|f| f.kind == FailureKind::BreakerOpen && f.hint.is_some())
+        };
+        if round.is_empty() || !round.iter().all(cooling) {
+            return None;
+        }
+        let until = self.reopen[self.round_start..]
+            .iter()
+            .flatten()
+            .map(|(at, _)| *at)
+            .min()?;
+        if until >= deadline {
+            return None;
+        }
+        let requested = self.original.model.clone();
+        let dl = Some(Deadline(deadline));
+        let (request, route) = match self.config.targets.get(&requested) {
+            Some(target) => self.original.for_target(&self.config, target, dl).ok()?,
+            None => self.original.pass_through(dl),
+        };
+        self.waits += 1;
+        self.round_start = self.hops.len();
+        self.walk = ChainWalk::new(requested.clone());
+        tracing::info!(
+            parent: &self.span,
+            model = %requested,
+            wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+            waits = self.waits,
+            "every model is cooling down; waiting for the earliest reopening",
+        );
+        self.current = (requested, route, ChainKind::Requested);
+        Some((until, request))
     }
 
     /// The total deadline fired while a hop was in flight.
@@ -268,19 +331,22 @@ impl<RB> Journey<RB> {
     }
 
     fn served_by(&mut self, served: bool, stop: Option<ChainStop>) -> ServedBy {
-        // Only when every model tried is waiting out a hint does "try again at" mean
-        // something: then it is the earliest of them.
-        let retry_at = if served || self.reopen.iter().any(Option::is_none) {
+        // Only when every model tried (in the last round) is waiting out a hint does
+        // "try again at" mean something: then it is the earliest of them.
+        let round = self.reopen.get(self.round_start..).unwrap_or_default();
+        let retry_at = if served || round.iter().any(Option::is_none) {
             None
         } else {
-            self.reopen.iter().flatten().map(|(at, _)| *at).min()
+            round.iter().flatten().map(|(at, _)| *at).min()
         };
+        let fallback_fired = self.hops.iter().any(|h| h.model != self.original.model);
         ServedBy {
             requested_model: self.original.model.clone(),
             model: self.current.0.clone(),
             route: self.current.1.clone(),
             served,
-            fallback_fired: self.hops.len() > 1,
+            fallback_fired,
+            cooldown_waits: self.waits,
             // The journey ends when the record is made: move the hops out.
             hops: std::mem::take(&mut self.hops),
             stop,

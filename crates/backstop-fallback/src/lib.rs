@@ -57,7 +57,10 @@
 //!   fails at once is still a failure here).
 //! - Try a model twice for one request, or follow a fallback model's own chain: no
 //!   loops, whatever the configuration.
-//! - Retry a model itself: that is the retry layer's job, below.
+//! - Retry a model itself: that is the retry layer's job, below. The one time it
+//!   calls a model again is after waiting for a cooldown, when no model of the
+//!   chain could be called at all (see below): nothing reached a provider, so the
+//!   wait adds no attempt the retry layer or the budget refused.
 //! - Send a provider any key but its own: before a hop to a configured target every
 //!   credential header goes (`authorization`, `api-key`, `x-api-key`,
 //!   `x-goog-api-key` and every header any target names as its credential), along
@@ -87,6 +90,37 @@
 //! all does the caller get the last model's error. A failed response is held while
 //! the next hop runs (its body was already read up to the classify layer's cap), and
 //! a newer provider answer replaces it.
+//!
+//! ## When every model is cooling down
+//!
+//! When every model of the chain was refused by a cooldown in the inner stack, with
+//! nothing sent (a [`FailureKind::BreakerOpen`](backstop_classify::FailureKind)
+//! refusal with a delay hint: a breaker open, half-open with its probes out, or
+//! paced), failing at once is wrong when there is no other model: a single-model
+//! setup would turn every cooldown into local failures. So the layer **waits until
+//! the earliest of those moments, then walks the chain again** from the requested
+//! model, when:
+//!
+//! - the request has a deadline (the configured total deadline or a caller's
+//!   [`Deadline`](backstop_classify::Deadline)): without one a wait has no bound (a
+//!   quota cooldown lasts ten minutes), so the layer fails at once as before;
+//! - the earliest reopening comes before the deadline; otherwise it fails at once,
+//!   with the last provider response byte-for-byte when one was held, else the
+//!   refusal with the time to come back (what a proxy sends as `Retry-After`);
+//! - it has waited fewer than [`FallbackConfig::cooldown_waits`] times for this
+//!   request (default [`DEFAULT_COOLDOWN_WAITS`](config::DEFAULT_COOLDOWN_WAITS), 16;
+//!   0 never waits).
+//!
+//! A round in which any model got a provider's answer never waits: the retry layer
+//! already decided that answer was final. Requests that waited for the same
+//! reopening do not all reach the provider at that instant: the breaker admits one
+//! probe, tells the others to look again while it runs, and once the key closes
+//! admits them one paced slot each (each refusal books the next slot, so the callers
+//! come back one at a time; see `backstop-breaker`). The layer adds no jitter of its
+//! own: a caller told to come back at its booked slot must not come back later.
+//! [`ServedBy::cooldown_waits`] counts the waits; the refused hops stay in
+//! [`ServedBy::hops`], and a request served by its own model after a wait is not a
+//! fallback.
 //!
 //! ## Configuration
 //!
@@ -187,8 +221,10 @@
 //!   after that, never: text the caller has received is never replayed by another
 //!   model.
 //! - Also handled here: *when every deployment was cooling down the gateway failed
-//!   at once with no Retry-After* (item 6): the final failure's hint is the earliest
-//!   moment any model tried may serve again ([`ServedBy::retry_at`]); and *fallback
+//!   at once with no Retry-After* (item 6): the layer waits for the earliest
+//!   reopening when it fits in the deadline, and otherwise the final failure's hint
+//!   is the earliest moment any model tried may serve again
+//!   ([`ServedBy::retry_at`]); and *fallback
 //!   layers calling a cloned inner service without driving it to ready* (item 10):
 //!   every hop after the first polls its service to ready before calling it.
 //!

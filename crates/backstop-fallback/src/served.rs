@@ -25,7 +25,8 @@ pub struct ServedBy {
     pub route: ModelRoute,
     /// `true` when the returned outcome is a success.
     pub served: bool,
-    /// `true` when at least one other model than the requested one was tried.
+    /// `true` when at least one other model than the requested one was tried (waiting
+    /// for the requested model's cooldown and trying it again is not a fallback).
     pub fallback_fired: bool,
     /// Every model tried, in order; the last is the returned outcome's.
     pub hops: Vec<Hop>,
@@ -35,6 +36,10 @@ pub struct ServedBy {
     /// down, rate limited), the earliest moment any of them said it may serve again:
     /// what a proxy turns into `Retry-After`.
     pub retry_at: Option<tokio::time::Instant>,
+    /// How many times the request waited for a cooldown to end because every model
+    /// of its chain was cooling down (each wait starts the chain again, and its
+    /// refused hops are in `hops`).
+    pub cooldown_waits: u32,
 }
 
 impl ServedBy {

@@ -1,0 +1,337 @@
+//! When every model of the chain is cooling down, the layer waits for the earliest
+//! reopening within the request's deadline and tries again; past the deadline it
+//! fails at once. Against the real breaker and classify layers and the mock provider,
+//! in virtual time.
+
+use std::time::Duration;
+
+use backstop_breaker::{BreakerConfig, BreakerLayer};
+use backstop_classify::{ClassifiedError, ClassifyLayer, FailureKind, ReplayBody, Rules};
+use backstop_fallback::{FallbackConfig, FallbackLayer, ServedBy, Target};
+use backstop_mock::{Capacity, Fault, MockProvider, ModelPlan, Scenario};
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// One model, no other to fall back to.
+fn single_model(deadline: Option<Duration>) -> backstop_fallback::FallbackConfigBuilder {
+    let builder = FallbackConfig::builder().target(
+        "gpt-4o",
+        Target::new("openai", "https://openai.test/v1").credential("authorization", "Bearer sk-1"),
+    );
+    match deadline {
+        Some(d) => builder.total_deadline(d),
+        None => builder,
+    }
+}
+
+/// fallback → breaker → classify → mock: the breaker's refusals are what the fallback
+/// layer waits on.
+fn stack(
+    fallback: FallbackConfig,
+    breaker: BreakerConfig,
+    mock: MockProvider,
+) -> impl Service<
+    Request<ReplayBody>,
+    Response = Response<backstop_classify::ClassifiedBody<backstop_mock::MockBody>>,
+    Error = ClassifiedError,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        .layer(FallbackLayer::new(fallback))
+        .layer(BreakerLayer::new(breaker).unwrap())
+        .layer(ClassifyLayer::new(Rules::openai()))
+        .service(mock)
+}
+
+fn chat() -> Request<ReplayBody> {
+    Request::post("http://proxy.local/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(ReplayBody::from(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap()
+}
+
+/// Five 500s then healthy: five requests at `t0` open the key until `t0 + 5 s`.
+fn opened_at_start(
+    fallback: FallbackConfig,
+    breaker: BreakerConfig,
+) -> (
+    impl Service<
+        Request<ReplayBody>,
+        Response = Response<backstop_classify::ClassifiedBody<backstop_mock::MockBody>>,
+        Error = ClassifiedError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static,
+    MockProvider,
+) {
+    let mock = MockProvider::new(Scenario::new(1).model(
+        "gpt-4o",
+        ModelPlan::script(std::iter::repeat_n(Fault::OpenAiServerError, 5)).then(Fault::Ok),
+    ));
+    (stack(fallback, breaker, mock.clone()), mock)
+}
+
+async fn open_the_key<S>(service: &S)
+where
+    S: Service<Request<ReplayBody>, Error = ClassifiedError> + Clone,
+{
+    for _ in 0..5 {
+        let response = service.clone().oneshot(chat()).await.ok();
+        assert!(response.is_some(), "a 500 is a response");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_model_waits_exactly_until_its_key_reopens_then_is_served() {
+    let t0 = Instant::now();
+    let (service, mock) = opened_at_start(
+        single_model(Some(secs(60))).build().unwrap(),
+        BreakerConfig::default(),
+    );
+    open_the_key(&service).await;
+    tokio::time::advance(secs(1)).await;
+
+    let asked = Instant::now();
+    let response = service.clone().oneshot(chat()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The key was open until 5 s: the request waited exactly the 4 s left.
+    assert_eq!(asked.elapsed(), secs(4));
+    let attempts: Vec<Duration> = mock.attempts().iter().map(|a| a.since_start).collect();
+    assert_eq!(attempts, [ms(0), ms(0), ms(0), ms(0), ms(0), secs(5)]);
+    let record = response.extensions().get::<ServedBy>().unwrap();
+    assert!(record.served);
+    assert_eq!(record.cooldown_waits, 1);
+    assert!(
+        !record.fallback_fired,
+        "waiting for the same model is no fallback"
+    );
+    assert_eq!(record.hops.len(), 2);
+    assert_eq!(
+        record.hops[0].failure.as_ref().map(|f| f.kind),
+        Some(FailureKind::BreakerOpen)
+    );
+    assert_eq!(t0.elapsed(), secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reopening_past_the_deadline_fails_at_once_with_the_time_to_retry() {
+    let (service, mock) = opened_at_start(
+        single_model(Some(secs(3))).build().unwrap(),
+        BreakerConfig::default(),
+    );
+    open_the_key(&service).await;
+    tokio::time::advance(secs(1)).await;
+
+    let asked = Instant::now();
+    let error = service.clone().oneshot(chat()).await.unwrap_err();
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    // Reopening at 5 s, the deadline at 4 s: the caller learns when to come back.
+    assert_eq!(error.failure().hint.map(|h| h.delay), Some(secs(4)));
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.cooldown_waits, 0);
+    assert_eq!(record.retry_at, Some(asked + secs(4)));
+    assert_eq!(mock.attempt_count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_deadline_the_layer_never_waits() {
+    let (service, mock) = opened_at_start(
+        single_model(None).build().unwrap(),
+        BreakerConfig::default(),
+    );
+    open_the_key(&service).await;
+    let asked = Instant::now();
+    let error = service.clone().oneshot(chat()).await.unwrap_err();
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    assert_eq!(mock.attempt_count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_cooldown_waits_fails_at_once() {
+    let (service, mock) = opened_at_start(
+        single_model(Some(secs(60)))
+            .cooldown_waits(0)
+            .build()
+            .unwrap(),
+        BreakerConfig::default(),
+    );
+    open_the_key(&service).await;
+    let asked = Instant::now();
+    let error = service.clone().oneshot(chat()).await.unwrap_err();
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    assert_eq!(mock.attempt_count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_fallback_is_used_at_once_instead_of_waiting() {
+    let mock = MockProvider::new(
+        Scenario::new(1)
+            .model("gpt-4o", ModelPlan::always(Fault::OpenAiServerError))
+            .model("claude-sonnet-4-5", ModelPlan::ok()),
+    );
+    let fallback = single_model(Some(secs(60)))
+        .target(
+            "claude",
+            Target::new("anthropic", "https://anthropic.test/v1").model("claude-sonnet-4-5"),
+        )
+        .chain("gpt-4o", ["claude"])
+        .build()
+        .unwrap();
+    let service = stack(fallback, BreakerConfig::default(), mock.clone());
+    for _ in 0..6 {
+        let asked = Instant::now();
+        let response = service.clone().oneshot(chat()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(asked.elapsed(), Duration::ZERO);
+        assert_eq!(
+            response
+                .extensions()
+                .get::<ServedBy>()
+                .unwrap()
+                .cooldown_waits,
+            0
+        );
+    }
+    // Five 500s opened the primary; the sixth request skipped it.
+    assert_eq!(mock.attempts_for("gpt-4o"), 5);
+    assert_eq!(mock.attempts_for("claude-sonnet-4-5"), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_that_waited_for_the_same_reopening_reach_the_provider_one_slot_at_a_time() {
+    // Healthy, then 500s from 10 s to 11 s.
+    let mock = MockProvider::new(Scenario::new(1).model(
+        "gpt-4o",
+        ModelPlan::ok().outage(secs(10), secs(11), Fault::OpenAiServerError),
+    ));
+    let service = stack(
+        single_model(Some(secs(60))).build().unwrap(),
+        BreakerConfig::default(),
+        mock.clone(),
+    );
+    let t0 = Instant::now();
+    // 10 requests a second for 10 s: the key serves 10 a second.
+    for i in 0..100 {
+        tokio::time::sleep_until(t0 + ms(100 * i)).await;
+        assert_eq!(service.clone().oneshot(chat()).await.unwrap().status(), 200);
+    }
+    // Five 500s at 10 s open the key until 15 s.
+    tokio::time::sleep_until(t0 + secs(10)).await;
+    open_the_key(&service).await;
+    // Twenty callers at 11 s (the provider is back, the key still open) all wait
+    // for the same reopening.
+    tokio::time::sleep_until(t0 + secs(11)).await;
+    let callers: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(service.clone().oneshot(chat())))
+        .collect();
+    for caller in callers {
+        let response = caller.await.unwrap().unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // At 15 s one probe goes through and closes the key, paced at the 10 calls a
+    // second it served before it opened; the other nineteen take one slot each,
+    // 100 ms apart, instead of arriving together.
+    let after: Vec<Duration> = mock
+        .attempts()
+        .iter()
+        .map(|a| a.since_start)
+        .filter(|t| *t >= secs(11))
+        .collect();
+    let mut expected = vec![secs(15)];
+    expected.extend((0..19).map(|i| secs(15) + ms(100 * i)));
+    assert_eq!(after, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_quota_requests_wait_for_paced_slots_instead_of_failing() {
+    // 10 calls per sliding second; beyond it a 429 with Retry-After: 1.
+    let mock = MockProvider::new(Scenario::new(1).model(
+        "gpt-4o",
+        ModelPlan::ok().capacity(Capacity::per_second(10).over(Fault::OpenAiRateLimit {
+            retry_after: Some("1".into()),
+            retry_after_ms: None,
+        })),
+    ));
+    let service = stack(
+        single_model(Some(secs(60))).build().unwrap(),
+        BreakerConfig::default(),
+        mock.clone(),
+    );
+    let t0 = Instant::now();
+    // 12 requests a second for 20 s, each in its own task.
+    let mut callers = Vec::new();
+    for i in 0..240u64 {
+        tokio::time::sleep_until(t0 + Duration::from_micros(83_333 * i)).await;
+        callers.push(tokio::spawn(service.clone().oneshot(chat())));
+    }
+    let mut served = 0;
+    for caller in callers {
+        match caller.await.unwrap() {
+            Ok(response) if response.status() == 200 => served += 1,
+            _ => {}
+        }
+    }
+    let attempts = mock.attempts();
+    let rejected = attempts
+        .iter()
+        .filter(|a| matches!(a.fault, Fault::OpenAiRateLimit { .. }))
+        .count();
+    // Waiting adds no attempt: every request reached the provider exactly once,
+    // and the only failures are the provider's own 429s (there is no retry layer
+    // in this stack), handed back as they were.
+    assert_eq!(attempts.len(), 240);
+    assert_eq!(served + rejected, 240);
+    // The first 429s engage the pace; after that only its slow probing above the
+    // quota meets one: at most 5 % of the attempts.
+    assert!(rejected * 20 <= attempts.len(), "{rejected} 429s");
+    // 12 requests a second against 10: the queue drains at the quota, so the last
+    // request is served about 4 s after the load stops.
+    let last = attempts.iter().map(|a| a.since_start).max().unwrap();
+    assert!(last > secs(20) && last < secs(25), "{last:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_waits_of_one_request_are_capped() {
+    // A breaker that always says "come back in 1 s".
+    let inner = tower::service_fn(|_request: Request<ReplayBody>| async {
+        Err::<Response<String>, _>(ClassifiedError::local(
+            backstop_classify::Failure::new(FailureKind::BreakerOpen).with_hint(Some(
+                backstop_classify::DelayHint::new(secs(1), backstop_classify::HintSource::Breaker),
+            )),
+        ))
+    });
+    let fallback = single_model(Some(secs(60)))
+        .cooldown_waits(3)
+        .build()
+        .unwrap();
+    let asked = Instant::now();
+    let error = FallbackLayer::new(fallback)
+        .layer(inner)
+        .oneshot(chat())
+        .await
+        .unwrap_err();
+    // Three waits of exactly 1 s, then the fourth refusal is the answer.
+    assert_eq!(asked.elapsed(), secs(3));
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.cooldown_waits, 3);
+    assert_eq!(record.hops.len(), 4);
+    assert_eq!(record.retry_at, Some(asked + secs(4)));
+}
