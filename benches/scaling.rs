@@ -328,6 +328,23 @@ fn main() {
     .layer(bare.clone());
     // One layer, one service: every task's clone shares the budget and the breaker.
     let backstop_stack = backstop_layer().layer(bare.clone());
+    // What one request in flight holds inline (its heap allocations come on top:
+    // `tests/memory_per_request.rs` counts them): the reason a case with thousands in
+    // flight can outgrow the CPU caches.
+    let footprint = [
+        (
+            BARE,
+            std::mem::size_of_val(&bare.clone().oneshot(request())),
+        ),
+        (
+            TOWER,
+            std::mem::size_of_val(&tower_stack.clone().oneshot(request())),
+        ),
+        (
+            BACKSTOP,
+            std::mem::size_of_val(&backstop_stack.clone().oneshot(request())),
+        ),
+    ];
 
     // Variants interleaved at each concurrency, so a change in the machine's load
     // falls on all three alike.
@@ -346,4 +363,9 @@ fn main() {
         // The smoke run times one batch per case: the best is the mean.
         print_table(&run.tally, Figure::Best, run.full_run, workers);
     }
+    let footprint: Vec<String> = footprint
+        .iter()
+        .map(|(variant, bytes)| format!("{variant} {bytes} bytes"))
+        .collect();
+    println!("future of one request in flight: {}", footprint.join(", "));
 }
