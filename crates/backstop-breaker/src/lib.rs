@@ -24,7 +24,12 @@
 //!   [`classify_transport_error`](backstop_classify::classify_transport_error)
 //!   (unknown errors count as a lost connection) and returned as a `ClassifiedError`. A
 //!   response with no classification is judged by its status (see
-//!   [`Outcome::from_response`]).
+//!   [`Outcome::from_response`]). A success whose
+//!   [`AttemptLog`](backstop_classify::AttemptLog) shows a 429 or 503 on an earlier
+//!   attempt (the retry layer below waited it out) is a success and a slow-down
+//!   signal for pacing.
+//! - The request's [`Deadline`](backstop_classify::Deadline), if any: a paced key
+//!   books no slot for a caller that could not wait for it.
 //!
 //! Only failures that say something about the upstream's health count
 //! ([`FailureKind::reflects_upstream_health`](backstop_classify::FailureKind::reflects_upstream_health):
@@ -117,8 +122,12 @@
 //!   recorded over the last second, what the upstream really served just before it
 //!   pushed back (a key that served nothing in that second is down, not saturated:
 //!   no pace, the counting rules handle it);
-//! - each later 429/503 multiplies it by `backoff`, once per generation: a signal
-//!   from a call admitted before the last decrease was sent at the old rate;
+//! - each later 429/503 (or success after one) sets it to `backoff` times what was
+//!   served over the last second, when that is below the rate (the upstream's proven
+//!   capacity, so repeated signals do not compound below it), never more than one
+//!   extra `backoff` below the rate (a key failing most calls is going down, which is
+//!   the counting rules' business); once per generation: a signal from a call
+//!   admitted before the last decrease was sent at the old rate;
 //! - while it refuses calls, each success adds `growth` (0.02) calls per second, 2 %
 //!   of the rate per second of saturated use, so it finds a raised quota again; a
 //!   pace that refuses nobody never grows;

@@ -1,6 +1,6 @@
 //! What one call told the breaker about the upstream's health.
 
-use backstop_classify::{Classification, DelayHint, Failure, FailureKind};
+use backstop_classify::{AttemptLog, Classification, DelayHint, Failure, FailureKind};
 use http::StatusCode;
 
 /// The verdict the breaker records for one finished call.
@@ -8,6 +8,10 @@ use http::StatusCode;
 pub enum Outcome {
     /// The upstream served the call.
     Success,
+    /// The upstream served the call, but only after the retry layer below met a 429
+    /// or 503 on an earlier attempt (its [`AttemptLog`] says so): a success, and a
+    /// slow-down signal for pacing.
+    SuccessAfterSlowDown,
     /// A failure that says the upstream is unhealthy
     /// ([`FailureKind::reflects_upstream_health`]): it counts towards opening, and a
     /// 429/503 with a long enough delay hint opens the key at once.
@@ -54,12 +58,26 @@ impl Outcome {
 
     /// The verdict for a response: its [`Classification`] extension when the classify
     /// layer set one, else its status (2xx/3xx success, 429 rate limited, 503 and 529
-    /// overloaded, other 5xx server error, other 4xx ignored).
+    /// overloaded, other 5xx server error, other 4xx ignored). A success whose
+    /// [`AttemptLog`] (set by the retry layer) shows a rate-limited or overloaded
+    /// attempt is [`Outcome::SuccessAfterSlowDown`].
     pub fn from_response<B>(response: &http::Response<B>) -> Self {
-        match response.extensions().get::<Classification>() {
+        let outcome = match response.extensions().get::<Classification>() {
             Some(classification) => Outcome::from_classification(classification),
             None => Outcome::from_status(response.status()),
+        };
+        if outcome == Outcome::Success
+            && let Some(log) = response.extensions().get::<AttemptLog>()
+            && log.attempts.len() > 1
+            && log.attempts.iter().any(|a| {
+                a.classification.failure().is_some_and(|f| {
+                    matches!(f.kind, FailureKind::RateLimited | FailureKind::Overloaded)
+                })
+            })
+        {
+            return Outcome::SuccessAfterSlowDown;
         }
+        outcome
     }
 
     fn from_status(status: StatusCode) -> Self {
@@ -128,6 +146,47 @@ mod tests {
                 hint: Some(hint)
             }
         );
+    }
+
+    #[test]
+    fn a_success_after_a_rate_limited_attempt_is_a_slow_down_signal() {
+        use backstop_classify::{AttemptLog, AttemptRecord};
+        let log = |kinds: &[Option<FailureKind>]| AttemptLog {
+            attempts: kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    AttemptRecord::new(
+                        i as u32 + 1,
+                        match k {
+                            Some(kind) => Classification::Failure(Failure::new(*kind)),
+                            None => Classification::Success,
+                        },
+                    )
+                })
+                .collect(),
+            stop: None,
+        };
+        let with = |log: AttemptLog| {
+            let mut response = http::Response::new(());
+            response.extensions_mut().insert(Classification::Success);
+            response.extensions_mut().insert(log);
+            Outcome::from_response(&response)
+        };
+        assert_eq!(
+            with(log(&[Some(FailureKind::RateLimited), None])),
+            Outcome::SuccessAfterSlowDown
+        );
+        assert_eq!(
+            with(log(&[Some(FailureKind::Overloaded), None])),
+            Outcome::SuccessAfterSlowDown
+        );
+        // A 500 before the success says nothing about volume.
+        assert_eq!(
+            with(log(&[Some(FailureKind::ServerError), None])),
+            Outcome::Success
+        );
+        assert_eq!(with(log(&[None])), Outcome::Success);
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! - **Engage** on the first slow-down signal: the rate becomes `backoff` times the
 //!   successes the key recorded over the last second (what the upstream actually
 //!   served just before it pushed back).
-//! - **Decrease** by `backoff` on a later signal, at most once per pace generation: a
-//!   signal from a call admitted before the last decrease says nothing about the new
-//!   rate (it was sent at the old one).
+//! - **Decrease** on a later signal to `backoff` times the successes of the last
+//!   second (what the upstream proved it takes; the rate itself when nothing was
+//!   served), at most once per pace generation: a signal from a call admitted before
+//!   the last decrease says nothing about the new rate (it was sent at the old one).
+//!   Measuring each time keeps repeated signals from compounding far below the
+//!   upstream's capacity.
 //! - **Grow** by `growth` calls per second for every success while the pace is
 //!   binding (it refused a call within the last second), so the rate rises by
 //!   `growth` of itself per second of saturated use and finds a raised quota again;
@@ -130,14 +133,28 @@ impl Pace {
         })
     }
 
-    /// A slow-down signal from a call admitted in `generation`. Returns `true` when it
-    /// decreased the rate.
-    pub(crate) fn slow_down(&mut self, generation: u32, now: Instant, pacing: &Pacing) -> bool {
+    /// A slow-down signal from a call admitted in `generation`, when the key served
+    /// `served` calls per second over the last second. Returns `true` when it
+    /// decreased the rate: to `backoff` times what was served (the upstream's proven
+    /// capacity, so repeated signals do not compound below it), or times the rate
+    /// itself when nothing was served (nothing to measure).
+    pub(crate) fn slow_down(
+        &mut self,
+        generation: u32,
+        served: f64,
+        now: Instant,
+        pacing: &Pacing,
+    ) -> bool {
         self.last_signal = now;
         if generation != self.generation {
             return false;
         }
-        self.rate = sane_rate(self.rate * pacing.backoff, pacing);
+        // From what was served when that is below the rate (the rate overshot the
+        // upstream's capacity), but never more than one extra backoff below the rate:
+        // a key failing most of its calls is going down, not saturated, and that is
+        // the counting rules' business, not a reason to pace it to a crawl.
+        let base = served.clamp(self.rate * pacing.backoff, self.rate);
+        self.rate = sane_rate(base * pacing.backoff, pacing);
         self.generation = self.generation.wrapping_add(1);
         // Slots already booked keep their times; new ones follow at the new rate.
         true
@@ -228,20 +245,26 @@ mod tests {
     }
 
     #[test]
-    fn one_decrease_per_generation() {
+    fn one_decrease_per_generation_from_what_was_served_within_one_extra_backoff() {
         let t0 = Instant::now();
         let pacing = Pacing {
             backoff: 0.9,
             ..Pacing::default()
         };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         let mut pace = Pace::new(40.0, t0, 1, &pacing);
-        assert!(pace.slow_down(1, t0, &pacing));
-        assert!((pace.rate() - 36.0).abs() < 1e-9);
+        // 38 served against a rate of 40: from the 38 the upstream took.
+        assert!(pace.slow_down(1, 38.0, t0, &pacing));
+        assert!(close(pace.rate(), 34.2));
         // Another signal from a call sent at the old rate changes nothing.
-        assert!(!pace.slow_down(1, t0, &pacing));
-        assert!((pace.rate() - 36.0).abs() < 1e-9);
-        assert!(pace.slow_down(2, t0, &pacing));
-        assert!((pace.rate() - 32.4).abs() < 1e-9);
+        assert!(!pace.slow_down(1, 38.0, t0, &pacing));
+        assert!(close(pace.rate(), 34.2));
+        // Nothing served: at most one extra backoff below the rate (34.2 × 0.9 × 0.9).
+        assert!(pace.slow_down(2, 0.0, t0, &pacing));
+        assert!(close(pace.rate(), 27.702));
+        // More served than the rate (retries below the breaker): from the rate.
+        assert!(pace.slow_down(3, 50.0, t0, &pacing));
+        assert!(close(pace.rate(), 24.9318));
     }
 
     #[test]

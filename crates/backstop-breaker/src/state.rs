@@ -523,7 +523,10 @@ impl KeyState {
                     self.take_probe(ticket);
                 }
             }
-            Outcome::Success => {
+            Outcome::Success | Outcome::SuccessAfterSlowDown => {
+                if outcome == Outcome::SuccessAfterSlowDown {
+                    self.slow_down(ticket, now, config);
+                }
                 self.recent.record(now, false);
                 if let (Some(pace), Some(pacing)) = (&mut self.pace, &config.pacing) {
                     pace.served(now, pacing);
@@ -620,20 +623,20 @@ impl KeyState {
 
     /// A 429 or 503 from the call `ticket` was for: the upstream wants fewer calls.
     /// Engages the pace at `backoff` times the successes of the last second, or slows
-    /// an existing pace (once per generation). A key that served nothing in the last
+    /// an existing pace to that (once per generation). A key that served nothing in the last
     /// second is down rather than saturated: that is the counting rules' business, and
     /// a pace learned from it would start near zero.
     fn slow_down(&mut self, ticket: Ticket, now: Instant, config: &BreakerConfig) {
         let Some(pacing) = &config.pacing else {
             return;
         };
+        let (calls, failures) = self.recent.totals(now);
+        let served = f64::from(calls.saturating_sub(failures)) / RECENT.as_secs_f64();
         match &mut self.pace {
             Some(pace) => {
-                pace.slow_down(ticket.pace, now, pacing);
+                pace.slow_down(ticket.pace, served, now, pacing);
             }
             None => {
-                let (calls, failures) = self.recent.totals(now);
-                let served = f64::from(calls.saturating_sub(failures)) / RECENT.as_secs_f64();
                 if served > 0.0 {
                     self.pace = Some(Pace::new(
                         served * pacing.backoff,

@@ -34,7 +34,8 @@ fn outcome() -> impl Strategy<Value = Outcome> {
         Just(FailureKind::TimedOut),
     ];
     prop_oneof![
-        4 => Just(Outcome::Success),
+        3 => Just(Outcome::Success),
+        1 => Just(Outcome::SuccessAfterSlowDown),
         4 => (kind, hint.clone()).prop_map(|(kind, hint)| Outcome::Failure { kind, hint }),
         1 => hint.prop_map(|hint| Outcome::QuotaExhausted { hint }),
         1 => Just(Outcome::Ignored),
@@ -235,7 +236,8 @@ impl Model {
             Outcome::Ignored => {
                 self.drop_probe(ticket);
             }
-            Outcome::Success => {
+            // Without pacing, a success after a 429 on an earlier attempt is a success.
+            Outcome::Success | Outcome::SuccessAfterSlowDown => {
                 if current && self.phase == Phase::Closed {
                     self.consecutive = 0;
                     self.calls.push((now, false));

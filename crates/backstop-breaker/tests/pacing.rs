@@ -255,3 +255,45 @@ fn a_caller_whose_deadline_comes_before_the_slot_books_nothing() {
     // The slot at 2.09 s is still the next one.
     assert_eq!(key.admit(ms(2000)).map(|_| ()), paced(ms(90)));
 }
+
+#[test]
+fn a_success_that_took_a_retry_after_a_429_slows_the_pace_like_a_429() {
+    let mut key = Key::rate_limited_after_twenty_a_second(halving());
+    assert_eq!(key.state.pace(), Some(10.0));
+    let a = key.admit(ms(2000)).expect("slot due");
+    key.record(a, Outcome::SuccessAfterSlowDown, ms(2050));
+    // 18 successes recorded since 1.1 s (the last second's buckets): to half of
+    // those, but never more than one extra backoff below the rate (10 × 0.5 × 0.5).
+    assert_eq!(key.state.pace(), Some(5.0));
+    assert_eq!(key.state.state(), BreakerState::Closed);
+}
+
+#[test]
+fn a_decrease_starts_from_what_was_served_when_the_rate_overshot_it() {
+    let mut key = Key::new(BreakerConfig {
+        pacing: Some(Pacing {
+            backoff: 0.8,
+            ..Pacing::default()
+        }),
+        ..BreakerConfig::default()
+    });
+    for i in 0..20 {
+        key.call(Outcome::Success, ms(1000 + 50 * i));
+    }
+    key.call(rate_limited(), ms(1990));
+    assert_eq!(key.state.pace(), Some(16.0));
+    // The next second serves 15 calls; a 429 from a call admitted at 16 a second
+    // sets the pace to 0.8 × 15 = 12, not 0.8 × 16.
+    let mut last = None;
+    for i in 0..15 {
+        let at = ms(2000 + 62 * i);
+        if let Ok(ticket) = key.admit(at) {
+            key.record(ticket, Outcome::Success, at);
+        }
+        last = Some(at);
+    }
+    assert_eq!(last, Some(ms(2868)));
+    let ticket = key.admit(ms(2990)).expect("slot due");
+    key.record(ticket, rate_limited(), ms(2990));
+    assert_eq!(key.state.pace(), Some(12.0));
+}
