@@ -42,10 +42,8 @@ pub(crate) struct Journey<RB> {
     /// a breaker or the throttle, timed out, reset), this is the most informative
     /// failure the caller can get: the provider's own answer, byte-for-byte.
     kept: Option<(Response<RB>, usize)>,
-    /// Where the current round of the chain starts in `hops` (a wait for a cooldown
-    /// starts a new round).
-    round_start: usize,
-    /// Waits for a cooldown so far.
+    /// Waits for a cooldown so far (each starts a new round of the chain; the
+    /// refusals of the rounds before are not kept in `hops`).
     waits: u32,
     span: tracing::Span,
 }
@@ -79,7 +77,6 @@ impl<RB> Journey<RB> {
             hops: Vec::new(),
             reopen: Vec::new(),
             kept: None,
-            round_start: 0,
             waits: 0,
             span,
         };
@@ -168,10 +165,10 @@ impl<RB> Journey<RB> {
     /// on the wait (a quota cooldown lasts minutes), so the layer never waits.
     fn wait_for_cooldown(&mut self) -> Option<(Instant, Request<ReplayBody>)> {
         let deadline = self.deadline?;
-        if self.waits >= self.config.cooldown_waits {
+        if self.waits >= self.config.cooldown_waits || self.kept.is_some() {
             return None;
         }
-        let round = &self.hops[self.round_start..];
+        let round = &self.hops[..];
         let cooling = |h: &Hop| {
             h.failure
                 .as_ref()
@@ -180,11 +177,7 @@ impl<RB> Journey<RB> {
         if round.is_empty() || !round.iter().all(cooling) {
             return None;
         }
-        let until = self.reopen[self.round_start..]
-            .iter()
-            .flatten()
-            .map(|(at, _)| *at)
-            .min()?;
+        let until = self.reopen.iter().flatten().map(|(at, _)| *at).min()?;
         if until >= deadline {
             return None;
         }
@@ -195,7 +188,10 @@ impl<RB> Journey<RB> {
             None => self.original.pass_through(dl),
         };
         self.waits += 1;
-        self.round_start = self.hops.len();
+        // The round was refusals only, summed up by the wait count: the record keeps
+        // naming each model at most once.
+        self.hops.clear();
+        self.reopen.clear();
         self.walk = ChainWalk::new(requested.clone());
         tracing::info!(
             parent: &self.span,
@@ -331,13 +327,12 @@ impl<RB> Journey<RB> {
     }
 
     fn served_by(&mut self, served: bool, stop: Option<ChainStop>) -> ServedBy {
-        // Only when every model tried (in the last round) is waiting out a hint does
-        // "try again at" mean something: then it is the earliest of them.
-        let round = self.reopen.get(self.round_start..).unwrap_or_default();
-        let retry_at = if served || round.iter().any(Option::is_none) {
+        // Only when every model tried is waiting out a hint does "try again at" mean
+        // something: then it is the earliest of them.
+        let retry_at = if served || self.reopen.iter().any(Option::is_none) {
             None
         } else {
-            round.iter().flatten().map(|(at, _)| *at).min()
+            self.reopen.iter().flatten().map(|(at, _)| *at).min()
         };
         let fallback_fired = self.hops.iter().any(|h| h.model != self.original.model);
         ServedBy {

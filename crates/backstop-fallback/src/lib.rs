@@ -118,9 +118,9 @@
 //! admits them one paced slot each (each refusal books the next slot, so the callers
 //! come back one at a time; see `backstop-breaker`). The layer adds no jitter of its
 //! own: a caller told to come back at its booked slot must not come back later.
-//! [`ServedBy::cooldown_waits`] counts the waits; the refused hops stay in
-//! [`ServedBy::hops`], and a request served by its own model after a wait is not a
-//! fallback.
+//! [`ServedBy::cooldown_waits`] counts the waits; [`ServedBy::hops`] holds the last
+//! round (so it still names each model at most once), and a request served by its
+//! own model after a wait is not a fallback.
 //!
 //! ## Configuration
 //!

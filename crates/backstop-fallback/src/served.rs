@@ -37,8 +37,9 @@ pub struct ServedBy {
     /// what a proxy turns into `Retry-After`.
     pub retry_at: Option<tokio::time::Instant>,
     /// How many times the request waited for a cooldown to end because every model
-    /// of its chain was cooling down (each wait starts the chain again, and its
-    /// refused hops are in `hops`).
+    /// of its chain was cooling down. Each wait starts the chain again; `hops` holds
+    /// the last round only (the rounds before were refusals, and a model is named
+    /// at most once).
     pub cooldown_waits: u32,
 }
 

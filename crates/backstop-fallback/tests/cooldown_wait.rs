@@ -119,11 +119,10 @@ async fn a_single_model_waits_exactly_until_its_key_reopens_then_is_served() {
         !record.fallback_fired,
         "waiting for the same model is no fallback"
     );
-    assert_eq!(record.hops.len(), 2);
-    assert_eq!(
-        record.hops[0].failure.as_ref().map(|f| f.kind),
-        Some(FailureKind::BreakerOpen)
-    );
+    // The refused round is summed up by the wait count: the record names the model
+    // once, served.
+    assert_eq!(record.hops.len(), 1);
+    assert_eq!(record.hops[0].failure, None);
     assert_eq!(t0.elapsed(), secs(5));
 }
 
@@ -301,10 +300,11 @@ async fn under_a_quota_requests_wait_for_paced_slots_instead_of_failing() {
     // The first 429s engage the pace; after that only its slow probing above the
     // quota meets one: at most 5 % of the attempts.
     assert!(rejected * 20 <= attempts.len(), "{rejected} 429s");
-    // 12 requests a second against 10: the queue drains at the quota, so the last
-    // request is served about 4 s after the load stops.
+    // 12 requests a second against 10: the queue drains at about the quota (at
+    // least 9 a second on average), so the last request is sent 4 to 7 s after the
+    // load stops.
     let last = attempts.iter().map(|a| a.since_start).max().unwrap();
-    assert!(last > secs(20) && last < secs(25), "{last:?}");
+    assert!(last > secs(24) && last < secs(27), "{last:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -332,6 +332,6 @@ async fn the_waits_of_one_request_are_capped() {
     assert_eq!(error.kind(), FailureKind::BreakerOpen);
     let record = ServedBy::of_error(&error).unwrap();
     assert_eq!(record.cooldown_waits, 3);
-    assert_eq!(record.hops.len(), 4);
+    assert_eq!(record.hops.len(), 1);
     assert_eq!(record.retry_at, Some(asked + secs(4)));
 }
