@@ -97,8 +97,10 @@
 //! - *HalfOpen*: at most `half_open_probes` calls in flight; each must finish within
 //!   `probe_timeout`, or its slot is taken back at that instant and counts as a failure
 //!   (so a hung probe cannot keep the key half-open). `probe_successes_to_close`
-//!   successes close the key (counts cleared); a failure reopens it for its hint or
-//!   the doubled open period. A probe dropped before finishing (its caller went
+//!   successes close the key (counts cleared); a failure reopens it for the doubled
+//!   open period, or its hint when that is longer (the trouble outlasted one
+//!   cooldown already, so a `Retry-After: 1` does not bring the probes back every
+//!   second). A probe dropped before finishing (its caller went
 //!   away) frees its slot and counts as nothing. The key closes **paced** at the
 //!   successes per second it served before it opened (see *Pacing*), so the calls
 //!   that waited for the reopening reach the upstream one slot at a time.

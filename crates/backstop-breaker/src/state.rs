@@ -583,8 +583,13 @@ impl KeyState {
                     }
                 } else if current && self.state == BreakerState::HalfOpen && self.take_probe(ticket)
                 {
+                    // The probe failed again after the cooldown: the evidence says the
+                    // trouble outlasts it, so the doubled period applies, and a hint is
+                    // the least the provider asked for.
                     self.failed_probes = self.failed_probes.saturating_add(1);
-                    let cooldown = hinted.map_or_else(|| self.open_period(config), |h| h.delay);
+                    let cooldown = self
+                        .open_period(config)
+                        .max(hinted.map_or(Duration::ZERO, |h| h.delay));
                     self.open_at_least(now + cooldown, now, TransitionReason::ProbeFailed, emit);
                     return;
                 }

@@ -277,7 +277,7 @@ impl Model {
                     }
                 } else if self.phase == Phase::HalfOpen && self.drop_probe(ticket) {
                     self.failed_probes += 1;
-                    self.open_until(now + hinted.unwrap_or(self.open_period()));
+                    self.open_until(now + self.open_period().max(hinted.unwrap_or_default()));
                     return;
                 }
                 if let Some(h) = hinted.filter(|h| *h >= self.config.hint_opens_at) {

@@ -140,7 +140,7 @@ fn the_tripping_failures_hint_sets_the_cooldown_even_when_shorter_than_the_open_
 }
 
 #[test]
-fn a_failed_probe_with_a_hint_reopens_until_the_hint_not_the_doubled_period() {
+fn a_failed_probes_hint_is_a_floor_under_the_doubled_period() {
     let mut key = Key::new(BreakerConfig {
         hint_opens_at: secs(3600),
         ..BreakerConfig::default()
@@ -148,12 +148,13 @@ fn a_failed_probe_with_a_hint_reopens_until_the_hint_not_the_doubled_period() {
     for i in 0..5 {
         key.call(server_error(), secs(i));
     }
-    key.call(hinted(FailureKind::RateLimited, secs(3)), secs(9));
-    assert_eq!(key.open_until(), Some(secs(12)));
-    // The doubling still counts the failed probe: the next unhinted failure opens
-    // for 20 s.
-    key.call(server_error(), secs(12));
-    assert_eq!(key.open_until(), Some(secs(32)));
+    // The trouble outlasted one cooldown: a "retry after 1 s" does not bring the
+    // probes back every second; the doubled 10 s applies.
+    key.call(hinted(FailureKind::RateLimited, secs(1)), secs(9));
+    assert_eq!(key.open_until(), Some(secs(19)));
+    // A hint longer than the doubled period (20 s) is what the provider asked for.
+    key.call(hinted(FailureKind::RateLimited, secs(45)), secs(19));
+    assert_eq!(key.open_until(), Some(secs(64)));
 }
 
 #[test]
