@@ -89,6 +89,22 @@ fn json_report_parses_and_its_numbers_are_consistent() {
             .sum();
         assert_eq!(offered_in_timeline, requests, "{name}");
         assert_eq!(upstream_in_timeline, attempts, "{name}");
+        let rate_limited_in_timeline: u64 = timeline
+            .iter()
+            .map(|t| t["rate_limited_429s"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(
+            rate_limited_in_timeline,
+            p["rate_limited_429s"].as_u64().expect("rate_limited_429s"),
+            "{name}"
+        );
+        // Goodput counts successful attempts that reached the provider during the
+        // load: never more than the successes, never more than the attempts.
+        let goodput = p["goodput_per_s"].as_f64().expect("goodput_per_s");
+        let duration = scenario["duration_s"].as_f64().expect("duration_s");
+        assert!(goodput >= 0.0, "{name}");
+        assert!(goodput * duration <= succeeded as f64 + 1e-9, "{name}");
+        assert!(goodput * duration <= attempts as f64 + 1e-9, "{name}");
     }
     // The policies differ where they should: no retries fails during the outage, the
     // Backstop stack falls back and serves everything.
@@ -147,4 +163,28 @@ fn the_plot_has_one_panel_per_policy_with_offered_and_upstream_series() {
             p.policy
         );
     }
+}
+
+#[test]
+fn the_embedded_scenarios_say_what_they_model_and_include_both_primary_outages() {
+    let scenarios = simulate::scenarios::defaults(42);
+    let names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "transient",
+            "primary-outage",
+            "primary-outage-503",
+            "full-outage",
+            "rate-limited",
+            "overload"
+        ]
+    );
+    for s in &scenarios {
+        assert!(!s.description.is_empty(), "{}", s.name);
+    }
+    let primary_outage = &scenarios[1];
+    assert!(primary_outage.description.contains("429"));
+    assert!(primary_outage.description.contains("Retry-After: 1"));
+    assert!(scenarios[2].description.contains("503"));
 }

@@ -94,10 +94,19 @@ fn summarise(
         p.offered += 1;
         p.succeeded += u64::from(f.outcome.succeeded);
     }
-    for &(at, _) in attempts {
+    for &(at, status) in attempts {
         // Attempts after the offered load stopped (late retries) land in the last second.
-        timeline[(at as usize).min(last)].upstream += 1;
+        let p = &mut timeline[(at as usize).min(last)];
+        p.upstream += 1;
+        p.rate_limited_429s += u64::from(status == 429);
     }
+    let duration_s = scenario.duration.as_secs_f64();
+    // Counted where a quota counts: successful attempts by their arrival at the
+    // provider, within the load's duration.
+    let goodput = attempts
+        .iter()
+        .filter(|(at, status)| (200..300).contains(status) && *at < duration_s)
+        .count();
     let mut latencies: Vec<Duration> = finished.iter().map(|f| f.latency).collect();
     PolicyReport {
         policy: policy.name().to_string(),
@@ -120,6 +129,11 @@ fn summarise(
             .filter(|f| f.outcome.rejected_locally)
             .count() as u64,
         rate_limited_429s: attempts.iter().filter(|(_, s)| *s == 429).count() as u64,
+        goodput_per_s: if duration_s > 0.0 {
+            goodput as f64 / duration_s
+        } else {
+            0.0
+        },
         fallbacks: finished.iter().filter(|f| f.outcome.fell_back).count() as u64,
         served_by,
         recovery_s: scenario

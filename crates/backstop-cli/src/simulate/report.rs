@@ -60,6 +60,10 @@ pub struct PolicyReport {
     pub rejected_locally: u64,
     /// Attempts the provider answered with a 429.
     pub rate_limited_429s: u64,
+    /// Attempts the provider served with a success that reached it while the load
+    /// was offered (within the scenario's duration), per second of it: what a quota
+    /// counted as served, without the backlog a policy sends after the load stops.
+    pub goodput_per_s: f64,
     /// Logical requests on which a fallback to another model fired.
     pub fallbacks: u64,
     /// Successful requests, by the model that served them.
@@ -115,6 +119,8 @@ pub struct TimelinePoint {
     pub upstream: u64,
     /// Logical requests started in this second that ended in success.
     pub succeeded: u64,
+    /// Attempts that reached the provider in this second and were answered 429.
+    pub rate_limited_429s: u64,
 }
 
 /// Seconds from `outage_end_s` until every following second of `timeline` (that offered
@@ -150,6 +156,7 @@ mod tests {
             offered,
             upstream: offered,
             succeeded,
+            rate_limited_429s: 0,
         }
     }
 

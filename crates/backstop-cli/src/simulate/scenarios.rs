@@ -37,7 +37,7 @@ fn healthy() -> ModelPlan {
     ModelPlan::ok().latency(healthy_latency())
 }
 
-/// The five embedded scenarios, in the order `backstop simulate` runs them.
+/// The six embedded scenarios, in the order `backstop simulate` runs them.
 pub fn defaults(seed: u64) -> Vec<SimScenario> {
     vec![
         SimScenario {
@@ -51,8 +51,34 @@ pub fn defaults(seed: u64) -> Vec<SimScenario> {
                 .model(PRIMARY, healthy().with_random(0.3, Fault::OpenAiServerError))
                 .model(FALLBACK, healthy()),
         },
+        // The outage the latency target has in mind: a provider shedding load
+        // with 429s, which the tenacity pattern retries and waits out (up to 12 HTTP
+        // attempts per model) before it falls back.
         SimScenario {
             name: "primary-outage".into(),
+            description: "The primary answers every request with a 429 rate_limit_exceeded and Retry-After: 1 from 10 s to 70 s (a provider shedding load); the fallback model is healthy.".into(),
+            duration: Duration::from_secs(90),
+            rate_per_s: 50.0,
+            has_fallback: true,
+            outage: Some((Duration::from_secs(10), Duration::from_secs(70))),
+            provider: MockScenario::new(seed)
+                .model(
+                    PRIMARY,
+                    healthy().outage(
+                        Duration::from_secs(10),
+                        Duration::from_secs(70),
+                        Fault::OpenAiRateLimit {
+                            retry_after: Some("1".into()),
+                            retry_after_ms: None,
+                        },
+                    ),
+                )
+                .model(FALLBACK, healthy()),
+        },
+        // The same outage answered with 503s, which the tenacity decorator does not
+        // retry (only the SDK under it does, twice): it falls back after about 1.5 s.
+        SimScenario {
+            name: "primary-outage-503".into(),
             description: "The primary answers 503 from 10 s to 70 s; the fallback model is healthy.".into(),
             duration: Duration::from_secs(90),
             rate_per_s: 50.0,
