@@ -74,7 +74,10 @@
 //! **Closed → Open → HalfOpen → Closed**, per key ([`KeyState`], pure and tested with
 //! explicit instants):
 //!
-//! - *Closed → Open* on `consecutive_failures` health failures in a row, or when at
+//! - *Closed → Open* on `consecutive_failures` health failures in a row (in the
+//!   order the calls were made: outcomes arrive out of order, and a success from a
+//!   call made before the latest failure, still in flight when the trouble began,
+//!   does not reset the count), or when at
 //!   least `failure_ratio` of the calls in the sliding `window` failed and the window
 //!   holds at least `minimum_calls` (resilience4j's time-based window: `window_buckets`
 //!   buckets, the window slides one bucket at a time). Open for the tripping

@@ -126,6 +126,8 @@ pub struct Ticket {
     probe: Option<u64>,
     /// The pace generation the call was admitted in (0: no pace then).
     pace: u32,
+    /// The call's place in the order calls were admitted to this key.
+    seq: u64,
 }
 
 impl Ticket {
@@ -255,6 +257,11 @@ pub struct KeyState {
     probe_successes: u32,
     /// Half-open probes that failed in a row: each doubles the next open period.
     failed_probes: u32,
+    /// Calls admitted so far (the next ticket's `seq`).
+    admissions: u64,
+    /// The latest-admitted call among the failures counted in `consecutive`: only a
+    /// success from a call admitted after it resets the count.
+    latest_failure: Option<u64>,
     /// Successes over the last second, in any state: what the upstream is serving
     /// now, the starting point of a pace.
     recent: FailureWindow,
@@ -283,6 +290,8 @@ impl KeyState {
             next_probe: 0,
             probe_successes: 0,
             failed_probes: 0,
+            admissions: 0,
+            latest_failure: None,
             recent: FailureWindow::new(now, RECENT, 10),
             closed_since: now,
             rate_before_open: 0.0,
@@ -316,7 +325,8 @@ impl KeyState {
         self.open_until
     }
 
-    /// Health failures in a row (reset by a success and when the key closes).
+    /// Health failures in a row (reset when the key closes, and by a success from a
+    /// call admitted after the latest of them).
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive
     }
@@ -418,18 +428,13 @@ impl KeyState {
                     self.pace = None;
                 }
                 let Some(pace) = &mut self.pace else {
-                    return Ok(Ticket {
-                        epoch: self.epoch,
-                        probe: None,
-                        pace: 0,
-                    });
+                    return Ok(self.ticket(None, 0));
                 };
                 match pace.admit(now, deadline) {
-                    Ok(()) => Ok(Ticket {
-                        epoch: self.epoch,
-                        probe: None,
-                        pace: pace.generation(),
-                    }),
+                    Ok(()) => {
+                        let generation = pace.generation();
+                        Ok(self.ticket(None, generation))
+                    }
                     Err(wait) => Err(Rejection {
                         state: BreakerState::Closed,
                         retry_in: wait.retry_in,
@@ -450,11 +455,7 @@ impl KeyState {
                         id,
                         deadline: now + config.probe_timeout,
                     });
-                    Ok(Ticket {
-                        epoch: self.epoch,
-                        probe: Some(id),
-                        pace: 0,
-                    })
+                    Ok(self.ticket(Some(id), 0))
                 } else {
                     // Look again after as long as the oldest probe has run so far: a
                     // probe that has run for a while is expected to need about as long
@@ -497,11 +498,7 @@ impl KeyState {
         emit: &mut (impl FnMut(Transition) + ?Sized),
     ) -> Result<Ticket, Rejection> {
         if self.state == BreakerState::Closed && self.pace.is_none() {
-            return Ok(Ticket {
-                epoch: self.epoch,
-                probe: None,
-                pace: 0,
-            });
+            return Ok(self.ticket(None, 0));
         }
         self.admit_before(clock(), deadline, config, emit)
     }
@@ -536,7 +533,12 @@ impl KeyState {
                 }
                 match self.state {
                     BreakerState::Closed => {
-                        self.consecutive = 0;
+                        // Outcomes arrive out of order: a success from a call made
+                        // before the latest failure says nothing about now.
+                        if self.latest_failure.is_none_or(|f| ticket.seq > f) {
+                            self.consecutive = 0;
+                            self.latest_failure = None;
+                        }
                         self.window.record(now, false);
                     }
                     BreakerState::HalfOpen => {
@@ -573,6 +575,10 @@ impl KeyState {
                 let hinted = cooldown_hint(kind, hint, config);
                 if current && self.state == BreakerState::Closed {
                     self.consecutive = self.consecutive.saturating_add(1);
+                    self.latest_failure = Some(
+                        self.latest_failure
+                            .map_or(ticket.seq, |f| f.max(ticket.seq)),
+                    );
                     self.window.record(now, true);
                     if let Some(reason) = self.trip_reason(now, config) {
                         // The provider's own "come back in" sets the cooldown; without
@@ -672,6 +678,18 @@ impl KeyState {
         }
     }
 
+    /// The next ticket, in admission order.
+    fn ticket(&mut self, probe: Option<u64>, pace: u32) -> Ticket {
+        let seq = self.admissions;
+        self.admissions = self.admissions.wrapping_add(1);
+        Ticket {
+            epoch: self.epoch,
+            probe,
+            pace,
+            seq,
+        }
+    }
+
     /// A generation no ticket admitted so far carries (0 means "not paced").
     fn next_pace_generation(&self) -> u32 {
         self.epoch.wrapping_add(1) as u32 | 1
@@ -762,6 +780,7 @@ impl KeyState {
         self.probe_successes = 0;
         if to == BreakerState::Closed {
             self.consecutive = 0;
+            self.latest_failure = None;
             self.window.clear();
             self.failed_probes = 0;
             self.closed_since = at;

@@ -86,6 +86,8 @@ enum Phase {
 struct ModelTicket {
     generation: u64,
     probe: Option<u64>,
+    /// Admission order.
+    seq: u64,
 }
 
 struct Model {
@@ -102,6 +104,11 @@ struct Model {
     successes: u32,
     /// Probes that failed in a row (reset when the key closes).
     failed_probes: u32,
+    /// Calls admitted so far.
+    admitted: u64,
+    /// The latest-admitted failure in the current run of failures: only a success
+    /// admitted after it ends the run.
+    latest_failure: Option<u64>,
 }
 
 impl Model {
@@ -117,6 +124,8 @@ impl Model {
             next_probe: 0,
             successes: 0,
             failed_probes: 0,
+            admitted: 0,
+            latest_failure: None,
         }
     }
 
@@ -147,6 +156,7 @@ impl Model {
             self.consecutive = 0;
             self.calls.clear();
             self.failed_probes = 0;
+            self.latest_failure = None;
         }
     }
 
@@ -189,19 +199,25 @@ impl Model {
     fn admit(&mut self, now: Instant) -> Result<ModelTicket, (BreakerState, Duration)> {
         self.tick(now);
         match self.phase {
-            Phase::Closed => Ok(ModelTicket {
-                generation: self.generation,
-                probe: None,
-            }),
+            Phase::Closed => {
+                self.admitted += 1;
+                Ok(ModelTicket {
+                    generation: self.generation,
+                    probe: None,
+                    seq: self.admitted,
+                })
+            }
             Phase::Open { until } => Err((BreakerState::Open, until - now)),
             Phase::HalfOpen => {
                 if self.probes.len() < self.config.half_open_probes as usize {
                     let id = self.next_probe;
                     self.next_probe += 1;
                     self.probes.push((id, now + self.config.probe_timeout));
+                    self.admitted += 1;
                     Ok(ModelTicket {
                         generation: self.generation,
                         probe: Some(id),
+                        seq: self.admitted,
                     })
                 } else {
                     // Look again after the oldest probe's age (at least 50 ms), never
@@ -239,7 +255,10 @@ impl Model {
             // Without pacing, a success after a 429 on an earlier attempt is a success.
             Outcome::Success | Outcome::SuccessAfterSlowDown => {
                 if current && self.phase == Phase::Closed {
-                    self.consecutive = 0;
+                    if self.latest_failure.is_none_or(|f| ticket.seq > f) {
+                        self.consecutive = 0;
+                        self.latest_failure = None;
+                    }
                     self.calls.push((now, false));
                 } else if self.phase == Phase::HalfOpen && self.drop_probe(ticket) {
                     self.successes += 1;
@@ -263,6 +282,7 @@ impl Model {
                 };
                 if current && self.phase == Phase::Closed {
                     self.consecutive += 1;
+                    self.latest_failure = Some(self.latest_failure.unwrap_or(0).max(ticket.seq));
                     self.calls.push((now, true));
                     let (calls, failures) = self.window(now);
                     let by_count = self.config.consecutive_failures > 0

@@ -210,3 +210,51 @@ fn the_configuration_is_checked() {
     let message = ConfigError::MaxOpenBelowOpen.to_string();
     assert!(message.contains("max_open_duration"), "{message}");
 }
+
+#[test]
+fn a_success_from_a_call_made_before_the_latest_failure_does_not_reset_the_count() {
+    let config = BreakerConfig::default();
+    let mut key = Key::new(config.clone());
+    let at = |s: u64| key.t0 + secs(s);
+    let (t0, t1) = (at(0), at(1));
+    // Five slow calls go out before an outage starts; five quick ones after it fail.
+    let slow: Vec<_> = (0..5)
+        .map(|_| key.state.admit(t0, &config, &mut |_| {}).unwrap())
+        .collect();
+    let quick: Vec<_> = (0..5)
+        .map(|_| key.state.admit(t1, &config, &mut |_| {}).unwrap())
+        .collect();
+    let mut quick = quick.into_iter();
+    let mut slow = slow.into_iter();
+    // Failures and the old calls' successes arrive interleaved.
+    for _ in 0..4 {
+        key.state.record(
+            quick.next().unwrap(),
+            server_error(),
+            at(2),
+            &config,
+            &mut |_| {},
+        );
+        key.state.record(
+            slow.next().unwrap(),
+            Outcome::Success,
+            at(2),
+            &config,
+            &mut |_| {},
+        );
+    }
+    assert_eq!(key.state.consecutive_failures(), 4);
+    key.state.record(
+        quick.next().unwrap(),
+        server_error(),
+        at(2),
+        &config,
+        &mut |_| {},
+    );
+    assert_eq!(key.state.state(), BreakerState::Open);
+    // A call made after the latest failure does reset it (checked on a fresh key).
+    let mut key = Key::new(config.clone());
+    key.call(server_error(), secs(0));
+    key.call(Outcome::Success, secs(1));
+    assert_eq!(key.state.consecutive_failures(), 0);
+}
