@@ -188,3 +188,22 @@ fn the_embedded_scenarios_say_what_they_model_and_include_both_primary_outages()
     assert!(primary_outage.description.contains("Retry-After: 1"));
     assert!(scenarios[2].description.contains("503"));
 }
+
+#[test]
+fn the_table_has_one_row_per_policy_with_its_goodput() {
+    let report = run(3);
+    let scenario = &report.scenarios[0];
+    let table = simulate::render_table(scenario);
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("policy"))
+        .expect("a header row");
+    assert!(header.contains("goodput/s"), "{header}");
+    for p in &scenario.policies {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{:<24} ", p.policy)))
+            .unwrap_or_else(|| panic!("a row for {}", p.policy));
+        assert!(row.contains(&format!(" {:.1} ", p.goodput_per_s)), "{row}");
+    }
+}

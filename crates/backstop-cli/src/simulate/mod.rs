@@ -48,7 +48,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<24} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>9}  served by",
+        "{:<24} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8} {:>9}  served by",
         "policy",
         "success",
         "amplif.",
@@ -56,6 +56,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
         "p99 ms",
         "max ms",
         "429s",
+        "goodput/s",
         "fallbacks",
         "local",
         "recovery"
@@ -71,7 +72,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
             .map_or_else(|| "-".to_string(), |s| format!("{s:.0} s"));
         let _ = writeln!(
             out,
-            "{:<24} {:>7.2}% {:>8.2} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>9} {:>8} {:>9}  {}",
+            "{:<24} {:>7.2}% {:>8.2} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>9.1} {:>9} {:>8} {:>9}  {}",
             p.policy,
             p.success_rate * 100.0,
             p.amplification,
@@ -79,6 +80,7 @@ pub fn render_table(scenario: &ScenarioReport) -> String {
             p.latency_ms.p99,
             p.latency_ms.max,
             p.rate_limited_429s,
+            p.goodput_per_s,
             p.fallbacks,
             p.rejected_locally,
             recovery,
