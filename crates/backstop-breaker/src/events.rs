@@ -15,7 +15,8 @@ use crate::{BreakerState, Rejection, Transition, TransitionReason};
 pub const STATE_GAUGE: &str = "backstop_breaker_state";
 /// Counter of state changes per key, labelled `from`, `to` and `reason`.
 pub const TRANSITIONS_COUNTER: &str = "backstop_breaker_transitions_total";
-/// Counter of calls refused per key, labelled `state` (open or half_open).
+/// Counter of calls refused per key, labelled `state`: open, half_open, or closed (a
+/// paced key with no slot free).
 pub const REJECTIONS_COUNTER: &str = "backstop_breaker_rejections_total";
 
 fn credential(route: &ModelRoute) -> Arc<str> {

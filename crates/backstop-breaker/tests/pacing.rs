@@ -297,3 +297,106 @@ fn a_decrease_starts_from_what_was_served_when_the_rate_overshot_it() {
     key.record(ticket, rate_limited(), ms(2990));
     assert_eq!(key.state.pace(), Some(12.0));
 }
+
+mod through_the_layer {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use backstop_breaker::{BreakerConfig, BreakerLayer, Pacing};
+    use backstop_classify::{
+        Classification, Deadline, DelayHint, Failure, FailureKind, HintSource, ModelRoute,
+    };
+    use http::{Request, Response};
+    use tokio::time::Instant;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    fn ms(m: u64) -> Duration {
+        Duration::from_millis(m)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_key_refuses_with_the_time_its_booked_slot_is_due_and_never_calls_the_upstream()
+    {
+        // Twenty successes, then a 429: paced at 10 a second (backoff one half).
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let upstream = tower::service_fn(move |request: Request<()>| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let limited = request.headers().contains_key("x-limited");
+            async move {
+                let mut response = Response::new(n);
+                response.extensions_mut().insert(if limited {
+                    Classification::Failure(Failure::new(FailureKind::RateLimited))
+                } else {
+                    Classification::Success
+                });
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let layer = BreakerLayer::new(BreakerConfig {
+            pacing: Some(Pacing {
+                backoff: 0.5,
+                ..Pacing::default()
+            }),
+            ..BreakerConfig::default()
+        })
+        .unwrap();
+        let service = ServiceBuilder::new().layer(layer).service(upstream);
+        let route = ModelRoute::new("openai", "gpt-4o");
+        let request = |limited: bool, deadline: Option<Instant>| {
+            let mut request = Request::new(());
+            request.extensions_mut().insert(route.clone());
+            if let Some(d) = deadline {
+                request.extensions_mut().insert(Deadline(d));
+            }
+            if limited {
+                request
+                    .headers_mut()
+                    .insert("x-limited", http::HeaderValue::from_static("1"));
+            }
+            request
+        };
+        let t0 = Instant::now();
+        for i in 0..20 {
+            tokio::time::sleep_until(t0 + ms(1000 + 50 * i)).await;
+            service.clone().oneshot(request(false, None)).await.unwrap();
+        }
+        tokio::time::sleep_until(t0 + ms(1990)).await;
+        service.clone().oneshot(request(true, None)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 21);
+
+        tokio::time::sleep_until(t0 + ms(2000)).await;
+        service.clone().oneshot(request(false, None)).await.unwrap();
+        // The next two callers book 2.09 s and 2.19 s and are told exactly that.
+        for due in [90, 190] {
+            let error = service
+                .clone()
+                .oneshot(request(false, None))
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), FailureKind::BreakerOpen);
+            assert_eq!(
+                error.failure().hint,
+                Some(DelayHint::new(ms(due), HintSource::Breaker))
+            );
+        }
+        // A caller whose deadline comes first is refused without booking: the next
+        // caller still gets 2.29 s.
+        let now = Instant::now();
+        let error = service
+            .clone()
+            .oneshot(request(false, Some(now + ms(100))))
+            .await
+            .unwrap_err();
+        assert_eq!(error.failure().hint.map(|h| h.delay), Some(ms(290)));
+        let error = service
+            .clone()
+            .oneshot(request(false, None))
+            .await
+            .unwrap_err();
+        assert_eq!(error.failure().hint.map(|h| h.delay), Some(ms(290)));
+        // None of the refused calls reached the upstream.
+        assert_eq!(calls.load(Ordering::SeqCst), 22);
+    }
+}
