@@ -57,9 +57,8 @@
 //!
 //! It never retries, waits or sleeps (pacing refuses a call with the time its slot
 //! is due; waiting is the caller's or the fallback layer's choice), and never cancels
-//! a call: a call it admits runs
-//! to its end and its result is returned untouched (a probe's timeout takes back the
-//! probe's *slot*, not the call). It never reads or logs headers, so credentials
+//! a call: a call it admits runs to its end and its result is returned untouched (a
+//! probe's timeout takes back the probe's *slot*, not the call). It never reads or logs headers, so credentials
 //! cannot leak through it. It spawns no task and runs no timer: every deadline is
 //! compared with the clock when a call arrives or finishes, which is exact (there is
 //! no sweep interval). `poll_ready` forwards to the inner service; a refused call
@@ -93,7 +92,8 @@
 //!   such 429 opens the key: the provider said it will refuse calls until then, so
 //!   every other call sent meanwhile is a wasted attempt (and some providers extend
 //!   the penalty). Shorter hints are the retry layer's business, which waits them out
-//!   inside the request; they still count as failures.
+//!   inside the request, and pacing's, which slows the key down; they still count as
+//!   failures.
 //! - *→ Open at once* on quota exhaustion, for `quota_cooldown` (or the capped hint
 //!   when longer).
 //! - *Open → HalfOpen* exactly when the open period ends.
@@ -103,8 +103,8 @@
 //!   successes close the key (counts cleared); a failure reopens it for the doubled
 //!   open period, or its hint when that is longer (the trouble outlasted one
 //!   cooldown already, so a `Retry-After: 1` does not bring the probes back every
-//!   second). A probe dropped before finishing (its caller went
-//!   away) frees its slot and counts as nothing. The key closes **paced** at the
+//!   second). A probe dropped before finishing (its caller went away) frees its slot
+//!   and counts as nothing. The key closes **paced** at the
 //!   successes per second it served before it opened (see *Pacing*), so the calls
 //!   that waited for the reopening reach the upstream one slot at a time.
 //! - **Re-opening keeps the later deadline, never the earlier**: a cooldown arriving
