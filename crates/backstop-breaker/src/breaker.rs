@@ -157,9 +157,20 @@ impl From<Rejection> for ClassifiedError {
     /// The error a refused call fails with: [`FailureKind::BreakerOpen`] with a
     /// [`HintSource::Breaker`] hint of when to try again, so the fallback layer moves
     /// on at once and can tell its caller the earliest time any model reopens.
+    ///
+    /// The failure is [`Retryable::Yes`](backstop_classify::Retryable) when the wait
+    /// was set by the upstream (a learned pace, a hinted cooldown: the same request
+    /// will be taken then) and [`Retryable::No`](backstop_classify::Retryable) when
+    /// the key opened on this breaker's own evidence: the fallback layer waits for
+    /// the first kind within its deadline and fails fast on the second.
     fn from(rejection: Rejection) -> Self {
-        ClassifiedError::local(Failure::new(FailureKind::BreakerOpen).with_hint(Some(
-            DelayHint::new(rejection.retry_in, HintSource::Breaker),
-        )))
+        let mut failure = Failure::new(FailureKind::BreakerOpen).with_hint(Some(DelayHint::new(
+            rejection.retry_in,
+            HintSource::Breaker,
+        )));
+        if rejection.upstream_directed {
+            failure.retryable = backstop_classify::Retryable::Yes;
+        }
+        ClassifiedError::local(failure)
     }
 }

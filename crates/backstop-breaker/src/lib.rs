@@ -48,9 +48,14 @@
 //! the exact time until a probe may go through; when half-open with every probe slot
 //! taken, as long as the oldest probe has run so far (at least 50 ms, never past its
 //! timeout), so callers ask again at doubling intervals while it runs; when paced,
-//! the exact time until the slot this call booked is due (see *Pacing*). The fallback
-//! layer waits for that moment, within the request's deadline, when no other model
-//! can serve. The layer's error type is `ClassifiedError`; inner errors pass through
+//! the exact time until the slot this call booked is due (see *Pacing*). A refusal
+//! whose wait the upstream directed (a pace; an open period set by its delay hint or
+//! quota, or caused by its 429s and 503s, which ask for fewer calls rather than
+//! report a breakage) is marked [`Retryable::Yes`](backstop_classify::Retryable), and
+//! the fallback layer waits for that moment, within the request's deadline, when no
+//! other model can serve. A refusal by a key opened on this breaker's own evidence of
+//! breakage (500s, timeouts, resets counted; a hung probe) stays `Retryable::No`, and
+//! the caller fails fast ([`Rejection::upstream_directed`]). The layer's error type is `ClassifiedError`; inner errors pass through
 //! (converted as above when they are not classified yet).
 //!
 //! ## What it never does
@@ -173,8 +178,9 @@
 //! - *When every deployment was cooling down the gateway failed at once with no
 //!   Retry-After*: every refusal carries the time to come back as a
 //!   [`HintSource::Breaker`](backstop_classify::HintSource) delay hint; the fallback
-//!   layer waits for the earliest of them when it fits in the request's deadline,
-//!   and otherwise answers with it, which a proxy forwards as `Retry-After`.
+//!   layer waits for the earliest of them when the upstream set them and they fit in
+//!   the request's deadline, and otherwise answers with it, which a proxy forwards
+//!   as `Retry-After`.
 //! - *Cooldown state could not be queried*: [`Breaker::snapshot`], [`Breaker::state`],
 //!   [`Breaker::retry_in`] and [`Breaker::key`]; a gauge per key and transition
 //!   counters through the `metrics` crate (see [`events`]); a tracing event at every

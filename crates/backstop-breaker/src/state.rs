@@ -143,6 +143,14 @@ impl Ticket {
 pub struct Rejection {
     /// Open, HalfOpen, or Closed (paced).
     pub state: BreakerState,
+    /// Whether the wait was directed by the upstream: a pace learned from its
+    /// slow-down signals, or an open period its delay hint or quota set, or its 429s
+    /// and 503s caused (they ask for fewer calls). `false` when the key opened on
+    /// this breaker's own evidence of breakage (500s, timeouts counted, a probe that
+    /// failed that way or never answered) with no hint: the upstream is down for as
+    /// long as it takes, and a caller should fail fast rather than wait for the
+    /// reopening. The fallback layer waits for a reopening only when this is `true`.
+    pub upstream_directed: bool,
     /// When open: the time until it half-opens. When half-open: when to look again,
     /// as long as the oldest probe has run so far (at least
     /// [`HALF_OPEN_RECHECK_MIN`], never past that probe's timeout, when its slot is
@@ -271,6 +279,9 @@ pub struct KeyState {
     /// closed: the rate a recovering key is paced at once it closes again.
     rate_before_open: f64,
     pace: Option<Pace>,
+    /// Whether the current (or last) open period was set by the upstream (a delay
+    /// hint, a quota) rather than by this breaker's own evidence.
+    upstream_cooldown: bool,
 }
 
 /// What the recent-successes window spans.
@@ -296,6 +307,7 @@ impl KeyState {
             closed_since: now,
             rate_before_open: 0.0,
             pace: None,
+            upstream_cooldown: false,
         }
     }
 
@@ -381,6 +393,8 @@ impl KeyState {
                         Some(at) => {
                             self.failed_probes = self.failed_probes.saturating_add(1);
                             let period = self.open_period(config);
+                            // Its own evidence: the probe never answered.
+                            self.upstream_cooldown = false;
                             self.enter(
                                 BreakerState::Open,
                                 at,
@@ -437,12 +451,14 @@ impl KeyState {
                     }
                     Err(wait) => Err(Rejection {
                         state: BreakerState::Closed,
+                        upstream_directed: true,
                         retry_in: wait.retry_in,
                     }),
                 }
             }
             BreakerState::Open => Err(Rejection {
                 state: BreakerState::Open,
+                upstream_directed: self.upstream_cooldown,
                 retry_in: self
                     .open_until
                     .map_or(Duration::ZERO, |until| until.saturating_duration_since(now)),
@@ -470,6 +486,7 @@ impl KeyState {
                     let age = config.probe_timeout.saturating_sub(first_free);
                     Err(Rejection {
                         state: BreakerState::HalfOpen,
+                        upstream_directed: self.upstream_cooldown,
                         retry_in: age.max(HALF_OPEN_RECHECK_MIN).min(first_free),
                     })
                 }
@@ -566,10 +583,19 @@ impl KeyState {
                 let cooldown = config
                     .quota_cooldown
                     .max(retry_instruction(hint, config).map_or(Duration::ZERO, |h| h.delay));
-                self.open_at_least(now + cooldown, now, TransitionReason::QuotaExhausted, emit);
+                self.open_at_least(
+                    now + cooldown,
+                    now,
+                    TransitionReason::QuotaExhausted,
+                    true,
+                    emit,
+                );
             }
             Outcome::Failure { kind, hint } => {
-                if matches!(kind, FailureKind::RateLimited | FailureKind::Overloaded) {
+                // A 429 or a 503 says "fewer calls" rather than "broken": the upstream
+                // directs the cooldown it causes, and callers may wait it out.
+                let slow_down = matches!(kind, FailureKind::RateLimited | FailureKind::Overloaded);
+                if slow_down {
                     self.slow_down(ticket, now, config);
                 }
                 let hinted = cooldown_hint(kind, hint, config);
@@ -584,7 +610,8 @@ impl KeyState {
                         // The provider's own "come back in" sets the cooldown; without
                         // one, the open period scaled to the evidence so far.
                         let cooldown = hinted.map_or_else(|| self.open_period(config), |h| h.delay);
-                        self.open_at_least(now + cooldown, now, reason, emit);
+                        let upstream = slow_down || hinted.is_some();
+                        self.open_at_least(now + cooldown, now, reason, upstream, emit);
                         return;
                     }
                 } else if current && self.state == BreakerState::HalfOpen && self.take_probe(ticket)
@@ -593,10 +620,15 @@ impl KeyState {
                     // trouble outlasts it, so the doubled period applies, and a hint is
                     // the least the provider asked for.
                     self.failed_probes = self.failed_probes.saturating_add(1);
-                    let cooldown = self
-                        .open_period(config)
-                        .max(hinted.map_or(Duration::ZERO, |h| h.delay));
-                    self.open_at_least(now + cooldown, now, TransitionReason::ProbeFailed, emit);
+                    let own = self.open_period(config);
+                    let cooldown = own.max(hinted.map_or(Duration::ZERO, |h| h.delay));
+                    self.open_at_least(
+                        now + cooldown,
+                        now,
+                        TransitionReason::ProbeFailed,
+                        slow_down || cooldown > own,
+                        emit,
+                    );
                     return;
                 }
                 // A long enough Retry-After on a 429/503 opens the key by itself, from any
@@ -610,6 +642,7 @@ impl KeyState {
                             delay: hint.delay,
                             source: hint.source,
                         },
+                        true,
                         emit,
                     );
                 }
@@ -726,17 +759,21 @@ impl KeyState {
     }
 
     /// Opens the key until `until`, or moves an open key's deadline to `until` when
-    /// that is later. Never moves a deadline earlier.
+    /// that is later. Never moves a deadline earlier. `upstream` says whether the
+    /// upstream asked for this cooldown (a hint, a quota) or this breaker's own
+    /// evidence set it; the deadline in force decides what refusals say.
     fn open_at_least(
         &mut self,
         until: Instant,
         now: Instant,
         reason: TransitionReason,
+        upstream: bool,
         emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         if self.state == BreakerState::Open {
             if self.open_until.is_some_and(|current| until > current) {
                 self.open_until = Some(until);
+                self.upstream_cooldown = upstream;
                 self.last_reason = Some(reason);
                 emit(Transition {
                     from: BreakerState::Open,
@@ -748,6 +785,7 @@ impl KeyState {
             }
             return;
         }
+        self.upstream_cooldown = upstream;
         self.enter(BreakerState::Open, now, reason, Some(until), emit);
     }
 

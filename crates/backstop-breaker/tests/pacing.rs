@@ -74,6 +74,7 @@ fn rate_limited() -> Outcome {
 fn paced(retry_in: Duration) -> Result<(), Rejection> {
     Err(Rejection {
         state: BreakerState::Closed,
+        upstream_directed: true,
         retry_in,
     })
 }

@@ -137,6 +137,7 @@ fn five_consecutive_failures_open_the_key_for_30_seconds() {
         key.admit(secs(34) - ms(1)),
         Err(Rejection {
             state: Open,
+            upstream_directed: false,
             retry_in: ms(1)
         })
     );
@@ -268,6 +269,7 @@ fn half_open_admits_one_probe_and_refuses_others_until_its_timeout() {
         key.admit(secs(34)),
         Err(Rejection {
             state: HalfOpen,
+            upstream_directed: false,
             retry_in: ms(50)
         })
     );
@@ -275,6 +277,7 @@ fn half_open_admits_one_probe_and_refuses_others_until_its_timeout() {
         key.admit(secs(35)),
         Err(Rejection {
             state: HalfOpen,
+            upstream_directed: false,
             retry_in: secs(1)
         })
     );
@@ -282,6 +285,7 @@ fn half_open_admits_one_probe_and_refuses_others_until_its_timeout() {
         key.admit(secs(74)),
         Err(Rejection {
             state: HalfOpen,
+            upstream_directed: false,
             retry_in: secs(20)
         })
     );
@@ -337,6 +341,7 @@ fn a_hung_probe_is_released_at_its_timeout_as_a_failure() {
         key.admit(secs(94)),
         Err(Rejection {
             state: Open,
+            upstream_directed: false,
             retry_in: secs(30)
         })
     );
@@ -617,4 +622,59 @@ fn client_errors_and_local_refusals_never_count() {
     assert_eq!(key.state.state(), Closed);
     assert_eq!(key.state.consecutive_failures(), 0);
     assert_eq!(key.state.window_counts(key.at(secs(1))), (0, 0));
+}
+
+fn overloaded() -> Outcome {
+    Outcome::Failure {
+        kind: FailureKind::Overloaded,
+        hint: None,
+    }
+}
+
+/// Whether a refusal tells the fallback layer it may wait: only when the upstream
+/// directed the cooldown (its hint, its 429s/503s), never for breakage the breaker
+/// counted itself.
+#[test]
+fn a_refusal_says_whether_the_upstream_directed_the_wait() {
+    // Five 500s: the breaker's own evidence. Open and then half-open refusals say no.
+    let mut broken = opened_at_4s(fixed_open());
+    assert_eq!(
+        broken.admit(secs(5)).map(|_| ()),
+        Err(Rejection {
+            state: Open,
+            upstream_directed: false,
+            retry_in: secs(29)
+        })
+    );
+    let probe = broken.admit(secs(34)).expect("probe");
+    assert!(!broken.admit(secs(34)).unwrap_err().upstream_directed);
+    // The probe fails with a 503: the upstream now asks for fewer calls.
+    broken.record(probe, overloaded(), secs(35));
+    assert!(broken.admit(secs(36)).unwrap_err().upstream_directed);
+
+    // Five 503s "overloaded": the upstream asked for fewer calls.
+    let mut overloaded_key = Key::new(fixed_open());
+    for i in 0..5 {
+        overloaded_key.call(overloaded(), secs(i));
+    }
+    assert_eq!(overloaded_key.state.state(), Open);
+    assert!(overloaded_key.admit(secs(5)).unwrap_err().upstream_directed);
+
+    // One 429 with Retry-After: 10 opens the key on the provider's word.
+    let mut hinted = Key::new(fixed_open());
+    hinted.call(
+        rate_limited(secs(10), HintSource::RetryAfterSeconds),
+        secs(0),
+    );
+    assert_eq!(
+        hinted.admit(secs(1)).map(|_| ()),
+        Err(Rejection {
+            state: Open,
+            upstream_directed: true,
+            retry_in: secs(9)
+        })
+    );
+    // A probe that then hangs to its timeout is the breaker's own evidence again.
+    let _hung = hinted.admit(secs(10)).expect("probe");
+    assert!(!hinted.admit(secs(70)).unwrap_err().upstream_directed);
 }

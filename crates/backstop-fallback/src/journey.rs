@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use backstop_classify::{
     AttemptLog, BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure,
-    FailureKind, HintSource, ModelRoute, ReplayBody, classify_transport_error,
+    FailureKind, HintSource, ModelRoute, ReplayBody, Retryable, classify_transport_error,
 };
 use http::{Request, Response};
 use tokio::time::Instant;
@@ -157,12 +157,18 @@ impl<RB> Journey<RB> {
         self.finish_without_response(error, attempts, stop)
     }
 
-    /// When every model of this round was refused by a cooldown (a breaker open,
-    /// half-open with its probes out, or paced) and the earliest of them ends before
+    /// When every model of this round was refused by a cooldown the upstream set (a
+    /// pace learned from its slow-down signals, or a breaker held open by its delay
+    /// hint: refusals marked [`Retryable::Yes`]) and the earliest of them ends before
     /// the deadline: starts a new round at the requested model, to be sent at that
     /// moment. Nothing reached a provider in this round, so the wait adds no attempt
     /// the retry layer or the budget refused; without a deadline there is no bound
     /// on the wait (a quota cooldown lasts minutes), so the layer never waits.
+    ///
+    /// A breaker that opened on its own evidence (failures counted, a probe failed,
+    /// no hint) is not waited for: the upstream is down for as long as it takes, and
+    /// the caller is better served by a fast failure that says when to try again
+    /// than by a request held until its deadline.
     fn wait_for_cooldown(&mut self) -> Option<(Instant, Request<ReplayBody>)> {
         let deadline = self.deadline?;
         if self.waits >= self.config.cooldown_waits || self.kept.is_some() {
@@ -170,9 +176,11 @@ impl<RB> Journey<RB> {
         }
         let round = &self.hops[..];
         let cooling = |h: &Hop| {
-            h.failure
-                .as_ref()
-                .is_some_and(|f| f.kind == FailureKind::BreakerOpen && f.hint.is_some())
+            h.failure.as_ref().is_some_and(|f| {
+                f.kind == FailureKind::BreakerOpen
+                    && f.hint.is_some()
+                    && f.retryable == Retryable::Yes
+            })
         };
         if round.is_empty() || !round.iter().all(cooling) {
             return None;

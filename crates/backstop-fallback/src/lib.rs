@@ -93,14 +93,23 @@
 //!
 //! ## When every model is cooling down
 //!
-//! When every model of the chain was refused by a cooldown in the inner stack, with
-//! nothing sent (a [`FailureKind::BreakerOpen`](backstop_classify::FailureKind)
-//! refusal with a delay hint: a breaker open, half-open with its probes out, or
-//! paced), failing at once is wrong when there is no other model: a single-model
-//! setup would turn every cooldown into local failures. So the layer **waits until
-//! the earliest of those moments, then walks the chain again** from the requested
-//! model, when:
+//! When every model of the chain was refused by a cooldown **the upstream asked
+//! for**, with nothing sent (a [`FailureKind::BreakerOpen`](backstop_classify::FailureKind)
+//! refusal with a delay hint and [`Retryable::Yes`](backstop_classify::Retryable):
+//! a pace the breaker learned from the provider's 429s and 503s, or a key held open
+//! by the provider's own `Retry-After` or opened by its 429s and 503s, which ask for
+//! fewer calls), failing at once is wrong when there is no
+//! other model: a single-model setup would turn every rate-limit cooldown into local
+//! failures. So the layer **waits until the earliest of those moments, then walks the
+//! chain again** from the requested model, when:
 //!
+//! - every refusal of the round was of that kind. A key the breaker opened on its own
+//!   evidence of breakage (500s, timeouts, resets counted, with no hint) is not
+//!   waited for: the
+//!   upstream is down for as long as it takes, and a caller is better served by a
+//!   fast failure that says when to try again than by a request held until its
+//!   deadline (in the simulator's full outage, waiting held every request for 35 s
+//!   on average only to fail it);
 //! - the request has a deadline (the configured total deadline or a caller's
 //!   [`Deadline`](backstop_classify::Deadline)): without one a wait has no bound (a
 //!   quota cooldown lasts ten minutes), so the layer fails at once as before;

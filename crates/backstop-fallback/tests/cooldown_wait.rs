@@ -1,7 +1,9 @@
-//! When every model of the chain is cooling down, the layer waits for the earliest
-//! reopening within the request's deadline and tries again; past the deadline it
-//! fails at once. Against the real breaker and classify layers and the mock provider,
-//! in virtual time.
+//! When every model of the chain is cooling down on the upstream's word (its delay
+//! hint, or a pace learned from its 429s), the layer waits for the earliest reopening
+//! within the request's deadline and tries again; past the deadline it fails at once,
+//! and a key the breaker opened on its own evidence (failures counted) is never waited
+//! for. Against the real breaker and classify layers and the mock provider, in
+//! virtual time.
 
 use std::time::Duration;
 
@@ -63,7 +65,8 @@ fn chat() -> Request<ReplayBody> {
         .unwrap()
 }
 
-/// Five 500s then healthy: five requests at `t0` open the key until `t0 + 5 s`.
+/// A 429 with `Retry-After: 5`, then healthy: one request at `t0` opens the key
+/// until `t0 + 5 s`, on the provider's word.
 fn opened_at_start(
     fallback: FallbackConfig,
     breaker: BreakerConfig,
@@ -80,12 +83,28 @@ fn opened_at_start(
 ) {
     let mock = MockProvider::new(Scenario::new(1).model(
         "gpt-4o",
-        ModelPlan::script(std::iter::repeat_n(Fault::OpenAiServerError, 5)).then(Fault::Ok),
+        ModelPlan::script([rate_limited(5)]).then(Fault::Ok),
     ));
     (stack(fallback, breaker, mock.clone()), mock)
 }
 
-async fn open_the_key<S>(service: &S)
+fn rate_limited(retry_after_s: u64) -> Fault {
+    Fault::OpenAiRateLimit {
+        retry_after: Some(retry_after_s.to_string()),
+        retry_after_ms: None,
+    }
+}
+
+async fn open_the_key<S, B>(service: &S)
+where
+    S: Service<Request<ReplayBody>, Response = Response<B>, Error = ClassifiedError> + Clone,
+{
+    let response = service.clone().oneshot(chat()).await.ok();
+    assert_eq!(response.map(|r| r.status().as_u16()), Some(429));
+}
+
+/// Five 500s: five requests open the key until `+ 5 s` on the breaker's own count.
+async fn open_the_key_with_failures<S>(service: &S)
 where
     S: Service<Request<ReplayBody>, Error = ClassifiedError> + Clone,
 {
@@ -111,7 +130,7 @@ async fn a_single_model_waits_exactly_until_its_key_reopens_then_is_served() {
     // The key was open until 5 s: the request waited exactly the 4 s left.
     assert_eq!(asked.elapsed(), secs(4));
     let attempts: Vec<Duration> = mock.attempts().iter().map(|a| a.since_start).collect();
-    assert_eq!(attempts, [ms(0), ms(0), ms(0), ms(0), ms(0), secs(5)]);
+    assert_eq!(attempts, [ms(0), secs(5)]);
     let record = response.extensions().get::<ServedBy>().unwrap();
     assert!(record.served);
     assert_eq!(record.cooldown_waits, 1);
@@ -144,6 +163,32 @@ async fn a_reopening_past_the_deadline_fails_at_once_with_the_time_to_retry() {
     let record = ServedBy::of_error(&error).unwrap();
     assert_eq!(record.cooldown_waits, 0);
     assert_eq!(record.retry_at, Some(asked + secs(4)));
+    assert_eq!(mock.attempt_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_opened_on_failures_is_not_waited_for_the_caller_fails_fast_with_the_time_to_retry() {
+    let mock = MockProvider::new(Scenario::new(1).model(
+        "gpt-4o",
+        ModelPlan::script(std::iter::repeat_n(Fault::OpenAiServerError, 5)).then(Fault::Ok),
+    ));
+    let service = stack(
+        single_model(Some(secs(60))).build().unwrap(),
+        BreakerConfig::default(),
+        mock.clone(),
+    );
+    open_the_key_with_failures(&service).await;
+    tokio::time::advance(secs(1)).await;
+
+    let asked = Instant::now();
+    let error = service.clone().oneshot(chat()).await.unwrap_err();
+    // The breaker's own 5 s open period: no wait, though the deadline is 60 s away.
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    assert_eq!(error.failure().hint.map(|h| h.delay), Some(secs(4)));
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.cooldown_waits, 0);
+    assert_eq!(record.retry_at, Some(asked + secs(4)));
     assert_eq!(mock.attempt_count(), 5);
 }
 
@@ -158,7 +203,7 @@ async fn without_a_deadline_the_layer_never_waits() {
     let error = service.clone().oneshot(chat()).await.unwrap_err();
     assert_eq!(asked.elapsed(), Duration::ZERO);
     assert_eq!(error.kind(), FailureKind::BreakerOpen);
-    assert_eq!(mock.attempt_count(), 5);
+    assert_eq!(mock.attempt_count(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -175,7 +220,7 @@ async fn zero_cooldown_waits_fails_at_once() {
     let error = service.clone().oneshot(chat()).await.unwrap_err();
     assert_eq!(asked.elapsed(), Duration::ZERO);
     assert_eq!(error.kind(), FailureKind::BreakerOpen);
-    assert_eq!(mock.attempt_count(), 5);
+    assert_eq!(mock.attempt_count(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -215,10 +260,10 @@ async fn a_healthy_fallback_is_used_at_once_instead_of_waiting() {
 
 #[tokio::test(start_paused = true)]
 async fn requests_that_waited_for_the_same_reopening_reach_the_provider_one_slot_at_a_time() {
-    // Healthy, then 500s from 10 s to 11 s.
+    // Healthy, then 429s with Retry-After: 5 from 10 s to 11 s.
     let mock = MockProvider::new(Scenario::new(1).model(
         "gpt-4o",
-        ModelPlan::ok().outage(secs(10), secs(11), Fault::OpenAiServerError),
+        ModelPlan::ok().outage(secs(10), secs(11), rate_limited(5)),
     ));
     let service = stack(
         single_model(Some(secs(60))).build().unwrap(),
@@ -231,7 +276,7 @@ async fn requests_that_waited_for_the_same_reopening_reach_the_provider_one_slot
         tokio::time::sleep_until(t0 + ms(100 * i)).await;
         assert_eq!(service.clone().oneshot(chat()).await.unwrap().status(), 200);
     }
-    // Five 500s at 10 s open the key until 15 s.
+    // A 429 at 10 s opens the key until 15 s, on the provider's word.
     tokio::time::sleep_until(t0 + secs(10)).await;
     open_the_key(&service).await;
     // Twenty callers at 11 s (the provider is back, the key still open) all wait
@@ -244,17 +289,20 @@ async fn requests_that_waited_for_the_same_reopening_reach_the_provider_one_slot
         let response = caller.await.unwrap().unwrap();
         assert_eq!(response.status(), 200);
     }
-    // At 15 s one probe goes through and closes the key, paced at the 10 calls a
-    // second it served before it opened; the other nineteen take one slot each,
-    // 100 ms apart, instead of arriving together.
+    // At 15 s one probe goes through and closes the key. The 429 at 10 s engaged a
+    // pace of 0.95 times the 9 successes of the second before it (8.55 calls a
+    // second: one slot every 117 ms), which the closed key keeps. The other nineteen
+    // take one slot each instead of arriving together: the slot due one interval
+    // before 15 s (an untaken slot is kept for one interval, no longer) and the one
+    // due at 15 s, then one every 117 ms.
     let after: Vec<Duration> = mock
         .attempts()
         .iter()
         .map(|a| a.since_start)
         .filter(|t| *t >= secs(11))
         .collect();
-    let mut expected = vec![secs(15)];
-    expected.extend((0..19).map(|i| secs(15) + ms(100 * i)));
+    let mut expected = vec![secs(15), secs(15), secs(15)];
+    expected.extend((1..=17).map(|k| secs(15) + ms(117 * k)));
     assert_eq!(after, expected);
 }
 
@@ -312,9 +360,13 @@ async fn the_waits_of_one_request_are_capped() {
     // A breaker that always says "come back in 1 s".
     let inner = tower::service_fn(|_request: Request<ReplayBody>| async {
         Err::<Response<String>, _>(ClassifiedError::local(
-            backstop_classify::Failure::new(FailureKind::BreakerOpen).with_hint(Some(
-                backstop_classify::DelayHint::new(secs(1), backstop_classify::HintSource::Breaker),
-            )),
+            backstop_classify::Failure::new(FailureKind::BreakerOpen)
+                .with_hint(Some(backstop_classify::DelayHint::new(
+                    secs(1),
+                    backstop_classify::HintSource::Breaker,
+                )))
+                // A cooldown the upstream asked for: the kind the layer waits on.
+                .with_retryable(backstop_classify::Retryable::Yes),
         ))
     });
     let fallback = single_model(Some(secs(60)))
