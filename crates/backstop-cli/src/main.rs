@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run scenarios in virtual time against the in-memory mock provider and compare
-    /// retry policies side by side (no file needed: five scenarios are embedded).
+    /// retry policies side by side (no file needed: six scenarios are embedded).
     Simulate {
         /// A scenario file (TOML) to run instead of the embedded defaults.
         #[arg(long)]
