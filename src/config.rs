@@ -4,6 +4,7 @@
 //! ```toml
 //! provider = "openai"            # classification profile: generic, openai, azure, anthropic, gemini
 //! total_deadline = "90s"         # across every attempt, wait and fallback hop
+//! cooldown_waits = 16            # waits for a cooldown the provider directed (0: never)
 //! max_request_body = 8388608     # bytes
 //!
 //! [retry]
@@ -22,7 +23,10 @@
 //!
 //! [breaker]
 //! consecutive_failures = 5
-//! open_duration = "30s"
+//! open_duration = "5s"           # first open period, doubled per failed probe
+//! max_open_duration = "60s"
+//! hint_opens_at = "2s"           # a Retry-After this long opens a key by itself
+//! pacing = true                  # or false, or { backoff = 0.95, growth = 0.02, min_rate = 0.5 }
 //!
 //! [models.gpt-4o]
 //! upstream = "openai"
@@ -67,6 +71,10 @@ pub struct StackConfig {
     /// The cap on a request body, in bytes.
     #[serde(default)]
     pub max_request_body: Option<usize>,
+    /// How many times one request may wait for a cooldown the provider directed
+    /// when every model of its chain is cooling down (0: never wait).
+    #[serde(default)]
+    pub cooldown_waits: Option<u32>,
     /// The retry layer.
     #[serde(default)]
     pub retry: RetrySection,
@@ -148,9 +156,21 @@ pub struct BreakerSection {
     pub window: Option<Duration>,
     /// Calls in the window before the ratio counts.
     pub minimum_calls: Option<u32>,
-    /// How long a key stays open.
+    /// How long a key stays open the first time (doubled per failed probe).
     #[serde(default, deserialize_with = "human_duration_opt")]
     pub open_duration: Option<Duration>,
+    /// The longest open period the doubling reaches.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub max_open_duration: Option<Duration>,
+    /// A 429/503 delay hint at least this long opens a key by itself.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub hint_opens_at: Option<Duration>,
+    /// The longest cooldown a delay hint may set.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub max_hinted_cooldown: Option<Duration>,
+    /// Pacing after the provider's slow-down signals: `true` (the default tuning),
+    /// `false` (off), or `{ backoff, growth, min_rate }`.
+    pub pacing: Option<PacingSetting>,
     /// Concurrent trial requests when half-open.
     pub half_open_probes: Option<u32>,
     /// How long a probe may take before it counts as failed.
@@ -159,6 +179,28 @@ pub struct BreakerSection {
     /// How long a quota-exhausted key stays open.
     #[serde(default, deserialize_with = "human_duration_opt")]
     pub quota_cooldown: Option<Duration>,
+}
+
+/// `breaker.pacing`: on with the default tuning, off, or tuned.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PacingSetting {
+    /// `true`: the default tuning; `false`: no pacing.
+    Enabled(bool),
+    /// `{ backoff = 0.95, growth = 0.02, min_rate = 0.5 }` (each optional).
+    Tuned(PacingSection),
+}
+
+/// `breaker.pacing = { ... }`: see [`Pacing`](backstop_breaker::Pacing).
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PacingSection {
+    /// What a slow-down signal multiplies the rate by, in (0, 1).
+    pub backoff: Option<f64>,
+    /// How much of itself the rate may grow per second while binding, in (0, 1].
+    pub growth: Option<f64>,
+    /// The slowest pace, in calls per second.
+    pub min_rate: Option<f64>,
 }
 
 /// `[models.NAME]`: where a model is served.
@@ -386,6 +428,7 @@ impl StackConfig {
             self.models,
             self.chains,
             self.total_deadline,
+            self.cooldown_waits,
             env,
         )?);
         Ok(builder)
@@ -462,10 +505,30 @@ fn breaker_config(section: &BreakerSection) -> BreakerConfig {
         window,
         minimum_calls,
         open_duration,
+        max_open_duration,
+        hint_opens_at,
+        max_hinted_cooldown,
         half_open_probes,
         probe_timeout,
         quota_cooldown
     );
+    match section.pacing {
+        None | Some(PacingSetting::Enabled(true)) => {}
+        Some(PacingSetting::Enabled(false)) => c.pacing = None,
+        Some(PacingSetting::Tuned(t)) => {
+            let mut pacing = backstop_breaker::Pacing::default();
+            if let Some(v) = t.backoff {
+                pacing.backoff = v;
+            }
+            if let Some(v) = t.growth {
+                pacing.growth = v;
+            }
+            if let Some(v) = t.min_rate {
+                pacing.min_rate = v;
+            }
+            c.pacing = Some(pacing);
+        }
+    }
     c
 }
 
@@ -473,6 +536,7 @@ fn fallback_config(
     models: BTreeMap<String, ModelSection>,
     chains: Chains,
     total_deadline: Option<Duration>,
+    cooldown_waits: Option<u32>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<FallbackConfig, ConfigError> {
     let mut builder = FallbackConfig::builder();
@@ -515,6 +579,9 @@ fn fallback_config(
         .content_chain(chains.content_filter);
     if let Some(total) = total_deadline {
         builder = builder.total_deadline(total);
+    }
+    if let Some(waits) = cooldown_waits {
+        builder = builder.cooldown_waits(waits);
     }
     builder.build().map_err(|e| ConfigError::Invalid {
         section: "models/chains",

@@ -74,7 +74,7 @@ pub use backstop_retry as retry;
 
 pub use builder_ext::ServiceBuilderExt;
 pub use config::{
-    BreakerSection, BudgetSection, ConfigError, CredentialSection, ModelSection, RetrySection,
-    StackConfig, ThrottleSection,
+    BreakerSection, BudgetSection, ConfigError, CredentialSection, ModelSection, PacingSection,
+    PacingSetting, RetrySection, StackConfig, ThrottleSection,
 };
 pub use stack::{BackstopBuilder, BackstopLayer, BackstopService, DEFAULT_MAX_REQUEST_BODY};

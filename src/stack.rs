@@ -63,6 +63,11 @@ impl BackstopLayer {
         BackstopBuilder::default()
     }
 
+    /// The fallback layer (its `config()`: targets, chains, deadline, waits).
+    pub fn fallback(&self) -> &FallbackLayer {
+        &self.fallback
+    }
+
     /// The breaker's shared state, to query (`snapshot()`) or export.
     pub fn breaker(&self) -> &BreakerLayer<InProcessStore> {
         &self.breaker

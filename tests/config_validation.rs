@@ -126,3 +126,50 @@ fn each_layer_s_own_validation_is_reported_with_its_section() {
     let m = message("max_request_body = 0\n");
     assert!(m.starts_with("[max_request_body]:"), "{m}");
 }
+
+#[test]
+fn the_breaker_s_open_period_pacing_and_the_cooldown_waits_are_set_from_the_file() {
+    let layer = build(
+        "cooldown_waits = 3\n\
+         [breaker]\n\
+         open_duration = \"2s\"\n\
+         max_open_duration = \"20s\"\n\
+         hint_opens_at = \"3s\"\n\
+         max_hinted_cooldown = \"90s\"\n\
+         pacing = { backoff = 0.9, min_rate = 1.0 }\n",
+        &[],
+    )
+    .expect("valid");
+    let breaker = layer.breaker().breaker().store().config();
+    assert_eq!(breaker.open_duration, std::time::Duration::from_secs(2));
+    assert_eq!(
+        breaker.max_open_duration,
+        std::time::Duration::from_secs(20)
+    );
+    assert_eq!(breaker.hint_opens_at, std::time::Duration::from_secs(3));
+    assert_eq!(
+        breaker.max_hinted_cooldown,
+        std::time::Duration::from_secs(90)
+    );
+    let pacing = breaker.pacing.expect("pacing on");
+    assert_eq!(pacing.backoff, 0.9);
+    assert_eq!(pacing.min_rate, 1.0);
+    assert_eq!(pacing.growth, backstop::breaker::Pacing::default().growth);
+    assert_eq!(layer.fallback().config().cooldown_waits(), 3);
+
+    let off = build("[breaker]\npacing = false\n", &[]).expect("valid");
+    assert!(off.breaker().breaker().store().config().pacing.is_none());
+    let on = build("[breaker]\npacing = true\n", &[]).expect("valid");
+    assert_eq!(
+        on.breaker().breaker().store().config().pacing,
+        Some(backstop::breaker::Pacing::default())
+    );
+}
+
+#[test]
+fn a_pacing_backoff_outside_zero_to_one_is_refused_in_its_section() {
+    let m = message("[breaker]\npacing = { backoff = 1.5 }\n");
+    assert!(m.starts_with("[breaker]:"), "{m}");
+    let m = message("[breaker]\npacing = { colour = 1 }\n");
+    assert!(m.contains("pacing"), "{m}");
+}
