@@ -153,7 +153,15 @@ impl Pace {
         // upstream's capacity), but never more than one extra backoff below the rate:
         // a key failing most of its calls is going down, not saturated, and that is
         // the counting rules' business, not a reason to pace it to a crawl.
-        let base = served.clamp(self.rate * pacing.backoff, self.rate);
+        // (`clamp` panics on a NaN or inverted bound: an unvalidated backoff gives
+        // neither.)
+        let lowest = self.rate * pacing.backoff;
+        let lowest = if lowest <= self.rate {
+            lowest
+        } else {
+            self.rate
+        };
+        let base = served.clamp(lowest, self.rate);
         self.rate = sane_rate(base * pacing.backoff, pacing);
         self.generation = self.generation.wrapping_add(1);
         // Slots already booked keep their times; new ones follow at the new rate.
@@ -177,12 +185,20 @@ impl Pace {
 }
 
 fn sane_rate(rate: f64, pacing: &Pacing) -> f64 {
-    // At most a million calls a second: a slot interval stays a representable,
-    // non-zero duration whatever was measured.
-    if rate.is_finite() {
-        rate.clamp(pacing.min_rate, 1e6)
-    } else {
+    // Between the floor and a million calls a second: a slot interval stays a
+    // representable, non-zero duration whatever was measured. The floor is checked
+    // too: `KeyState` is public and may be handed a configuration that never went
+    // through `BreakerConfig::validate` (a zero or NaN floor would make the interval
+    // infinite, and `clamp` panics on a NaN bound).
+    let floor = if pacing.min_rate > 0.0 && pacing.min_rate <= 1e6 {
         pacing.min_rate
+    } else {
+        Pacing::default().min_rate
+    };
+    if rate.is_finite() {
+        rate.clamp(floor, 1e6)
+    } else {
+        floor
     }
 }
 
@@ -192,6 +208,30 @@ mod tests {
 
     fn ms(m: u64) -> Duration {
         Duration::from_millis(m)
+    }
+
+    #[test]
+    fn an_unvalidated_floor_or_a_wild_measurement_never_makes_an_unusable_pace() {
+        let t0 = Instant::now();
+        let wild = [0.0, -1.0, f64::NAN, f64::INFINITY, 1e9];
+        for (min_rate, backoff) in wild.into_iter().zip(wild.into_iter().rev()) {
+            let pacing = Pacing {
+                min_rate,
+                backoff,
+                ..Pacing::default()
+            };
+            for rate in [0.0, f64::NAN, f64::INFINITY, -5.0, 1e12] {
+                let mut pace = Pace::new(rate, t0, 1, &pacing);
+                assert!(
+                    pace.rate() > 0.0 && pace.rate() <= 1e6,
+                    "{min_rate} {backoff} {rate}"
+                );
+                assert_eq!(pace.admit(t0, None), Ok(()));
+                assert!(pace.admit(t0, None).is_err());
+                pace.slow_down(1, f64::NAN, t0, &pacing);
+                assert!(pace.rate() > 0.0 && pace.rate() <= 1e6);
+            }
+        }
     }
 
     #[test]
