@@ -24,23 +24,21 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use backstop::BackstopLayer;
 use backstop::classify::ReplayBody;
-use backstop::fallback::{FallbackConfig, Target};
 use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
-use tower_http::classify::{ClassifiedResponse, ClassifyResponse, StatusInRangeAsFailures};
 
-type Req = Request<ReplayBody>;
-type Res = Response<Full<Bytes>>;
+#[path = "../tests/baseline/mod.rs"]
+mod baseline;
+
+use baseline::{Req, Res, benchmark_stack, tower_composition};
 
 const BODY: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}]}"#;
 
@@ -68,71 +66,6 @@ fn bare()
             b"{\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\"}",
         ))))
     })
-}
-
-/// The tower composition of `benches/stack_overhead.rs` (copied; that file is its
-/// own benchmark): up to 2 retries on 429/5xx (tower-http's classifier), each
-/// withdrawn from a shared `TpsBudget`, which every request deposits into.
-#[derive(Clone)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-    retries_left: u8,
-}
-
-impl<E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        let failed = match result {
-            Ok(response) => {
-                let classifier = StatusInRangeAsFailures::new(429..=599);
-                matches!(
-                    classifier.classify_response(response),
-                    ClassifiedResponse::Ready(Err(_))
-                )
-            }
-            Err(_) => true,
-        };
-        if !failed {
-            self.budget.deposit();
-            return None;
-        }
-        if self.retries_left == 0 || !self.budget.withdraw() {
-            return None;
-        }
-        self.retries_left -= 1;
-        Some(tokio::time::sleep(Duration::from_millis(500)))
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        let mut clone = Request::new(req.body().replay());
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.headers_mut() = req.headers().clone();
-        Some(clone)
-    }
-}
-
-/// The stack of `benches/stack_overhead.rs`: every layer at its default, two
-/// targets, one chain.
-fn backstop_layer() -> BackstopLayer {
-    let fallback = FallbackConfig::builder()
-        .target(
-            "gpt-4o",
-            Target::new("openai", "https://api.provider.test/v1"),
-        )
-        .target(
-            "claude-sonnet",
-            Target::new("anthropic", "https://api.provider.test/v1"),
-        )
-        .chain("gpt-4o", ["claude-sonnet"])
-        .build()
-        .expect("valid fallback config");
-    BackstopLayer::builder()
-        .fallback(fallback)
-        .retry_seed(1)
-        .build()
-        .expect("valid stack")
 }
 
 /// A case: requests in flight, and the variant.
@@ -321,13 +254,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
 
     let bare = bare();
-    let tower_stack = tower::retry::RetryLayer::new(TowerPolicy {
-        budget: Arc::new(TpsBudget::default()),
-        retries_left: 2,
-    })
-    .layer(bare.clone());
+    let tower_stack = tower_composition(2).layer(bare.clone());
     // One layer, one service: every task's clone shares the budget and the breaker.
-    let backstop_stack = backstop_layer().layer(bare.clone());
+    let backstop_stack = benchmark_stack().layer(bare.clone());
     // What one request in flight holds inline (its heap allocations come on top:
     // `tests/memory_per_request.rs` counts them): the reason a case with thousands in
     // flight can outgrow the CPU caches.

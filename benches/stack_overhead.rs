@@ -16,22 +16,18 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::sync::Arc;
-use std::time::Duration;
 
-use backstop::BackstopLayer;
 use backstop::classify::ReplayBody;
-use backstop::fallback::{FallbackConfig, Target};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
-use tower_http::classify::{ClassifiedResponse, ClassifyResponse, StatusInRangeAsFailures};
 
-type Req = Request<ReplayBody>;
-type Res = Response<Full<Bytes>>;
+#[path = "../tests/baseline/mod.rs"]
+mod baseline;
+
+use baseline::{Req, Res, benchmark_stack, tower_composition};
 
 const BODY: &[u8] = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}]}"#;
 
@@ -53,68 +49,6 @@ fn bare()
     })
 }
 
-/// What a tower user writes: up to 2 retries on 429/5xx (tower-http's classifier),
-/// each withdrawn from a shared TpsBudget, which every request deposits into.
-#[derive(Clone)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-    retries_left: u8,
-}
-
-impl<E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        let failed = match result {
-            Ok(response) => {
-                let classifier = StatusInRangeAsFailures::new(429..=599);
-                matches!(
-                    classifier.classify_response(response),
-                    ClassifiedResponse::Ready(Err(_))
-                )
-            }
-            Err(_) => true,
-        };
-        if !failed {
-            self.budget.deposit();
-            return None;
-        }
-        if self.retries_left == 0 || !self.budget.withdraw() {
-            return None;
-        }
-        self.retries_left -= 1;
-        Some(tokio::time::sleep(Duration::from_millis(500)))
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        let mut clone = Request::new(req.body().replay());
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.headers_mut() = req.headers().clone();
-        Some(clone)
-    }
-}
-
-fn backstop_layer() -> BackstopLayer {
-    let fallback = FallbackConfig::builder()
-        .target(
-            "gpt-4o",
-            Target::new("openai", "https://api.provider.test/v1"),
-        )
-        .target(
-            "claude-sonnet",
-            Target::new("anthropic", "https://api.provider.test/v1"),
-        )
-        .chain("gpt-4o", ["claude-sonnet"])
-        .build()
-        .expect("valid fallback config");
-    BackstopLayer::builder()
-        .fallback(fallback)
-        .retry_seed(1)
-        .build()
-        .expect("valid stack")
-}
-
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -127,19 +61,14 @@ fn bench(c: &mut Criterion) {
         b.iter(|| runtime.block_on(async { black_box(svc.clone().oneshot(request()).await.ok()) }))
     });
 
-    let budget = Arc::new(TpsBudget::default());
-    let tower_stack = tower::retry::RetryLayer::new(TowerPolicy {
-        budget,
-        retries_left: 2,
-    })
-    .layer(bare());
+    let tower_stack = tower_composition(2).layer(bare());
     group.bench_function("tower_retry_tps_budget", |b| {
         b.iter(|| {
             runtime.block_on(async { black_box(tower_stack.clone().oneshot(request()).await.ok()) })
         })
     });
 
-    let backstop_stack = backstop_layer().layer(bare());
+    let backstop_stack = benchmark_stack().layer(bare());
     group.bench_function("backstop_full_stack", |b| {
         b.iter(|| {
             runtime
@@ -183,16 +112,8 @@ fn calls_only(spec: &str) {
     }
     match which {
         "bare" => run(&runtime, bare(), n),
-        "tower" => run(
-            &runtime,
-            tower::retry::RetryLayer::new(TowerPolicy {
-                budget: Arc::new(TpsBudget::default()),
-                retries_left: 2,
-            })
-            .layer(bare()),
-            n,
-        ),
-        "backstop" => run(&runtime, backstop_layer().layer(bare()), n),
+        "tower" => run(&runtime, tower_composition(2).layer(bare()), n),
+        "backstop" => run(&runtime, benchmark_stack().layer(bare()), n),
         other => eprintln!("STACK_OVERHEAD_CALLS: unknown variant {other:?}"),
     }
 }

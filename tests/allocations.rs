@@ -11,9 +11,8 @@ use std::convert::Infallible;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use backstop::BackstopLayer;
 use backstop::classify::{AttemptLog, Classification, ReplayBody};
-use backstop::fallback::{FallbackConfig, ServedBy, Target};
+use backstop::fallback::ServedBy;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -52,8 +51,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-type Req = Request<ReplayBody>;
-type Res = Response<Full<Bytes>>;
+mod baseline;
+
+use baseline::{Req, Res, benchmark_stack};
 
 /// The benchmark's request: a URI, two headers (one a credential the fallback layer
 /// replaces) and a bytes-backed body naming a model that has a target.
@@ -74,27 +74,6 @@ fn bare()
             Bytes::from_static(b"{\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\"}"),
         ))))
     })
-}
-
-/// The benchmark's stack: every layer at its default, two targets, one chain.
-fn stack() -> BackstopLayer {
-    let fallback = FallbackConfig::builder()
-        .target(
-            "gpt-4o",
-            Target::new("openai", "https://api.provider.test/v1"),
-        )
-        .target(
-            "claude-sonnet",
-            Target::new("anthropic", "https://api.provider.test/v1"),
-        )
-        .chain("gpt-4o", ["claude-sonnet"])
-        .build()
-        .expect("valid fallback config");
-    BackstopLayer::builder()
-        .fallback(fallback)
-        .retry_seed(1)
-        .build()
-        .expect("valid stack")
 }
 
 /// Allocations made by one `oneshot` on a clone of `svc` (readiness, call, response,
@@ -151,7 +130,7 @@ fn a_served_request_costs_a_bounded_number_of_allocations_over_the_bare_service(
     let bare_count = allocations_per_call(&runtime, &bare(), |response: &Res| {
         assert_eq!(response.status(), 200);
     });
-    let full = stack().layer(bare());
+    let full = benchmark_stack().layer(bare());
     let stack_count = allocations_per_call(&runtime, &full, |response| {
         // The stack did its work: classified, logged, and recorded who served.
         assert_eq!(response.status(), 200);

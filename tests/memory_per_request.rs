@@ -30,9 +30,7 @@ use backstop::retry::RetryConfig;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
-use tower_http::classify::{ClassifiedResponse, ClassifyResponse, StatusInRangeAsFailures};
 
 struct Counting;
 
@@ -149,8 +147,9 @@ fn counted<T>(f: impl FnOnce() -> T) -> (T, Allocated) {
     (out, allocated)
 }
 
-type Req = Request<ReplayBody>;
-type Res = Response<Full<Bytes>>;
+mod baseline;
+
+use baseline::{Req, Res, tower_composition};
 
 const PRIMARY_HOST: &str = "primary.test";
 const FALLBACK_HOST: &str = "fallback.test";
@@ -307,55 +306,6 @@ impl Provider {
     }
 }
 
-/// The tower composition of `benches/stack_overhead.rs`: up to 2 retries on 429/5xx
-/// (tower-http's classifier), each withdrawn from a shared `TpsBudget`.
-#[derive(Clone)]
-struct TowerPolicy {
-    budget: Arc<TpsBudget>,
-    retries_left: u8,
-}
-
-impl<E> tower::retry::Policy<Req, Res, E> for TowerPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(&mut self, _req: &mut Req, result: &mut Result<Res, E>) -> Option<Self::Future> {
-        let failed = match result {
-            Ok(response) => {
-                let classifier = StatusInRangeAsFailures::new(429..=599);
-                matches!(
-                    classifier.classify_response(response),
-                    ClassifiedResponse::Ready(Err(_))
-                )
-            }
-            Err(_) => true,
-        };
-        if !failed {
-            self.budget.deposit();
-            return None;
-        }
-        if self.retries_left == 0 || !self.budget.withdraw() {
-            return None;
-        }
-        self.retries_left -= 1;
-        Some(tokio::time::sleep(Duration::from_millis(500)))
-    }
-
-    fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        let mut clone = Request::new(req.body().replay());
-        *clone.method_mut() = req.method().clone();
-        *clone.uri_mut() = req.uri().clone();
-        *clone.headers_mut() = req.headers().clone();
-        Some(clone)
-    }
-}
-
-fn tower_layer(retries: u8) -> tower::retry::RetryLayer<TowerPolicy> {
-    tower::retry::RetryLayer::new(TowerPolicy {
-        budget: Arc::new(TpsBudget::default()),
-        retries_left: retries,
-    })
-}
-
 /// The benchmark's stack (every layer at its default, two targets, one chain), with
 /// the two models at two hosts so the fake tells them apart.
 fn stack() -> BackstopLayer {
@@ -498,7 +448,7 @@ fn a_request_served_at_once_allocates_at_most_the_pinned_bytes() {
     );
     let tower = per_call(
         &runtime,
-        &tower_layer(2).layer(provider.service()),
+        &tower_composition(2).layer(provider.service()),
         &provider,
         served_at_once,
         &body,
@@ -553,7 +503,7 @@ fn with_retries(
         .with_max_attempts(RETRIES as u32 + 2)
         .expect("valid attempt limit");
     let full_service = stack_with(room_for_one_more).layer(provider.service());
-    let tower_service = tower_layer(RETRIES as u8).layer(provider.service());
+    let tower_service = tower_composition(RETRIES as u8).layer(provider.service());
     let mut full = [Allocated::default(); RETRIES + 1];
     let mut tower = [Allocated::default(); RETRIES + 1];
     for retries in 0..=RETRIES {
