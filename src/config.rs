@@ -14,6 +14,7 @@
 //! attempt_timeout = "20s"        # time to the response head (or first SSE event)
 //! max_hint = "120s"              # longer Retry-After: give up now, let fallback act
 //! jitter = "equal"               # none, full, equal, decorrelated
+//! fallback_handoff = "500ms"     # a hint this long goes to the next model at once; "off"
 //!
 //! [budget]
 //! window = "10s"
@@ -113,6 +114,9 @@ pub struct RetrySection {
     pub jitter: Option<String>,
     /// Seed for the jitter (reproducible runs).
     pub seed: Option<u64>,
+    /// A provider delay hint at least this long goes to the next model at once when
+    /// the chain has one (default `"500ms"`); `"off"` always waits it out.
+    pub fallback_handoff: Option<String>,
 }
 
 /// `[budget]`.
@@ -471,6 +475,19 @@ fn retry_config(section: &RetrySection) -> Result<RetryConfig, ConfigError> {
         retry = retry
             .with_attempt_timeout(section.attempt_timeout)
             .map_err(invalid)?;
+    }
+    match section.fallback_handoff.as_deref().map(str::trim) {
+        None => {}
+        Some("off") => retry = retry.with_fallback_handoff(None),
+        Some(text) => {
+            let at_least = humantime::parse_duration(text).map_err(|e| ConfigError::Invalid {
+                section: "retry",
+                message: format!(
+                    "fallback_handoff {text:?} is not a duration ({e}); write e.g. \"500ms\", or \"off\""
+                ),
+            })?;
+            retry = retry.with_fallback_handoff(Some(at_least));
+        }
     }
     if let Some(max_hint) = section.max_hint {
         retry = retry.with_max_hint(max_hint);

@@ -63,6 +63,11 @@ impl BackstopLayer {
         BackstopBuilder::default()
     }
 
+    /// The retry layer (its `config()`).
+    pub fn retry(&self) -> &RetryLayer {
+        &self.retry
+    }
+
     /// The fallback layer (its `config()`: targets, chains, deadline, waits).
     pub fn fallback(&self) -> &FallbackLayer {
         &self.fallback

@@ -173,3 +173,22 @@ fn a_pacing_backoff_outside_zero_to_one_is_refused_in_its_section() {
     let m = message("[breaker]\npacing = { colour = 1 }\n");
     assert!(m.contains("pacing"), "{m}");
 }
+
+#[test]
+fn the_fallback_handoff_is_a_duration_or_off() {
+    let layer = build("[retry]\nfallback_handoff = \"2s\"\n", &[]).expect("valid");
+    assert_eq!(
+        layer.retry().config().fallback_handoff(),
+        Some(std::time::Duration::from_secs(2))
+    );
+    let off = build("[retry]\nfallback_handoff = \"off\"\n", &[]).expect("valid");
+    assert_eq!(off.retry().config().fallback_handoff(), None);
+    let default = build("", &[]).expect("valid");
+    assert_eq!(
+        default.retry().config().fallback_handoff(),
+        Some(backstop::retry::DEFAULT_FALLBACK_HANDOFF)
+    );
+    let m = message("[retry]\nfallback_handoff = \"soon\"\n");
+    assert!(m.starts_with("[retry]:"), "{m}");
+    assert!(m.contains("fallback_handoff \"soon\""), "{m}");
+}

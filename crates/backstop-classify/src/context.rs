@@ -18,6 +18,13 @@ pub struct Deadline(pub tokio::time::Instant);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Idempotent;
 
+/// Put on a hop's request by the fallback layer when the chain has another model
+/// after this one for an ordinary failure: a failure the provider asked to have
+/// waited out (a delay hint) can go to that model at once instead. The retry layer
+/// reads it (see `backstop-retry`'s fallback handoff).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FallbackAvailable;
+
 /// Which model at which upstream an attempt is for; the breaker keys its state on it.
 ///
 /// The fallback layer sets it on every hop. `credential` is a non-secret label (such
@@ -106,6 +113,10 @@ pub enum StopReason {
     BudgetExhausted,
     /// The first SSE event of a stream was an error and no retry was allowed.
     StreamFailed,
+    /// The provider asked for a wait (a delay hint) and another model can serve the
+    /// request ([`FallbackAvailable`]): the failure went to the fallback layer at once
+    /// instead of being waited out on this model.
+    HandedToFallback,
 }
 
 /// One attempt of a logical request, as the retry layer recorded it.

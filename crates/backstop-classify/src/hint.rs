@@ -53,6 +53,12 @@ pub enum HintSource {
 }
 
 impl HintSource {
+    /// `true` for hints the provider sent (a header or its error body); `false` for
+    /// the local layers' own ([`HintSource::Breaker`], [`HintSource::Budget`]).
+    pub fn is_from_provider(self) -> bool {
+        !matches!(self, HintSource::Breaker | HintSource::Budget)
+    }
+
     /// `true` for hints that say when to retry (Retry-After and its variants, Gemini's
     /// RetryInfo, local layers); `false` for rate-limit reset times, which only say
     /// when a bucket refills.

@@ -156,8 +156,8 @@ pub use classification::{
     Classification, Failure, FailureKind, FallbackRoute, ProviderError, Retryable,
 };
 pub use context::{
-    AttemptLog, AttemptRecord, AttemptRecords, Deadline, Idempotent, ModelRoute, RetryBudget,
-    RetryBudgetHandle, StopReason, is_idempotent,
+    AttemptLog, AttemptRecord, AttemptRecords, Deadline, FallbackAvailable, Idempotent, ModelRoute,
+    RetryBudget, RetryBudgetHandle, StopReason, is_idempotent,
 };
 pub use error::{BoxError, ClassifiedError};
 pub use future::ResponseFuture;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use backstop_classify::{
     AttemptLog, BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure,
-    FailureKind, HintSource, ModelRoute, ReplayBody, Retryable, classify_transport_error,
+    FailureKind, FallbackAvailable, HintSource, ModelRoute, ReplayBody, Retryable,
+    classify_transport_error,
 };
 use http::{Request, Response};
 use tokio::time::Instant;
@@ -67,8 +68,11 @@ impl<RB> Journey<RB> {
                 .map_err(|e| ClassifiedError::new(Failure::new(FailureKind::InvalidRequest), e))?,
             None => original.pass_through(dl),
         };
+        let walk = ChainWalk::new(requested.clone());
+        let mut request = request;
+        mark_fallback(&mut request, &walk, &config);
         let journey = Journey {
-            walk: ChainWalk::new(requested.clone()),
+            walk,
             current: (requested, route, ChainKind::Requested),
             config,
             original,
@@ -209,6 +213,8 @@ impl<RB> Journey<RB> {
             "every model is cooling down; waiting for the earliest reopening",
         );
         self.current = (requested, route, ChainKind::Requested);
+        let mut request = request;
+        mark_fallback(&mut request, &self.walk, &self.config);
         Some((until, request))
     }
 
@@ -312,6 +318,8 @@ impl<RB> Journey<RB> {
             "fallback fired",
         );
         self.current = (model, route, chain);
+        let mut request = request;
+        mark_fallback(&mut request, &self.walk, &self.config);
         Ok(request)
     }
 
@@ -378,4 +386,13 @@ fn instant_after(delay: std::time::Duration) -> Instant {
     now.checked_add(delay.min(CENTURY))
         .or_else(|| now.checked_add(std::time::Duration::from_secs(3600)))
         .unwrap_or(now)
+}
+
+/// Tells the layers inside that another model can take this request if this hop
+/// fails in the ordinary way: the retry layer then hands a hinted failure over at
+/// once instead of waiting it out here.
+fn mark_fallback(request: &mut Request<ReplayBody>, walk: &ChainWalk, config: &Compiled) {
+    if walk.has_next(config) {
+        request.extensions_mut().insert(FallbackAvailable);
+    }
 }

@@ -32,7 +32,10 @@
 //! - On every hop's request: a [`ModelRoute`](backstop_classify::ModelRoute)
 //!   (upstream name, model as that upstream spells it, credential label; the breaker
 //!   keys on it) and the [`Deadline`](backstop_classify::Deadline), the same instant
-//!   for every hop, so each hop gets the time left.
+//!   for every hop, so each hop gets the time left; and
+//!   [`FallbackAvailable`](backstop_classify::FallbackAvailable) when the chain has
+//!   another model after this hop, so the retry layer inside hands a failure the
+//!   provider asked to have waited out (a delay hint) to that model at once.
 //! - On a switch to a configured target: its URI, only its credential, its extra
 //!   headers, and the body with the model rewritten when the target spells it
 //!   differently (one splice into one new buffer; otherwise the caller's bytes are

@@ -88,6 +88,19 @@ impl ChainWalk {
         }
     }
 
+    /// Whether an ordinary failure ([`FallbackRoute::NextModel`]) of the current hop
+    /// would find another model: the hop's request then says so
+    /// ([`FallbackAvailable`](backstop_classify::FallbackAvailable)).
+    pub(crate) fn has_next(&self, config: &Compiled) -> bool {
+        let list = match self.current {
+            ChainKind::Requested | ChainKind::Ordinary => config.chain(&self.requested),
+            ChainKind::ContextLength => &config.context_chain,
+            ChainKind::ContentFilter => &config.content_chain,
+        };
+        list.iter()
+            .any(|m| *m != self.requested && !self.tried.contains(m))
+    }
+
     /// The next model for a failure routed `route`, and the chain it came from.
     ///
     /// After a switch to the context-length or content-filter chain, ordinary

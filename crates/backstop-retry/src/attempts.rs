@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use backstop_classify::{
     AttemptLog, AttemptRecord, BoxError, Classification, ClassifiedError, Deadline, DelayHint,
-    Failure, FailureKind, Idempotent, ReplayBody, RetryBudgetHandle, Rules, StopReason,
+    Failure, FailureKind, FallbackAvailable, Idempotent, ReplayBody, RetryBudgetHandle, Rules,
+    StopReason,
 };
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -344,6 +345,14 @@ impl<S, B> Attempts<S, B> {
                 decision = Decision::Stop(StopReason::MaxAttempts);
             } else if time_left.is_some_and(|left| wait >= left) {
                 decision = Decision::Stop(StopReason::Deadline);
+            } else if let Some(at_least) = config.fallback_handoff
+                // The hint as the provider gave it (before the jitter), so the
+                // threshold means what it says.
+                && hint.is_some_and(|h| h.source.is_from_provider() && h.delay >= at_least)
+                && self.parts.extensions.get::<FallbackAvailable>().is_some()
+            {
+                // The provider said "not now" and another model can answer now.
+                decision = Decision::Stop(StopReason::HandedToFallback);
             } else if self
                 .parts
                 .extensions

@@ -167,7 +167,12 @@ pub struct RetryConfig {
     pub(crate) hold_first_event: HoldFirstEvent,
     pub(crate) first_event_cap: usize,
     pub(crate) rules: Arc<Rules>,
+    pub(crate) fallback_handoff: Option<Duration>,
 }
+
+/// The default [`RetryConfig::with_fallback_handoff`]: a hinted wait of half a second
+/// or more, a delay a caller notices, goes to another model when there is one.
+pub const DEFAULT_FALLBACK_HANDOFF: Duration = Duration::from_millis(500);
 
 /// The default maximum delay hint the layer will wait on (openai-python's window).
 pub const DEFAULT_MAX_HINT: Duration = Duration::from_secs(120);
@@ -199,6 +204,7 @@ impl RetryConfig {
             attempt_header: None,
             hold_first_event: HoldFirstEvent::Auto,
             first_event_cap: DEFAULT_FIRST_EVENT_CAP,
+            fallback_handoff: Some(DEFAULT_FALLBACK_HANDOFF),
             rules: Arc::new(Rules::default()),
         }
     }
@@ -295,6 +301,19 @@ impl RetryConfig {
         self
     }
 
+    /// When a failure's provider delay hint asks for a wait at least this long and the
+    /// request is marked [`FallbackAvailable`](backstop_classify::FallbackAvailable)
+    /// (the fallback layer has another model for it), the failure goes to the
+    /// fallback layer at once ([`StopReason::HandedToFallback`](backstop_classify::StopReason))
+    /// instead of being waited out on this model: the provider said "not now", and
+    /// another model can answer now. Default [`DEFAULT_FALLBACK_HANDOFF`] (500 ms):
+    /// a few milliseconds' hint is still waited out on the requested model. `None`
+    /// always waits. Failures without a hint are retried as usual.
+    pub fn with_fallback_handoff(mut self, at_least: Option<Duration>) -> Self {
+        self.fallback_handoff = at_least;
+        self
+    }
+
     /// A request header set to the attempt number (1, 2, …) on every attempt.
     pub fn with_attempt_header(mut self, name: Option<HeaderName>) -> Self {
         self.attempt_header = name;
@@ -377,6 +396,12 @@ impl RetryConfig {
     /// Whether the layer adds an `Idempotency-Key`.
     pub fn idempotency_key(&self) -> bool {
         self.idempotency_key
+    }
+
+    /// The hinted wait from which a failure goes to the fallback layer at once when
+    /// another model can serve ([`RetryConfig::with_fallback_handoff`]).
+    pub fn fallback_handoff(&self) -> Option<Duration> {
+        self.fallback_handoff
     }
 
     /// The attempt-number header, if set.

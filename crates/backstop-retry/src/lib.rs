@@ -50,6 +50,13 @@
 //!   gets the remaining time.
 //! - Never waits on a delay hint longer than `max_hint` (120 s) or than the time left:
 //!   it returns the provider's response at once, hint preserved.
+//! - Never waits out a provider's delay hint of 500 ms or more on this model when
+//!   another model can serve the request (the fallback layer marks the request
+//!   [`FallbackAvailable`](backstop_classify::FallbackAvailable)): the provider's
+//!   response goes to the fallback layer at once, with
+//!   [`StopReason::HandedToFallback`](backstop_classify::StopReason). The threshold is
+//!   [`RetryConfig::with_fallback_handoff`]; shorter hints and failures without a hint
+//!   are retried here as usual.
 //! - Never replays a stream that has reached the caller, and never copies the request
 //!   body (a test with a counting allocator checks it).
 //! - Never calls the inner service without driving it to ready first.
@@ -118,6 +125,7 @@
 //! | total deadline | none of its own | 60 s |
 //! | attempt timeout | none of its own | none of its own |
 //! | max delay hint waited on | 120 s | 120 s |
+//! | hinted wait handed to another model instead, when there is one | 500 ms or more | same |
 //! | extra wait on a hint ([`HintJitter`]) | up to 10 % of the hint, at most 1 s | same |
 //! | `Idempotency-Key` added | no | no |
 //! | attempt-number header | none | none |
@@ -241,7 +249,8 @@ mod verdict;
 pub use backoff::{Backoff, Jitter};
 pub use body::RetryBody;
 pub use config::{
-    ConfigError, DEFAULT_FIRST_EVENT_CAP, DEFAULT_MAX_HINT, HintJitter, HoldFirstEvent, RetryConfig,
+    ConfigError, DEFAULT_FALLBACK_HANDOFF, DEFAULT_FIRST_EVENT_CAP, DEFAULT_MAX_HINT, HintJitter,
+    HoldFirstEvent, RetryConfig,
 };
 pub use error::RetryError;
 pub use future::ResponseFuture;
