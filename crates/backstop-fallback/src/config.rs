@@ -541,6 +541,11 @@ impl FallbackConfig {
         let context_chain = check(ChainName::ContextLength, None, &raw.chains.context_length)?;
         let content_chain = check(ChainName::ContentFilter, None, &raw.chains.content_filter)?;
 
+        let mut targets = targets;
+        for (model, target) in targets.iter_mut() {
+            let chain = chains.get(model).unwrap_or(&default_chain);
+            target.has_chain = chain.iter().any(|m| m != model);
+        }
         let compiled = Compiled {
             targets,
             chains,
@@ -613,6 +618,10 @@ pub(crate) struct CompiledTarget {
     pub(crate) credential: Option<(HeaderName, HeaderValue)>,
     pub(crate) credential_label: Option<Arc<str>>,
     pub(crate) extra_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether a request for this model has another model to fall back to (its
+    /// ordinary chain, or the default chain): worked out once here, so a hop's
+    /// `FallbackAvailable` costs no chain lookup per request.
+    pub(crate) has_chain: bool,
 }
 
 impl fmt::Debug for CompiledTarget {
@@ -687,6 +696,8 @@ impl CompiledTarget {
             extra_headers.push((n, v));
         }
         Ok(CompiledTarget {
+            // Set once the chains are compiled.
+            has_chain: false,
             upstream: Arc::from(t.upstream.as_str()),
             provider_model: Arc::from(provider_model),
             scheme,

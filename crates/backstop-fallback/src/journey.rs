@@ -70,7 +70,11 @@ impl<RB> Journey<RB> {
         };
         let walk = ChainWalk::new(requested.clone());
         let mut request = request;
-        mark_fallback(&mut request, &walk, &config);
+        // The first hop of a configured model: its chain is known from the config.
+        let has_next = target.map_or_else(|| walk.has_next(&config), |t| t.has_chain);
+        if has_next {
+            request.extensions_mut().insert(FallbackAvailable);
+        }
         let journey = Journey {
             walk,
             current: (requested, route, ChainKind::Requested),
