@@ -78,3 +78,17 @@ async fn a_model_without_a_chain_is_never_marked() {
         .unwrap();
     assert_eq!(hops(config).await, [("a".to_string(), false)]);
 }
+
+#[tokio::test]
+async fn a_model_covered_by_the_default_chain_is_marked_and_the_last_one_is_not() {
+    let config = FallbackConfig::builder()
+        .target("a", target("a"))
+        .target("b", target("b"))
+        .default_chain(["b"])
+        .build()
+        .unwrap();
+    assert_eq!(
+        hops(config).await,
+        [("a".to_string(), true), ("b".to_string(), false)]
+    );
+}
