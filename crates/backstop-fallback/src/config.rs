@@ -9,6 +9,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
+use crate::policy::ChainWalk;
 use crate::secret::{REDACTED, Secret};
 
 /// The default cap on a request body the layer will rewrite (Anthropic's edge
@@ -541,12 +542,7 @@ impl FallbackConfig {
         let context_chain = check(ChainName::ContextLength, None, &raw.chains.context_length)?;
         let content_chain = check(ChainName::ContentFilter, None, &raw.chains.content_filter)?;
 
-        let mut targets = targets;
-        for (model, target) in targets.iter_mut() {
-            let chain = chains.get(model).unwrap_or(&default_chain);
-            target.has_chain = chain.iter().any(|m| m != model);
-        }
-        let compiled = Compiled {
+        let mut compiled = Compiled {
             targets,
             chains,
             default_chain,
@@ -559,6 +555,19 @@ impl FallbackConfig {
             caller_path_prefix: caller_path_prefix.clone(),
             cooldown_waits,
         };
+        // Whether each target's model has a chain, asked of the same walk the layer
+        // uses per request, once here.
+        let chained: Vec<Arc<str>> = compiled
+            .targets
+            .keys()
+            .filter(|model| ChainWalk::new(Arc::clone(model)).has_next(&compiled))
+            .cloned()
+            .collect();
+        for model in chained {
+            if let Some(target) = compiled.targets.get_mut(&model) {
+                target.has_chain = true;
+            }
+        }
         Ok(FallbackConfig {
             targets: raw.targets,
             chains: raw.chains,

@@ -92,13 +92,22 @@ impl ChainWalk {
     /// would find another model: the hop's request then says so
     /// ([`FallbackAvailable`](backstop_classify::FallbackAvailable)).
     pub(crate) fn has_next(&self, config: &Compiled) -> bool {
-        let list = match self.current {
+        self.untried(config, self.current).next().is_some()
+    }
+
+    /// The models of chain `kind` not tried yet, in order.
+    fn untried<'a>(
+        &'a self,
+        config: &'a Compiled,
+        kind: ChainKind,
+    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        let list = match kind {
             ChainKind::Requested | ChainKind::Ordinary => config.chain(&self.requested),
             ChainKind::ContextLength => &config.context_chain,
             ChainKind::ContentFilter => &config.content_chain,
         };
         list.iter()
-            .any(|m| *m != self.requested && !self.tried.contains(m))
+            .filter(|m| **m != self.requested && !self.tried.contains(m))
     }
 
     /// The next model for a failure routed `route`, and the chain it came from.
@@ -120,15 +129,7 @@ impl ChainWalk {
             FallbackRoute::ContextChain => ChainKind::ContextLength,
             FallbackRoute::ContentChain => ChainKind::ContentFilter,
         };
-        let list = match kind {
-            ChainKind::Requested | ChainKind::Ordinary => config.chain(&self.requested),
-            ChainKind::ContextLength => &config.context_chain,
-            ChainKind::ContentFilter => &config.content_chain,
-        };
-        let next = list
-            .iter()
-            .find(|m| **m != self.requested && !self.tried.contains(m))?
-            .clone();
+        let next = self.untried(config, kind).next()?.clone();
         self.tried.push(next.clone());
         self.current = kind;
         Some((next, kind))
