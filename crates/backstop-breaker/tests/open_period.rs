@@ -5,45 +5,12 @@
 use std::time::Duration;
 
 use backstop_breaker::{
-    BreakerConfig, BreakerState, ConfigError, KeyState, Outcome, Pacing, TransitionReason,
+    BreakerConfig, BreakerState, ConfigError, Outcome, Pacing, TransitionReason,
 };
 use backstop_classify::{DelayHint, FailureKind, HintSource};
-use tokio::time::Instant;
+mod common;
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
-struct Key {
-    state: KeyState,
-    config: BreakerConfig,
-    t0: Instant,
-}
-
-impl Key {
-    fn new(config: BreakerConfig) -> Self {
-        let t0 = Instant::now();
-        Key {
-            state: KeyState::new(t0, &config),
-            config,
-            t0,
-        }
-    }
-
-    fn call(&mut self, outcome: Outcome, at: Duration) {
-        let now = self.t0 + at;
-        let ticket = self
-            .state
-            .admit(now, &self.config, &mut |_| {})
-            .expect("admitted");
-        self.state
-            .record(ticket, outcome, now, &self.config, &mut |_| {});
-    }
-
-    fn open_until(&self) -> Option<Duration> {
-        self.state.open_until().map(|u| u - self.t0)
-    }
-}
+use common::{Key, secs};
 
 fn server_error() -> Outcome {
     Outcome::Failure {

@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use backstop_breaker::{BreakerConfig, BreakerState, KeyState, Outcome, Pacing, Rejection, Ticket};
+use backstop_breaker::{BreakerConfig, BreakerState, Outcome, Pacing, Rejection};
 use backstop_classify::FailureKind;
-use tokio::time::Instant;
+mod common;
 
-fn ms(m: u64) -> Duration {
-    Duration::from_millis(m)
-}
+use common::{Key, ms};
 
 /// A backoff of one half, so the learned rates and slot intervals are exact.
 fn halving() -> BreakerConfig {
@@ -23,36 +21,7 @@ fn halving() -> BreakerConfig {
     }
 }
 
-struct Key {
-    state: KeyState,
-    config: BreakerConfig,
-    t0: Instant,
-}
-
 impl Key {
-    fn new(config: BreakerConfig) -> Self {
-        let t0 = Instant::now();
-        Key {
-            state: KeyState::new(t0, &config),
-            config,
-            t0,
-        }
-    }
-
-    fn admit(&mut self, at: Duration) -> Result<Ticket, Rejection> {
-        self.state.admit(self.t0 + at, &self.config, &mut |_| {})
-    }
-
-    fn record(&mut self, ticket: Ticket, outcome: Outcome, at: Duration) {
-        self.state
-            .record(ticket, outcome, self.t0 + at, &self.config, &mut |_| {});
-    }
-
-    fn call(&mut self, outcome: Outcome, at: Duration) {
-        let ticket = self.admit(at).expect("admitted");
-        self.record(ticket, outcome, at);
-    }
-
     /// Twenty successes between 1 s and 1.95 s, then a 429 at 1.99 s.
     fn rate_limited_after_twenty_a_second(config: BreakerConfig) -> Self {
         let mut key = Key::new(config);

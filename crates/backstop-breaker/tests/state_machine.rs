@@ -3,84 +3,12 @@
 
 use std::time::Duration;
 
-use backstop_breaker::{
-    BreakerConfig, BreakerState, KeyState, Outcome, Rejection, Ticket, Transition, TransitionReason,
-};
+use backstop_breaker::{BreakerConfig, BreakerState, Outcome, Rejection, Ticket, TransitionReason};
 use backstop_classify::{DelayHint, FailureKind, HintSource};
-use tokio::time::Instant;
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
+mod common;
 
-fn ms(m: u64) -> Duration {
-    Duration::from_millis(m)
-}
-
-/// A key under test: its state, the config, the start instant and every transition.
-struct Key {
-    state: KeyState,
-    config: BreakerConfig,
-    t0: Instant,
-    transitions: Vec<Transition>,
-}
-
-impl Key {
-    fn new(config: BreakerConfig) -> Self {
-        let t0 = Instant::now();
-        Key {
-            state: KeyState::new(t0, &config),
-            config,
-            t0,
-            transitions: Vec::new(),
-        }
-    }
-
-    fn at(&self, offset: Duration) -> Instant {
-        self.t0 + offset
-    }
-
-    fn admit(&mut self, offset: Duration) -> Result<Ticket, Rejection> {
-        let now = self.at(offset);
-        let transitions = &mut self.transitions;
-        self.state
-            .admit(now, &self.config, &mut |t| transitions.push(t))
-    }
-
-    fn record(&mut self, ticket: Ticket, outcome: Outcome, offset: Duration) {
-        let now = self.at(offset);
-        let transitions = &mut self.transitions;
-        self.state
-            .record(ticket, outcome, now, &self.config, &mut |t| {
-                transitions.push(t)
-            });
-    }
-
-    fn release(&mut self, ticket: Ticket, offset: Duration) {
-        let now = self.at(offset);
-        let transitions = &mut self.transitions;
-        self.state
-            .release(ticket, now, &self.config, &mut |t| transitions.push(t));
-    }
-
-    /// Admits and records one call at `offset`.
-    fn call(&mut self, outcome: Outcome, offset: Duration) {
-        let ticket = self.admit(offset).expect("call admitted");
-        self.record(ticket, outcome, offset);
-    }
-
-    fn open_until(&self) -> Option<Duration> {
-        self.state.open_until().map(|u| u - self.t0)
-    }
-
-    /// (from, to, at offset, reason) of every transition so far.
-    fn log(&self) -> Vec<(BreakerState, BreakerState, Duration, TransitionReason)> {
-        self.transitions
-            .iter()
-            .map(|t| (t.from, t.to, t.at - self.t0, t.reason))
-            .collect()
-    }
-}
+use common::{Key, ms, secs};
 
 fn server_error() -> Outcome {
     Outcome::Failure {
