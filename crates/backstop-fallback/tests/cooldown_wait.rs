@@ -114,6 +114,21 @@ where
     }
 }
 
+/// A request refused without a wait: at once, by the breaker, telling the caller to
+/// come back in `retry_in`.
+fn assert_failed_at_once_with_the_time_to_retry(
+    error: &ClassifiedError,
+    asked: Instant,
+    retry_in: Duration,
+) {
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    assert_eq!(error.kind(), FailureKind::BreakerOpen);
+    assert_eq!(error.failure().hint.map(|h| h.delay), Some(retry_in));
+    let record = ServedBy::of_error(error).unwrap();
+    assert_eq!(record.cooldown_waits, 0);
+    assert_eq!(record.retry_at, Some(asked + retry_in));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_single_model_waits_exactly_until_its_key_reopens_then_is_served() {
     let t0 = Instant::now();
@@ -156,13 +171,8 @@ async fn a_reopening_past_the_deadline_fails_at_once_with_the_time_to_retry() {
 
     let asked = Instant::now();
     let error = service.clone().oneshot(chat()).await.unwrap_err();
-    assert_eq!(asked.elapsed(), Duration::ZERO);
-    assert_eq!(error.kind(), FailureKind::BreakerOpen);
     // Reopening at 5 s, the deadline at 4 s: the caller learns when to come back.
-    assert_eq!(error.failure().hint.map(|h| h.delay), Some(secs(4)));
-    let record = ServedBy::of_error(&error).unwrap();
-    assert_eq!(record.cooldown_waits, 0);
-    assert_eq!(record.retry_at, Some(asked + secs(4)));
+    assert_failed_at_once_with_the_time_to_retry(&error, asked, secs(4));
     assert_eq!(mock.attempt_count(), 1);
 }
 
@@ -183,12 +193,7 @@ async fn a_key_opened_on_failures_is_not_waited_for_the_caller_fails_fast_with_t
     let asked = Instant::now();
     let error = service.clone().oneshot(chat()).await.unwrap_err();
     // The breaker's own 5 s open period: no wait, though the deadline is 60 s away.
-    assert_eq!(asked.elapsed(), Duration::ZERO);
-    assert_eq!(error.kind(), FailureKind::BreakerOpen);
-    assert_eq!(error.failure().hint.map(|h| h.delay), Some(secs(4)));
-    let record = ServedBy::of_error(&error).unwrap();
-    assert_eq!(record.cooldown_waits, 0);
-    assert_eq!(record.retry_at, Some(asked + secs(4)));
+    assert_failed_at_once_with_the_time_to_retry(&error, asked, secs(4));
     assert_eq!(mock.attempt_count(), 5);
 }
 
