@@ -27,7 +27,7 @@
 //! open_duration = "5s"           # first open period, doubled per failed probe
 //! max_open_duration = "60s"
 //! hint_opens_at = "2s"           # a Retry-After this long opens a key by itself
-//! pacing = true                  # or false, or { backoff = 0.95, growth = 0.02, min_rate = 0.5 }
+//! pacing = true                  # or false, or { backoff = 0.95, growth = 0.03, recovery = 1.0, min_rate = 0.5 }
 //!
 //! [models.gpt-4o]
 //! upstream = "openai"
@@ -191,7 +191,8 @@ pub struct BreakerSection {
 pub enum PacingSetting {
     /// `true`: the default tuning; `false`: no pacing.
     Enabled(bool),
-    /// `{ backoff = 0.95, growth = 0.02, min_rate = 0.5 }` (each optional).
+    /// `{ backoff = 0.95, growth = 0.03, recovery = 1.0, min_rate = 0.5 }` (each
+    /// optional).
     Tuned(PacingSection),
 }
 
@@ -203,6 +204,8 @@ pub struct PacingSection {
     pub backoff: Option<f64>,
     /// How much of itself the rate may grow per second while binding, in (0, 1].
     pub growth: Option<f64>,
+    /// How fast the rate regains what the upstream last proved it takes, in [0, 1].
+    pub recovery: Option<f64>,
     /// The slowest pace, in calls per second.
     pub min_rate: Option<f64>,
 }
@@ -539,6 +542,9 @@ fn breaker_config(section: &BreakerSection) -> BreakerConfig {
             }
             if let Some(v) = t.growth {
                 pacing.growth = v;
+            }
+            if let Some(v) = t.recovery {
+                pacing.recovery = v;
             }
             if let Some(v) = t.min_rate {
                 pacing.min_rate = v;

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop_classify::{ClassifiedError, DelayHint, Failure, FailureKind, HintSource, ModelRoute};
+use backstop_classify::{
+    ClassifiedError, DelayHint, Failure, FailureKind, HintSource, ModelRoute, PaceHandle,
+};
 use tokio::time::Instant;
 
 use crate::{
@@ -142,6 +144,13 @@ where
 }
 
 impl<St: BreakerStore> BreakerPermit<St> {
+    /// The key's pace, when the call was admitted while the key was paced: the
+    /// service puts it on the request so that the retry layer's retries take paced
+    /// slots too.
+    pub fn pace(&self) -> Option<PaceHandle> {
+        self.permit.pace()
+    }
+
     /// Records the call's outcome now.
     pub fn record(self, outcome: Outcome) {
         self.record_at(outcome, Instant::now());

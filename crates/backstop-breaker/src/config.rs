@@ -132,6 +132,9 @@ impl BreakerConfig {
             if !(p.min_rate > 0.0 && p.min_rate <= 1e6) {
                 return Err(ConfigError::PaceMinRate(p.min_rate));
             }
+            if !(0.0..=1.0).contains(&p.recovery) {
+                return Err(ConfigError::PaceRecovery(p.recovery));
+            }
         }
         Ok(())
     }
@@ -162,6 +165,8 @@ pub enum ConfigError {
     PaceGrowth(f64),
     /// `pacing.min_rate` outside (0, 1e6].
     PaceMinRate(f64),
+    /// `pacing.recovery` outside [0, 1].
+    PaceRecovery(f64),
 }
 
 impl fmt::Display for ConfigError {
@@ -193,11 +198,15 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::PaceGrowth(g) => write!(
                 f,
-                "breaker pacing.growth {g} is outside (0, 1]; use e.g. 0.02 to grow 2 % a second"
+                "breaker pacing.growth {g} is outside (0, 1]; use e.g. 0.03 to grow 3 % a second"
             ),
             ConfigError::PaceMinRate(r) => write!(
                 f,
                 "breaker pacing.min_rate {r} is outside (0, 1000000] calls per second; use e.g. 0.5"
+            ),
+            ConfigError::PaceRecovery(r) => write!(
+                f,
+                "breaker pacing.recovery {r} is outside [0, 1]; use e.g. 1.0 to regain a lost rate within seconds, or 0 to grow by `growth` alone"
             ),
         }
     }

@@ -13,11 +13,16 @@
 //!   the last decrease says nothing about the new rate (it was sent at the old one).
 //!   Measuring each time keeps repeated signals from compounding far below the
 //!   upstream's capacity.
-//! - **Grow** by `growth` calls per second for every success while the pace is
-//!   binding (it refused a call within the last second), so the rate rises by
-//!   `growth` of itself per second of saturated use and finds a raised quota again;
-//!   a pace that refuses nobody does not grow, so a quiet hour cannot build up a rate
-//!   the upstream never proved it takes.
+//! - **Grow** while the pace is binding (it refused a call within the last second),
+//!   for every success, by the larger of two steps. Below the **ceiling** (what the
+//!   upstream proved it takes: the level the last decrease was measured from, or what
+//!   was served when the pace engaged or the key closed) the rate closes `recovery` of
+//!   the gap to it per second, fast while far below and slowly near it, as TCP CUBIC
+//!   regains its window: a decrease costs a second or two of goodput, not the tens of
+//!   seconds a constant slow growth takes. From the ceiling on it probes by `growth`
+//!   of itself per second and so finds a raised quota again. A pace that refuses
+//!   nobody does not grow, so a quiet hour cannot build up a rate the upstream never
+//!   proved it takes.
 //! - **Lift** after a whole `window` with no signal and no call waiting for a slot.
 //!
 //! Admission hands out evenly spaced slots. A call arriving when the next slot is
@@ -36,19 +41,26 @@ use tokio::time::Instant;
 pub struct Pacing {
     /// What a slow-down signal multiplies the rate by, in (0, 1). Default 0.95.
     pub backoff: f64,
-    /// How much of itself the rate may grow per second while the pace is binding, in
-    /// (0, 1]. Default 0.02 (2 % a second: from 95 % of a quota back to it in about 2.6 s).
+    /// How much of itself the rate may grow per second while the pace is binding and
+    /// at or above its ceiling (probing for more), in (0, 1]. Default 0.03 (3 % a
+    /// second).
     pub growth: f64,
     /// The slowest pace, in calls per second (> 0). Default 0.5.
     pub min_rate: f64,
+    /// How fast the rate regains its ceiling (what the upstream last proved it takes)
+    /// while binding below it: per second it grows by `recovery` times the gap, in
+    /// [0, 1]. Default 1.0: the gap shrinks like e^(−t), to a third in a second and
+    /// to 5 % in three. 0 grows by `growth` alone.
+    pub recovery: f64,
 }
 
 impl Default for Pacing {
     fn default() -> Self {
         Pacing {
             backoff: 0.95,
-            growth: 0.02,
+            growth: 0.03,
             min_rate: 0.5,
+            recovery: 1.0,
         }
     }
 }
@@ -69,6 +81,9 @@ pub(crate) struct Pace {
     last_signal: Instant,
     /// The last refusal (the pace grows only while binding).
     last_refusal: Option<Instant>,
+    /// What the upstream last proved it takes: below it the rate regains ground fast
+    /// (`recovery`), from it on it probes slowly (`growth`).
+    ceiling: f64,
 }
 
 /// Why a paced call must wait: the slot it booked (or would book) is due in `retry_in`.
@@ -78,10 +93,18 @@ pub(crate) struct Wait {
 }
 
 impl Pace {
-    /// A pace of `rate` calls per second from `now`.
-    pub(crate) fn new(rate: f64, now: Instant, generation: u32, pacing: &Pacing) -> Self {
+    /// A pace of `rate` calls per second from `now`, regaining ground fast up to
+    /// `ceiling` calls per second.
+    pub(crate) fn new(
+        rate: f64,
+        ceiling: f64,
+        now: Instant,
+        generation: u32,
+        pacing: &Pacing,
+    ) -> Self {
         Pace {
             rate: sane_rate(rate, pacing),
+            ceiling: sane_rate(ceiling, pacing),
             cursor: now,
             tail: now,
             generation,
@@ -133,6 +156,20 @@ impl Pace {
         })
     }
 
+    /// How long from `now` until the slot [`Pace::admit`] would give or book (zero:
+    /// one is due), without taking it.
+    pub(crate) fn next_free(&self, now: Instant) -> Duration {
+        let interval = self.interval();
+        let cursor = match now.checked_sub(interval) {
+            Some(earliest) if self.cursor < earliest => earliest,
+            _ => self.cursor,
+        };
+        if cursor <= now {
+            return Duration::ZERO;
+        }
+        self.tail.max(cursor).saturating_duration_since(now)
+    }
+
     /// A slow-down signal from a call admitted in `generation`, when the key served
     /// `served` calls per second over the last second. Returns `true` when it
     /// decreased the rate: to `backoff` times what was served (the upstream's proven
@@ -162,6 +199,9 @@ impl Pace {
             self.rate
         };
         let base = served.clamp(lowest, self.rate);
+        // What the upstream proved it takes is the level to regain fast; beyond it,
+        // only the slow probe.
+        self.ceiling = base;
         self.rate = sane_rate(base * pacing.backoff, pacing);
         self.generation = self.generation.wrapping_add(1);
         // Slots already booked keep their times; new ones follow at the new rate.
@@ -174,7 +214,13 @@ impl Pace {
             .last_refusal
             .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1));
         if binding {
-            self.rate = sane_rate(self.rate + pacing.growth, pacing);
+            // Per success; at `rate` successes a second these add up to `growth` of
+            // the rate, or `recovery` of the gap, per second. (An unvalidated
+            // `recovery` cannot overshoot the ceiling, and a NaN step loses to the
+            // other one in `max`.)
+            let gap = self.ceiling - self.rate;
+            let regain = (pacing.recovery * gap / self.rate).min(gap);
+            self.rate = sane_rate(self.rate + pacing.growth.max(regain), pacing);
         }
     }
 
@@ -221,7 +267,7 @@ mod tests {
                 ..Pacing::default()
             };
             for rate in [0.0, f64::NAN, f64::INFINITY, -5.0, 1e12] {
-                let mut pace = Pace::new(rate, t0, 1, &pacing);
+                let mut pace = Pace::new(rate, rate, t0, 1, &pacing);
                 assert!(
                     pace.rate() > 0.0 && pace.rate() <= 1e6,
                     "{min_rate} {backoff} {rate}"
@@ -237,7 +283,7 @@ mod tests {
     #[test]
     fn slots_are_evenly_spaced_and_refusals_book_them_in_order() {
         let t0 = Instant::now();
-        let mut pace = Pace::new(10.0, t0, 1, &Pacing::default());
+        let mut pace = Pace::new(10.0, 10.0, t0, 1, &Pacing::default());
         assert_eq!(pace.admit(t0, None), Ok(()));
         // Three more callers at the same instant book 100, 200 and 300 ms.
         for expected in [100, 200, 300] {
@@ -262,7 +308,7 @@ mod tests {
     #[test]
     fn idle_time_is_not_saved_up_for_a_burst() {
         let t0 = Instant::now();
-        let mut pace = Pace::new(10.0, t0, 1, &Pacing::default());
+        let mut pace = Pace::new(10.0, 10.0, t0, 1, &Pacing::default());
         let later = t0 + Duration::from_secs(60);
         // After a quiet minute: one slot due now and one left from the last
         // interval, then the pace again.
@@ -274,7 +320,7 @@ mod tests {
     #[test]
     fn a_caller_that_cannot_wait_until_its_slot_books_nothing() {
         let t0 = Instant::now();
-        let mut pace = Pace::new(10.0, t0, 1, &Pacing::default());
+        let mut pace = Pace::new(10.0, 10.0, t0, 1, &Pacing::default());
         assert_eq!(pace.admit(t0, None), Ok(()));
         assert_eq!(
             pace.admit(t0, Some(t0 + ms(50))),
@@ -292,7 +338,7 @@ mod tests {
             ..Pacing::default()
         };
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
-        let mut pace = Pace::new(40.0, t0, 1, &pacing);
+        let mut pace = Pace::new(40.0, 40.0, t0, 1, &pacing);
         // 38 served against a rate of 40: from the 38 the upstream took.
         assert!(pace.slow_down(1, 38.0, t0, &pacing));
         assert!(close(pace.rate(), 34.2));
@@ -311,24 +357,90 @@ mod tests {
     fn growth_happens_only_while_the_pace_refuses_calls() {
         let t0 = Instant::now();
         let pacing = Pacing::default();
-        let mut pace = Pace::new(10.0, t0, 1, &pacing);
+        let mut pace = Pace::new(10.0, 10.0, t0, 1, &pacing);
         pace.served(t0, &pacing);
         assert!((pace.rate() - 10.0).abs() < 1e-9);
         assert_eq!(pace.admit(t0, None), Ok(()));
         assert!(pace.admit(t0, None).is_err());
+        // At its ceiling: the probing step, `growth` (0.03) per success.
         pace.served(t0 + ms(500), &pacing);
-        assert!((pace.rate() - 10.02).abs() < 1e-9);
+        assert!((pace.rate() - 10.03).abs() < 1e-9);
         // More than a second after the last refusal: not binding any more.
         pace.served(t0 + ms(1500), &pacing);
-        assert!((pace.rate() - 10.02).abs() < 1e-9);
+        assert!((pace.rate() - 10.03).abs() < 1e-9);
+    }
+
+    /// Binds the pace at `at` (one slot taken, the next refused) so it may grow.
+    fn bind(pace: &mut Pace, at: Instant) {
+        let _ = pace.admit(at, None);
+        let _ = pace.admit(at, None);
+    }
+
+    #[test]
+    fn below_its_ceiling_the_rate_closes_recovery_of_the_gap_per_second() {
+        let t0 = Instant::now();
+        let pacing = Pacing {
+            recovery: 0.5,
+            ..Pacing::default()
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // 20 calls a second, 40 proven: each success closes 0.5 × gap / rate.
+        let mut pace = Pace::new(20.0, 40.0, t0, 1, &pacing);
+        bind(&mut pace, t0);
+        pace.served(t0, &pacing);
+        assert!(close(pace.rate(), 20.0 + 0.5 * 20.0 / 20.0));
+        // A second of successes at the rate: the gap shrinks by about 0.5 per second
+        // (continuously: e^(-0.5), 61 % of it left), far faster than 3 % growth.
+        for i in 0..20 {
+            bind(&mut pace, t0 + ms(50 * i));
+            pace.served(t0 + ms(50 * i), &pacing);
+        }
+        let gap = 40.0 - pace.rate();
+        assert!(gap > 0.0 && gap < 0.65 * 20.0, "gap {gap}");
+        // It never overshoots the ceiling by regaining, however large `recovery` is
+        // (an unvalidated one included): from there on only `growth` adds.
+        let wild = Pacing {
+            recovery: 1e9,
+            ..Pacing::default()
+        };
+        let mut pace = Pace::new(20.0, 40.0, t0, 1, &wild);
+        bind(&mut pace, t0);
+        pace.served(t0, &wild);
+        assert!(close(pace.rate(), 40.0));
+        pace.served(t0, &wild);
+        assert!(close(pace.rate(), 40.03));
+    }
+
+    #[test]
+    fn a_decrease_sets_the_ceiling_to_the_level_it_was_measured_from() {
+        let t0 = Instant::now();
+        let pacing = Pacing::default();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let mut pace = Pace::new(42.0, 42.0, t0, 1, &pacing);
+        // 40 served against 42: down to 0.95 × 40, the ceiling 40 (not the 42 that
+        // overshot).
+        assert!(pace.slow_down(1, 40.0, t0, &pacing));
+        assert!(close(pace.rate(), 38.0));
+        bind(&mut pace, t0);
+        pace.served(t0, &pacing);
+        // recovery 1.0: one success closes gap / rate = 2 / 38.
+        assert!(close(pace.rate(), 38.0 + 2.0 / 38.0));
+        for _ in 0..1000 {
+            pace.served(t0, &pacing);
+        }
+        // Past the ceiling only the probe's 0.03 per success remains.
+        let before = pace.rate();
+        assert!(before > 40.0);
+        pace.served(t0, &pacing);
+        assert!(close(pace.rate(), before + 0.03));
     }
 
     #[test]
     fn the_rate_stays_within_bounds_whatever_is_measured() {
         let t0 = Instant::now();
         let pacing = Pacing::default();
-        assert_eq!(Pace::new(0.0, t0, 1, &pacing).rate(), 0.5);
-        assert_eq!(Pace::new(f64::NAN, t0, 1, &pacing).rate(), 0.5);
-        assert_eq!(Pace::new(1e12, t0, 1, &pacing).rate(), 1e6);
+        assert_eq!(Pace::new(0.0, 0.0, t0, 1, &pacing).rate(), 0.5);
+        assert_eq!(Pace::new(f64::NAN, f64::NAN, t0, 1, &pacing).rate(), 0.5);
+        assert_eq!(Pace::new(1e12, 1e12, t0, 1, &pacing).rate(), 1e6);
     }
 }

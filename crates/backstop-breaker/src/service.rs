@@ -76,7 +76,7 @@ where
         self.inner.poll_ready(cx).map_err(into_classified)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         let admitted = match request.extensions().get::<ModelRoute>() {
             Some(route) => self.breaker.admit_before(route, deadline),
@@ -85,7 +85,12 @@ where
                 .admit_before(&route_from_uri(&request), deadline),
         };
         match admitted {
-            Ok(permit) => ResponseFuture::called(self.inner.call(request), permit),
+            Ok(permit) => {
+                if let Some(pace) = permit.pace() {
+                    request.extensions_mut().insert(pace);
+                }
+                ResponseFuture::called(self.inner.call(request), permit)
+            }
             Err(rejection) => ResponseFuture::rejected(rejection.into()),
         }
     }

@@ -135,6 +135,37 @@ impl Ticket {
     pub fn is_probe(&self) -> bool {
         self.probe.is_some()
     }
+
+    /// `true` when the call was admitted while its key was paced.
+    pub fn is_paced(&self) -> bool {
+        self.pace != 0
+    }
+
+    /// The paced slot the call was admitted in.
+    pub fn paced_slot(&self) -> PacedSlot {
+        PacedSlot {
+            generation: self.pace,
+        }
+    }
+}
+
+/// Which pace generation an attempt was sent in (see [`KeyState::admit_retry`]), so
+/// that its slow-down signal counts once, and only against the rate it was sent at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacedSlot {
+    generation: u32,
+}
+
+impl PacedSlot {
+    /// The slot of pace generation `generation` (0: not paced).
+    pub fn of(generation: u32) -> Self {
+        PacedSlot { generation }
+    }
+
+    /// Its pace generation (0: not paced).
+    pub fn generation(self) -> u32 {
+        self.generation
+    }
 }
 
 /// A refused call: the key is open, half-open with every probe slot taken, or closed
@@ -520,6 +551,60 @@ impl KeyState {
         self.admit_before(clock(), deadline, config, emit)
     }
 
+    /// Takes a paced slot at `now` for a retry of a call already admitted (the retry
+    /// layer's, through [`PaceHandle`](backstop_classify::PaceHandle)), or books the
+    /// next one: `Err(wait)` says when it is due. A retry that could not come back
+    /// before `deadline` books nothing. A key that is no longer paced lets it go; so
+    /// does an open one (the call was admitted, and the breaker counts calls, not
+    /// attempts: the pace is what spaces attempts).
+    pub fn admit_retry(
+        &mut self,
+        now: Instant,
+        deadline: Option<Instant>,
+        config: &BreakerConfig,
+    ) -> Result<PacedSlot, Duration> {
+        if self
+            .pace
+            .as_ref()
+            .is_some_and(|p| p.may_lift(now, config.window))
+        {
+            self.pace = None;
+        }
+        match &mut self.pace {
+            Some(pace) if self.state == BreakerState::Closed => {
+                pace.admit(now, deadline).map_err(|wait| wait.retry_in)?;
+                Ok(PacedSlot {
+                    generation: pace.generation(),
+                })
+            }
+            _ => Ok(PacedSlot { generation: 0 }),
+        }
+    }
+
+    /// How long from `now` until the slot [`KeyState::admit_retry`] would book (zero:
+    /// one is free now, or the key is not paced), without booking it.
+    pub fn retry_due_in(&self, now: Instant, config: &BreakerConfig) -> Duration {
+        match &self.pace {
+            Some(pace)
+                if self.state == BreakerState::Closed && !pace.may_lift(now, config.window) =>
+            {
+                pace.next_free(now)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// An attempt sent in pace generation `slot` (its call's admission, or the retry's
+    /// [`PacedSlot`]) was answered with a 429 or 503 at `now`: the pace slows down at
+    /// once, not only when the call finishes (its retries can take seconds, and the
+    /// pace would keep overshooting meanwhile). Once per generation, like every
+    /// slow-down signal; the call's own outcome later repeats it harmlessly.
+    pub fn attempt_slowed(&mut self, slot: PacedSlot, now: Instant, config: &BreakerConfig) {
+        if slot.generation != 0 && self.pace.is_some() {
+            self.slow_down(slot.generation, now, config);
+        }
+    }
+
     /// Records the outcome of the call `ticket` was for, finished at `now`.
     pub fn record(
         &mut self,
@@ -539,7 +624,7 @@ impl KeyState {
             }
             Outcome::Success | Outcome::SuccessAfterSlowDown => {
                 if outcome == Outcome::SuccessAfterSlowDown {
-                    self.slow_down(ticket, now, config);
+                    self.slow_down(ticket.pace, now, config);
                 }
                 self.recent.record(now, false);
                 if let (Some(pace), Some(pacing)) = (&mut self.pace, &config.pacing) {
@@ -596,7 +681,7 @@ impl KeyState {
                 // directs the cooldown it causes, and callers may wait it out.
                 let slow_down = matches!(kind, FailureKind::RateLimited | FailureKind::Overloaded);
                 if slow_down {
-                    self.slow_down(ticket, now, config);
+                    self.slow_down(ticket.pace, now, config);
                 }
                 let hinted = cooldown_hint(kind, hint, config);
                 if current && self.state == BreakerState::Closed {
@@ -670,7 +755,7 @@ impl KeyState {
     /// an existing pace to that (once per generation). A key that served nothing in the last
     /// second is down rather than saturated: that is the counting rules' business, and
     /// a pace learned from it would start near zero.
-    fn slow_down(&mut self, ticket: Ticket, now: Instant, config: &BreakerConfig) {
+    fn slow_down(&mut self, generation: u32, now: Instant, config: &BreakerConfig) {
         let Some(pacing) = &config.pacing else {
             return;
         };
@@ -678,12 +763,14 @@ impl KeyState {
         let served = f64::from(calls.saturating_sub(failures)) / RECENT.as_secs_f64();
         match &mut self.pace {
             Some(pace) => {
-                pace.slow_down(ticket.pace, served, now, pacing);
+                pace.slow_down(generation, served, now, pacing);
             }
             None => {
                 if served > 0.0 {
+                    // What was served is what the upstream took when it pushed back.
                     self.pace = Some(Pace::new(
                         served * pacing.backoff,
+                        served,
                         now,
                         self.next_pace_generation(),
                         pacing,
@@ -703,6 +790,7 @@ impl KeyState {
         };
         if self.pace.is_none() && self.rate_before_open > 0.0 {
             self.pace = Some(Pace::new(
+                self.rate_before_open,
                 self.rate_before_open,
                 now,
                 self.next_pace_generation(),

@@ -1,13 +1,17 @@
 //! Where the per-key states live: a small trait, and the in-process default.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use backstop_classify::ModelRoute;
+use std::time::Duration;
+
+use backstop_classify::{ModelRoute, PaceHandle, UpstreamPace};
 use tokio::time::Instant;
 
-use crate::{BreakerConfig, ConfigError, KeySnapshot, KeyState, Outcome, Rejection, Transition};
+use crate::{
+    BreakerConfig, ConfigError, KeySnapshot, KeyState, Outcome, PacedSlot, Rejection, Transition,
+};
 
 /// The callback a store reports each state change to (the [`Breaker`](crate::Breaker)
 /// turns them into tracing events and metrics).
@@ -61,6 +65,12 @@ pub trait BreakerStore: Send + Sync + 'static {
 pub trait AdmittedCall: Send + 'static {
     /// Records the outcome of the call, finished at `now`.
     fn record(self, outcome: Outcome, now: Instant, emit: TransitionSink<'_>);
+
+    /// The key's pace, when the call was admitted while its key was paced (see
+    /// [`PaceHandle`]). The default: none, so the call's retries are not paced.
+    fn pace(&self) -> Option<PaceHandle> {
+        None
+    }
 }
 
 /// A keyed multiply-rotate hash for routes (the constant is rustc-hash's): a few
@@ -381,12 +391,57 @@ impl BreakerStore for InProcessStore {
 }
 
 impl AdmittedCall for InProcessPermit {
+    fn pace(&self) -> Option<PaceHandle> {
+        // Only a call admitted while paced carries the handle (an `Arc` clone and a
+        // request extension): the unpaced hot path pays nothing for it.
+        let (cell, ticket) = self.held.as_ref().filter(|(_, t)| t.is_paced())?;
+        Some(PaceHandle(Arc::new(PacedCall {
+            cell: Arc::clone(cell),
+            generation: AtomicU32::new(ticket.paced_slot().generation()),
+        })))
+    }
+
     fn record(mut self, outcome: Outcome, now: Instant, emit: TransitionSink<'_>) {
         if let Some((cell, ticket)) = self.held.take() {
             cell.change(emit, |s, emit| {
                 s.record(ticket, outcome, now, &cell.config, emit)
             });
         }
+    }
+}
+
+/// A call admitted while its key was paced, as the retry layer reaches the pace.
+struct PacedCall {
+    cell: Arc<KeyCell>,
+    /// The pace generation of the call's latest attempt: its admission's, then each
+    /// retry's slot.
+    generation: AtomicU32,
+}
+
+impl PacedCall {
+    fn slot(&self) -> PacedSlot {
+        PacedSlot::of(self.generation.load(Ordering::Relaxed))
+    }
+}
+
+impl UpstreamPace for PacedCall {
+    fn admit_retry(&self, now: Instant, deadline: Option<Instant>) -> Result<(), Duration> {
+        let slot = self
+            .cell
+            .with_state(|s| s.admit_retry(now, deadline, &self.cell.config))?;
+        self.generation.store(slot.generation(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn retry_due_in(&self, now: Instant) -> Duration {
+        self.cell
+            .with_state(|s| s.retry_due_in(now, &self.cell.config))
+    }
+
+    fn slowed_down(&self, now: Instant) {
+        let slot = self.slot();
+        self.cell
+            .with_state(|s| s.attempt_slowed(slot, now, &self.cell.config));
     }
 }
 

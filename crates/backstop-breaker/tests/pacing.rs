@@ -123,6 +123,8 @@ fn the_pace_grows_only_while_it_refuses_calls() {
         pacing: Some(Pacing {
             backoff: 0.5,
             growth: 0.5,
+            // Growth alone here; the regain below its ceiling is the next test's.
+            recovery: 0.0,
             ..Pacing::default()
         }),
         ..BreakerConfig::default()
@@ -141,6 +143,29 @@ fn the_pace_grows_only_while_it_refuses_calls() {
     let c = key.admit(ms(3100)).expect("slot due");
     key.record(c, Outcome::Success, ms(3100));
     assert_eq!(key.state.pace(), Some(10.5));
+}
+
+#[test]
+fn below_what_it_served_the_pace_regains_ground_fast() {
+    // Engaged at 0.5 × the 20 calls a second it served: 10, with 20 as its ceiling.
+    let mut key = Key::rate_limited_after_twenty_a_second(BreakerConfig {
+        pacing: Some(Pacing {
+            backoff: 0.5,
+            growth: 0.01,
+            recovery: 1.0,
+            ..Pacing::default()
+        }),
+        ..BreakerConfig::default()
+    });
+    assert_eq!(key.state.pace(), Some(10.0));
+    assert!(key.admit(ms(2000)).is_ok());
+    assert!(key.admit(ms(2000)).is_err());
+    // One success while binding: recovery × gap / rate = 1.0 × 10 / 10 calls a
+    // second (a tenth of the gap, at 10 successes a second: the whole gap's worth
+    // per second), where growth alone would add 0.01.
+    let b = key.admit(ms(2100)).expect("booked slot");
+    key.record(b, Outcome::Success, ms(2100));
+    assert_eq!(key.state.pace(), Some(11.0));
 }
 
 #[test]

@@ -92,6 +92,50 @@ impl std::fmt::Debug for RetryBudgetHandle {
     }
 }
 
+/// The pace the upstream set for the key a request goes to, as the retry layer sees it.
+///
+/// After a provider's slow-down signals (429s, 503s) the breaker paces that key: it
+/// admits calls at the rate the provider proved it takes. On every request it admits
+/// while the key is paced it puts a [`PaceHandle`]; the retry layer (inside it) asks
+/// [`UpstreamPace::admit_retry`] before each retry, so retries take paced slots like
+/// new calls instead of going out on top of the pace (where they would cause the very
+/// 429s they retry). Without a handle the retry layer retries on its own rules alone.
+pub trait UpstreamPace: Send + Sync + 'static {
+    /// Takes a slot for one retry at `now`. `Err(wait)`: none is free; the slot booked
+    /// for this retry is due in `wait` (ask again then). A retry that could not come
+    /// back before `deadline` books nothing.
+    fn admit_retry(
+        &self,
+        now: tokio::time::Instant,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), std::time::Duration>;
+
+    /// How long from `now` until the next slot a retry could take (zero: one is free
+    /// now), without booking it: the retry layer gives up at once, before its wait,
+    /// when that is past the deadline. The default: zero.
+    fn retry_due_in(&self, now: tokio::time::Instant) -> std::time::Duration {
+        let _ = now;
+        std::time::Duration::ZERO
+    }
+
+    /// An attempt of this call was answered with a slow-down (a 429 or a 503) at
+    /// `now`. The pace can slow down at once rather than when the whole call (with
+    /// its retries) finishes, seconds later. The default ignores it.
+    fn slowed_down(&self, now: tokio::time::Instant) {
+        let _ = now;
+    }
+}
+
+/// The request extension through which the retry layer reaches the upstream's pace.
+#[derive(Clone)]
+pub struct PaceHandle(pub Arc<dyn UpstreamPace>);
+
+impl std::fmt::Debug for PaceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PaceHandle")
+    }
+}
+
 /// Why the retry layer stopped attempting a logical request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -111,6 +155,9 @@ pub enum StopReason {
     HintTooLong,
     /// The retry budget refused the retry.
     BudgetExhausted,
+    /// The upstream's pace ([`PaceHandle`]) had no slot for the retry before the
+    /// deadline: the last failure (with its delay hint) is handed on.
+    PaceRefused,
     /// The first SSE event of a stream was an error and no retry was allowed.
     StreamFailed,
     /// The provider asked for a wait (a delay hint) and another model can serve the

@@ -157,7 +157,7 @@ pub use classification::{
 };
 pub use context::{
     AttemptLog, AttemptRecord, AttemptRecords, Deadline, FallbackAvailable, Idempotent, ModelRoute,
-    RetryBudget, RetryBudgetHandle, StopReason, is_idempotent,
+    PaceHandle, RetryBudget, RetryBudgetHandle, StopReason, UpstreamPace, is_idempotent,
 };
 pub use error::{BoxError, ClassifiedError};
 pub use future::ResponseFuture;

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use backstop_classify::{
     AttemptLog, AttemptRecord, BoxError, Classification, ClassifiedError, Deadline, DelayHint,
-    Failure, FailureKind, FallbackAvailable, Idempotent, ReplayBody, RetryBudgetHandle, Rules,
-    StopReason,
+    Failure, FailureKind, FallbackAvailable, Idempotent, PaceHandle, ReplayBody, RetryBudgetHandle,
+    Rules, StopReason,
 };
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -86,9 +86,15 @@ pub(crate) struct Sent<F> {
 pub(crate) enum Next<RB> {
     /// Hand this to the caller (the attempt log is on it).
     Return(Outcome<RB>),
-    /// Wait, then make another attempt.
-    Retry(Waited),
+    /// Wait, then make another attempt. The failed outcome comes along only when the
+    /// upstream's pace ([`PaceHandle`]) may refuse that attempt: it is then what the
+    /// caller gets.
+    Retry(Waited, Option<Kept<RB>>),
 }
+
+/// A failed outcome kept across the wait before a paced retry (boxed: only a paced
+/// retry pays for it, and the retry loop's future stays small).
+pub(crate) type Kept<RB> = Box<Outcome<RB>>;
 
 /// A held stream's wait for its first event (boxed: only held streams pay for it).
 pub(crate) type FirstEventFuture<RB> =
@@ -102,8 +108,9 @@ pub(crate) enum Resume<RB> {
         /// The wait before this attempt (`None` for the first).
         waited: Option<Waited>,
     },
-    /// A failure the policy said to retry, after this wait.
-    Wait(Waited),
+    /// A failure the policy said to retry, after this wait (with the failed outcome
+    /// when the retry is paced, see [`Next::Retry`]).
+    Wait(Waited, Option<Kept<RB>>),
 }
 
 /// How an attempt stands once its response head (or error) is in.
@@ -319,6 +326,14 @@ impl<S, B> Attempts<S, B> {
             }
         };
 
+        // A paced upstream hears of its slow-downs at once, not when the whole
+        // call finishes.
+        if matches!(failure.kind, FailureKind::RateLimited)
+            && let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>()
+        {
+            pace.slowed_down(Instant::now());
+        }
+
         let config = &self.shared.config;
         let time_left = self
             .deadline
@@ -353,6 +368,12 @@ impl<S, B> Attempts<S, B> {
             {
                 // The provider said "not now" and another model can answer now.
                 decision = Decision::Stop(StopReason::HandedToFallback);
+            } else if let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>()
+                && time_left.is_some_and(|left| wait.max(pace.retry_due_in(Instant::now())) >= left)
+            {
+                // The upstream's pace has no slot for the retry before the deadline:
+                // hand the failure on now rather than after a wait that ends in it.
+                decision = Decision::Stop(StopReason::PaceRefused);
             } else if self
                 .parts
                 .extensions
@@ -376,9 +397,16 @@ impl<S, B> Attempts<S, B> {
             }
             Decision::RetryAfter(wait, hint) => {
                 // The failed response is dropped here, before the wait, so its
-                // connection goes back to the pool instead of idling.
-                drop(outcome);
-                Next::Retry(Waited { wait, hint })
+                // connection goes back to the pool instead of idling; unless the
+                // upstream's pace may refuse the retry, when it is what the caller
+                // gets (its body is an error body the classify layer has read).
+                let kept = self
+                    .parts
+                    .extensions
+                    .get::<PaceHandle>()
+                    .is_some()
+                    .then(|| Box::new(outcome));
+                Next::Retry(Waited { wait, hint }, kept)
             }
         }
     }
@@ -517,15 +545,15 @@ impl<S, B> Attempts<S, B> {
         RB: Body<Data = Bytes> + Unpin + Send + 'static,
         RB::Error: Into<BoxError>,
     {
-        let mut waited = match from {
+        let (mut waited, mut kept) = match from {
             Resume::Held {
                 first_event,
                 waited,
             } => match self.conclude_held(first_event.await, waited) {
                 Next::Return(outcome) => return outcome,
-                Next::Retry(next) => next,
+                Next::Retry(next, kept) => (next, kept),
             },
-            Resume::Wait(waited) => waited,
+            Resume::Wait(waited, kept) => (waited, kept),
         };
         loop {
             tracing::debug!(
@@ -535,6 +563,18 @@ impl<S, B> Attempts<S, B> {
             // Boxed, like every future only a retry needs: this state machine stays
             // small.
             Box::pin(sleep(waited.wait)).await;
+
+            // A paced upstream: the retry takes a slot like a new call would.
+            if let Some(last) = kept.take() {
+                let pace = self.parts.extensions.get::<PaceHandle>().cloned();
+                match Box::pin(pace_slot(pace, self.deadline)).await {
+                    Some(extra) => waited.wait += extra,
+                    None => {
+                        self.log_mut().stop = Some(StopReason::PaceRefused);
+                        return self.finish(*last);
+                    }
+                }
+            }
 
             // Readiness is checked before every retry on the service we own: no stale
             // readiness from a clone, and backpressure bounds the wait.
@@ -591,11 +631,44 @@ impl<S, B> Attempts<S, B> {
             };
             match next {
                 Next::Return(outcome) => return outcome,
-                Next::Retry(next) => waited = next,
+                Next::Retry(next, last) => (waited, kept) = (next, last),
             }
         }
     }
 }
+
+/// Waits for a slot of the upstream's pace ([`PaceHandle`]), within `deadline`:
+/// `Some(how long)`, or `None` when no slot comes before the deadline (or the booked
+/// slots keep going to other callers: after [`MAX_PACE_WAITS`] bookings the retry is
+/// not made).
+async fn pace_slot(pace: Option<PaceHandle>, deadline: Option<Instant>) -> Option<Duration> {
+    let Some(PaceHandle(pace)) = pace else {
+        return Some(Duration::ZERO);
+    };
+    let mut waited = Duration::ZERO;
+    for _ in 0..MAX_PACE_WAITS {
+        let now = Instant::now();
+        let wait = match pace.admit_retry(now, deadline) {
+            Ok(()) => return Some(waited),
+            Err(wait) => whole_millis(wait),
+        };
+        if deadline.is_some_and(|d| now + wait >= d) {
+            return None;
+        }
+        tracing::debug!(
+            wait_ms = wait.as_millis() as u64,
+            "waiting for a paced slot"
+        );
+        Box::pin(sleep(wait)).await;
+        waited += wait;
+    }
+    None
+}
+
+/// How many times a retry books a paced slot before it gives up. A booked slot is
+/// taken by whoever asks first once it is due, so a retry that comes back on time
+/// almost always gets it; the bound keeps an unlucky one from waiting forever.
+const MAX_PACE_WAITS: u32 = 8;
 
 impl<RB> AfterHead<RB> {
     fn failed(error: ClassifiedError) -> Self {

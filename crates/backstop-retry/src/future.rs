@@ -155,7 +155,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(outcome);
                     }
-                    Next::Retry(waited) => Resume::Wait(waited),
+                    Next::Retry(waited, kept) => Resume::Wait(waited, kept),
                 },
                 AfterHead::Hold(held) => Resume::Held {
                     first_event: held.wait_for_first_event(started, until),

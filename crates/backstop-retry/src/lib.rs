@@ -22,7 +22,9 @@
 //! - From the request's extensions: a [`Deadline`](backstop_classify::Deadline) (the
 //!   sooner of it and the layer's own deadline applies), a
 //!   [`RetryBudgetHandle`](backstop_classify::RetryBudgetHandle) (asked before every
-//!   retry), [`Idempotent`](backstop_classify::Idempotent), [`StreamRequest`],
+//!   retry), a [`PaceHandle`](backstop_classify::PaceHandle) (the breaker's, on a
+//!   call admitted while its key is paced: see below),
+//!   [`Idempotent`](backstop_classify::Idempotent), [`StreamRequest`],
 //!   [`ModelRoute`](backstop_classify::ModelRoute) (for the trace's
 //!   `gen_ai.request.model`). From its headers: `Idempotency-Key`.
 //!
@@ -57,6 +59,16 @@
 //!   [`StopReason::HandedToFallback`](backstop_classify::StopReason). The threshold is
 //!   [`RetryConfig::with_fallback_handoff`]; shorter hints and failures without a hint
 //!   are retried here as usual.
+//! - Never sends a retry on top of the upstream's pace. When the request carries a
+//!   [`PaceHandle`](backstop_classify::PaceHandle), each retry takes a paced slot
+//!   after its wait, and waits for it when none is free (the record's `waited`
+//!   includes that); when the pace has no slot before the deadline, the last failure
+//!   is handed on untouched with
+//!   [`StopReason::PaceRefused`](backstop_classify::StopReason): at once when that is
+//!   known at the failure (the budget is then not drawn), or after the wait. Each 429
+//!   an attempt gets is reported to the pace as it arrives, so the pace slows down
+//!   within one response time rather than when the call finishes; 503s are left to
+//!   the call's outcome (see `backstop-breaker`'s pacing for why).
 //! - Never replays a stream that has reached the caller, and never copies the request
 //!   body (a test with a counting allocator checks it).
 //! - Never calls the inner service without driving it to ready first.

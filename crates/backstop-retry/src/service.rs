@@ -166,10 +166,13 @@ mod tests {
             retry.shared.clone(),
             http::Request::new(backstop_classify::ReplayBody::default()),
         );
-        let future = attempts.resume(Resume::Wait(Waited {
-            wait: Duration::from_millis(1),
-            hint: None,
-        }));
+        let future = attempts.resume(Resume::Wait(
+            Waited {
+                wait: Duration::from_millis(1),
+                hint: None,
+            },
+            None,
+        ));
         let size = std::mem::size_of_val(&future);
         assert!(size <= 1280, "the retry loop's future is {size} bytes");
     }

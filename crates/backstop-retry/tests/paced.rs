@@ -1,0 +1,233 @@
+//! Retries under the upstream's pace (`PaceHandle`, put on the request by the
+//! breaker when the key is paced): a retry takes a paced slot, waiting for it within
+//! the deadline; without one before the deadline the last failure is handed on
+//! untouched; each 429 an attempt gets is reported to the pace at once. Over the
+//! classify layer and the mock provider, in virtual time, with a scripted pace.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backstop_classify::{
+    AttemptLog, ClassifyLayer, PaceHandle, ReplayBody, RetryBudget, RetryBudgetHandle, Rules,
+    StopReason, UpstreamPace,
+};
+use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
+use backstop_retry::{HintJitter, RetryConfig, RetryLayer};
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+
+/// A pace that answers from a script, and notes every question.
+#[derive(Default)]
+struct ScriptedPace {
+    /// What `admit_retry` answers, in turn (then `Ok`).
+    answers: Mutex<VecDeque<Result<(), Duration>>>,
+    /// What `retry_due_in` answers.
+    due_in: Mutex<Duration>,
+    /// When `admit_retry` was asked, from the start.
+    asked: Mutex<Vec<Duration>>,
+    /// When a slow-down was reported, from the start.
+    slowed: Mutex<Vec<Duration>>,
+    start: Mutex<Option<Instant>>,
+}
+
+impl ScriptedPace {
+    fn new(answers: impl IntoIterator<Item = Result<(), Duration>>, due_in: Duration) -> Arc<Self> {
+        Arc::new(ScriptedPace {
+            answers: Mutex::new(answers.into_iter().collect()),
+            due_in: Mutex::new(due_in),
+            start: Mutex::new(Some(Instant::now())),
+            ..ScriptedPace::default()
+        })
+    }
+
+    fn since_start(&self, now: Instant) -> Duration {
+        now - self.start.lock().unwrap().expect("started")
+    }
+
+    fn asked(&self) -> Vec<Duration> {
+        self.asked.lock().unwrap().clone()
+    }
+
+    fn slowed(&self) -> Vec<Duration> {
+        self.slowed.lock().unwrap().clone()
+    }
+}
+
+impl UpstreamPace for ScriptedPace {
+    fn admit_retry(&self, now: Instant, _deadline: Option<Instant>) -> Result<(), Duration> {
+        self.asked.lock().unwrap().push(self.since_start(now));
+        self.answers.lock().unwrap().pop_front().unwrap_or(Ok(()))
+    }
+
+    fn retry_due_in(&self, _now: Instant) -> Duration {
+        *self.due_in.lock().unwrap()
+    }
+
+    fn slowed_down(&self, now: Instant) {
+        self.slowed.lock().unwrap().push(self.since_start(now));
+    }
+}
+
+/// A budget that allows everything and counts the withdrawals.
+#[derive(Default)]
+struct CountingBudget(AtomicU32);
+
+impl RetryBudget for CountingBudget {
+    fn try_withdraw(&self) -> bool {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+fn rate_limited() -> Fault {
+    Fault::OpenAiRateLimit {
+        retry_after: Some("1".into()),
+        retry_after_ms: None,
+    }
+}
+
+fn mock(first: Fault) -> MockProvider {
+    MockProvider::new(Scenario::new(1).model("gpt-4o", ModelPlan::script([first])))
+}
+
+fn config() -> RetryConfig {
+    RetryConfig::interactive()
+        .with_hint_jitter(HintJitter::none())
+        .with_deadline(Some(Duration::from_secs(5)))
+        .expect("valid deadline")
+}
+
+fn request(
+    pace: Option<&Arc<ScriptedPace>>,
+    budget: &Arc<CountingBudget>,
+) -> http::Request<ReplayBody> {
+    let mut request = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(ReplayBody::from(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap();
+    if let Some(pace) = pace {
+        request
+            .extensions_mut()
+            .insert(PaceHandle(Arc::clone(pace) as Arc<dyn UpstreamPace>));
+    }
+    request
+        .extensions_mut()
+        .insert(RetryBudgetHandle(Arc::clone(budget) as Arc<dyn RetryBudget>));
+    request
+}
+
+/// Sends one request; the response's status, body bytes, log and how long it took.
+async fn send(
+    config: RetryConfig,
+    mock: &MockProvider,
+    pace: Option<&Arc<ScriptedPace>>,
+    budget: &Arc<CountingBudget>,
+) -> (StatusCode, Bytes, AttemptLog, Duration) {
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(config).with_rng_seed(3))
+        .layer(ClassifyLayer::new(Rules::openai()))
+        .service(mock.clone());
+    let started = Instant::now();
+    let response = service.oneshot(request(pace, budget)).await.unwrap();
+    let took = started.elapsed();
+    let status = response.status();
+    let log = response.extensions().get::<AttemptLog>().cloned().unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body, log, took)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paced_retry_waits_for_its_slot_after_the_hint() {
+    let mock = mock(rate_limited());
+    let pace = ScriptedPace::new([Err(Duration::from_millis(300))], Duration::ZERO);
+    let budget = Arc::new(CountingBudget::default());
+    let (status, _, log, took) = send(config(), &mock, Some(&pace), &budget).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(mock.attempt_count(), 2);
+    // The 1 s Retry-After, then the slot booked 300 ms later: exactly 1.3 s, all of it
+    // in the second attempt's record.
+    assert_eq!(took, Duration::from_millis(1300));
+    assert_eq!(
+        pace.asked(),
+        [Duration::from_secs(1), Duration::from_millis(1300)]
+    );
+    assert_eq!(log.attempts[1].waited, Duration::from_millis(1300));
+    assert!(log.attempts[1].hint_used.is_some());
+    // The 429 was reported to the pace as it came, once.
+    assert_eq!(pace.slowed(), [Duration::ZERO]);
+    assert_eq!(budget.0.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_slot_before_the_deadline_hands_the_429_on_at_once_without_drawing_the_budget() {
+    let mock = mock(rate_limited());
+    // The next free slot is 10 s away; the deadline is 5 s.
+    let pace = ScriptedPace::new([], Duration::from_secs(10));
+    let budget = Arc::new(CountingBudget::default());
+    let (status, body, log, took) = send(config(), &mock, Some(&pace), &budget).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(took, Duration::ZERO);
+    assert_eq!(mock.attempt_count(), 1);
+    assert_eq!(log.stop, Some(StopReason::PaceRefused));
+    assert!(pace.asked().is_empty());
+    assert_eq!(budget.0.load(Ordering::SeqCst), 0);
+    // The provider's own response, byte for byte: what one attempt alone returns.
+    let alone = mock_body_of_one_attempt().await;
+    assert_eq!(body, alone);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_refused_after_the_wait_returns_the_kept_429_untouched() {
+    let mock = mock(rate_limited());
+    // A slot looked free at the 429, but by the end of the 1 s wait the next one is
+    // past the deadline.
+    let pace = ScriptedPace::new([Err(Duration::from_secs(10))], Duration::ZERO);
+    let budget = Arc::new(CountingBudget::default());
+    let (status, body, log, took) = send(config(), &mock, Some(&pace), &budget).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(took, Duration::from_secs(1));
+    assert_eq!(mock.attempt_count(), 1);
+    assert_eq!(log.stop, Some(StopReason::PaceRefused));
+    assert_eq!(log.attempts.len(), 1);
+    assert_eq!(pace.asked(), [Duration::from_secs(1)]);
+    // The budget was drawn at the decision, before the wait.
+    assert_eq!(budget.0.load(Ordering::SeqCst), 1);
+    assert_eq!(body, mock_body_of_one_attempt().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_is_paced_but_left_to_the_calls_own_outcome_to_report() {
+    let mock = mock(Fault::OpenAiOverloaded);
+    let pace = ScriptedPace::new([], Duration::ZERO);
+    let budget = Arc::new(CountingBudget::default());
+    let (status, _, _, _) = send(config(), &mock, Some(&pace), &budget).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(mock.attempt_count(), 2);
+    assert_eq!(pace.asked().len(), 1);
+    assert!(pace.slowed().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_pace_the_retry_goes_after_the_hint_alone() {
+    let mock = mock(rate_limited());
+    let budget = Arc::new(CountingBudget::default());
+    let (status, _, log, took) = send(config(), &mock, None, &budget).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(took, Duration::from_secs(1));
+    assert_eq!(log.attempts[1].waited, Duration::from_secs(1));
+}
+
+/// The body the mock sends for the same 429 to a request that gets no retry.
+async fn mock_body_of_one_attempt() -> Bytes {
+    let mock = mock(rate_limited());
+    let budget = Arc::new(CountingBudget::default());
+    let single = RetryConfig::interactive().with_max_attempts(1).unwrap();
+    send(single, &mock, None, &budget).await.1
+}
