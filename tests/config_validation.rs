@@ -136,7 +136,7 @@ fn the_breaker_s_open_period_pacing_and_the_cooldown_waits_are_set_from_the_file
          max_open_duration = \"20s\"\n\
          hint_opens_at = \"3s\"\n\
          max_hinted_cooldown = \"90s\"\n\
-         pacing = { backoff = 0.9, min_rate = 1.0 }\n",
+         pacing = { backoff = 0.9, min_rate = 1.0, recovery = 0.25 }\n",
         &[],
     )
     .expect("valid");
@@ -154,6 +154,7 @@ fn the_breaker_s_open_period_pacing_and_the_cooldown_waits_are_set_from_the_file
     let pacing = breaker.pacing.expect("pacing on");
     assert_eq!(pacing.backoff, 0.9);
     assert_eq!(pacing.min_rate, 1.0);
+    assert_eq!(pacing.recovery, 0.25);
     assert_eq!(pacing.growth, backstop::breaker::Pacing::default().growth);
     assert_eq!(layer.fallback().config().cooldown_waits(), 3);
 
@@ -172,6 +173,11 @@ fn a_pacing_backoff_outside_zero_to_one_is_refused_in_its_section() {
     assert!(m.starts_with("[breaker]:"), "{m}");
     let m = message("[breaker]\npacing = { colour = 1 }\n");
     assert!(m.contains("pacing"), "{m}");
+    let m = message("[breaker]\npacing = { recovery = 1.5 }\n");
+    assert!(
+        m.starts_with("[breaker]:") && m.contains("pacing.recovery 1.5"),
+        "{m}"
+    );
 }
 
 #[test]

@@ -173,6 +173,24 @@ fn the_configuration_is_checked() {
         })),
         Err(ConfigError::PaceMinRate(_))
     ));
+    for recovery in [-0.1, 1.5, f64::NAN] {
+        assert!(matches!(
+            check(pacing(Pacing {
+                recovery,
+                ..Pacing::default()
+            })),
+            Err(ConfigError::PaceRecovery(_))
+        ));
+    }
+    for recovery in [0.0, 1.0] {
+        assert_eq!(
+            check(pacing(Pacing {
+                recovery,
+                ..Pacing::default()
+            })),
+            Ok(())
+        );
+    }
     assert_eq!(check(BreakerConfig::default()), Ok(()));
     let message = ConfigError::MaxOpenBelowOpen.to_string();
     assert!(message.contains("max_open_duration"), "{message}");
