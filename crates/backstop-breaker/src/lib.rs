@@ -143,8 +143,8 @@
 //!   the counting rules' business); once per generation: a signal from a call
 //!   admitted before the last decrease was sent at the old rate;
 //! - while it refuses calls it grows with every success: fast back up to its
-//!   **ceiling** (what the upstream last proved it takes: the level the last
-//!   decrease was measured from), closing `recovery` (1.0) of the gap per second, so
+//!   **ceiling** (what the upstream last proved it takes: what it served over the
+//!   second before the last signal, even above the rate), closing `recovery` (1.0) of the gap per second, so
 //!   a decrease costs a second or two of goodput; from the ceiling on by `growth`
 //!   (3 %) of itself per second, so it finds a raised quota again; a pace that
 //!   refuses nobody never grows;

@@ -15,11 +15,12 @@
 //!   upstream's capacity.
 //! - **Grow** while the pace is binding (it refused a call within the last second),
 //!   for every success, by the larger of two steps. Below the **ceiling** (what the
-//!   upstream proved it takes: the level the last decrease was measured from, or what
-//!   was served when the pace engaged or the key closed) the rate closes `recovery` of
-//!   the gap to it per second, fast while far below and slowly near it, as TCP CUBIC
-//!   regains its window: a decrease costs a second or two of goodput, not the tens of
-//!   seconds a constant slow growth takes. From the ceiling on it probes by `growth`
+//!   upstream proved it takes: what it served over the second before the last
+//!   signal, even when that was more than the rate; for a key closing after an
+//!   outage, what it served before it opened) the rate closes `recovery` of the gap
+//!   to it per second, fast while far below and slowly near it, as TCP CUBIC regains
+//!   its window: a decrease costs a second or two of goodput, not the tens of seconds
+//!   a constant slow growth takes. From the ceiling on it probes by `growth`
 //!   of itself per second and so finds a raised quota again. A pace that refuses
 //!   nobody does not grow, so a quiet hour cannot build up a rate the upstream never
 //!   proved it takes.
@@ -199,9 +200,10 @@ impl Pace {
             self.rate
         };
         let base = served.clamp(lowest, self.rate);
-        // What the upstream proved it takes is the level to regain fast; beyond it,
-        // only the slow probe.
-        self.ceiling = base;
+        // What the upstream proved it takes (what it served, even above the rate:
+        // calls admitted before the pace, retries) is the level to regain fast; beyond
+        // it, only the slow probe. (`max` ignores a NaN measurement.)
+        self.ceiling = sane_rate(served.max(base), pacing);
         self.rate = sane_rate(base * pacing.backoff, pacing);
         self.generation = self.generation.wrapping_add(1);
         // Slots already booked keep their times; new ones follow at the new rate.
@@ -409,6 +411,29 @@ mod tests {
         assert!(close(pace.rate(), 40.0));
         pace.served(t0, &wild);
         assert!(close(pace.rate(), 40.03));
+    }
+
+    #[test]
+    fn what_was_served_above_the_rate_is_the_ceiling_to_regain() {
+        let t0 = Instant::now();
+        let pacing = Pacing::default();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // 36 served against a pace of 27.4 (calls admitted before the pace engaged,
+        // still finishing): down from the rate, but back up to the 36 it proved.
+        let mut pace = Pace::new(27.4, 27.4, t0, 1, &pacing);
+        assert!(pace.slow_down(1, 36.0, t0, &pacing));
+        assert!(close(pace.rate(), 27.4 * 0.95));
+        bind(&mut pace, t0);
+        let before = pace.rate();
+        pace.served(t0, &pacing);
+        assert!(close(pace.rate(), before + (36.0 - before) / before));
+        // A NaN measurement (never produced by the key, which counts) makes neither
+        // the rate nor the ceiling unusable.
+        let mut pace = Pace::new(20.0, 20.0, t0, 1, &pacing);
+        assert!(pace.slow_down(1, f64::NAN, t0, &pacing));
+        bind(&mut pace, t0);
+        pace.served(t0, &pacing);
+        assert!(pace.rate().is_finite() && pace.rate() <= 20.0);
     }
 
     #[test]
