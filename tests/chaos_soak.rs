@@ -682,7 +682,10 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             // 2 and 6. Nothing at all after a head reached the caller, or after a
             // post-send failure of a non-idempotent request.
             let last_of_request = hop_index + 1 == hops.len() && i + 1 == run.len();
-            if !last_of_request {
+            // An answer that came after its attempt's time ran out (the retry's
+            // deadline cut it) never reached the caller: the record says timed out.
+            let cut_off = timed_out_record(&outcome.received, model, i);
+            if !last_of_request && !cut_off {
                 tally.check("6 nothing after delivery", rule != After::Nothing, || {
                     format!(
                         "request {id} (stream {}, idempotent {}): attempted again after {:?}",
@@ -763,11 +766,26 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                 || format!("request {id}: an error after sending carries no ServedBy"),
             );
             // A success the provider sent is never lost: the caller gets an error
-            // after one only when the attempt's time ran out before it arrived.
-            let last_ok = attempts.last().is_some_and(|a| a.fault.is_ok());
-            tally.check("1 one outcome", !last_ok || *kind == FailureKind::TimedOut, || {
-                format!("request {id}: the provider's last answer was a success, the caller got {kind}")
-            });
+            // after one only when the attempt's time ran out before it arrived (the
+            // error is then that timeout, or a later hop's when the chain went on:
+            // the hop of that attempt records the timeout as its last attempt).
+            let last = attempts.last().filter(|a| a.fault.is_ok());
+            let cut_off = |a: &&Attempt| {
+                let model = a.model.as_deref().unwrap_or_default();
+                let on_model = attempts
+                    .iter()
+                    .filter(|b| b.model.as_deref() == Some(model));
+                timed_out_record(&outcome.received, model, on_model.count() - 1)
+            };
+            tally.check(
+                "1 one outcome",
+                last.is_none_or(|a| *kind == FailureKind::TimedOut || cut_off(&a)),
+                || {
+                    format!(
+                        "request {id}: the provider's last answer was a success, the caller got {kind}"
+                    )
+                },
+            );
             if *kind == FailureKind::BreakerOpen && !attempts.is_empty() {
                 tally.breaker_open_after_answers += 1;
             }
@@ -866,6 +884,27 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             format!("request {id}: retries without a record")
         });
     }
+}
+
+/// Whether the `index`th attempt on `model` is recorded (in the request's `ServedBy`)
+/// as timed out: its answer, if the provider sent one, came after the attempt's time
+/// ran out and never reached the caller.
+fn timed_out_record(received: &Received, model: &str, index: usize) -> bool {
+    let served_by = match received {
+        Received::Response { served_by, .. } | Received::Error { served_by, .. } => served_by,
+        Received::NoOutcome => &None,
+    };
+    served_by.as_ref().is_some_and(|s| {
+        s.hops.iter().any(|h| {
+            *h.model == *model
+                && h.attempts
+                    .as_ref()
+                    .and_then(|l| l.attempts.get(index))
+                    .is_some_and(|r| {
+                        r.classification.failure().map(|f| f.kind) == Some(FailureKind::TimedOut)
+                    })
+        })
+    })
 }
 
 /// Invariant 5: at every withdrawal, the retries still in the budget's window are within its
