@@ -770,7 +770,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             // error is then that timeout, or a later hop's when the chain went on:
             // the hop of that attempt records the timeout as its last attempt).
             let last = attempts.last().filter(|a| a.fault.is_ok());
-            let cut_off = |a: &&Attempt| {
+            let cut_off = |a: &Attempt| {
                 let model = a.model.as_deref().unwrap_or_default();
                 let on_model = attempts
                     .iter()
@@ -779,7 +779,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             };
             tally.check(
                 "1 one outcome",
-                last.is_none_or(|a| *kind == FailureKind::TimedOut || cut_off(&a)),
+                last.is_none_or(|a| *kind == FailureKind::TimedOut || cut_off(a)),
                 || {
                     format!(
                         "request {id}: the provider's last answer was a success, the caller got {kind}"
