@@ -465,8 +465,7 @@ impl<S, B> Attempts<S, B> {
     pub(crate) fn settle_plain_success<RB>(&mut self, response: &mut Response<RB>) -> bool {
         let success = match response.extensions().get::<Classification>() {
             Some(classification) => classification.is_success(),
-            // Below 400 the rules are not consulted (`verdict::response_classification`).
-            None => response.status().as_u16() < 400,
+            None => verdict::is_unclassified_success(response),
         };
         if !success || is_event_stream(response.headers()) {
             return false;

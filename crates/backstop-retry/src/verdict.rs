@@ -15,7 +15,7 @@ pub(crate) fn response_classification<B>(response: &Response<B>, rules: &Rules) 
     if let Some(c) = response.extensions().get::<Classification>() {
         return c.clone();
     }
-    if response.status().as_u16() < 400 {
+    if is_unclassified_success(response) {
         return Classification::Success;
     }
     rules.classify_response(
@@ -24,6 +24,12 @@ pub(crate) fn response_classification<B>(response: &Response<B>, rules: &Rules) 
         &[],
         SystemTime::now(),
     )
+}
+
+/// Whether a response no classify layer judged is a success: below 400 the rules are
+/// not consulted.
+pub(crate) fn is_unclassified_success<B>(response: &Response<B>) -> bool {
+    response.status().as_u16() < 400
 }
 
 /// The inner service's error as a classified one: kept as is when it already is one,
