@@ -368,9 +368,7 @@ impl<S, B> Attempts<S, B> {
             {
                 // The provider said "not now" and another model can answer now.
                 decision = Decision::Stop(StopReason::HandedToFallback);
-            } else if let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>()
-                && time_left.is_some_and(|left| wait.max(pace.retry_due_in(Instant::now())) >= left)
-            {
+            } else if self.pace_refuses(wait, time_left) {
                 // The upstream's pace has no slot for the retry before the deadline:
                 // hand the failure on now rather than after a wait that ends in it.
                 decision = Decision::Stop(StopReason::PaceRefused);
@@ -409,6 +407,17 @@ impl<S, B> Attempts<S, B> {
                 Next::Retry(Waited { wait, hint }, kept)
             }
         }
+    }
+
+    /// Whether the upstream's pace ([`PaceHandle`]) has no slot for a retry after
+    /// `wait` before the deadline, or none within `max_hint`: known before the wait,
+    /// so the failure is handed on at once and the budget is not drawn.
+    fn pace_refuses(&self, wait: Duration, time_left: Option<Duration>) -> bool {
+        let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>() else {
+            return false;
+        };
+        let due = pace.retry_due_in(Instant::now());
+        due > self.shared.config.max_hint || time_left.is_some_and(|left| wait.max(due) >= left)
     }
 
     /// Adds the attempt to the log, and emits its event.
@@ -566,7 +575,8 @@ impl<S, B> Attempts<S, B> {
             // A paced upstream: the retry takes a slot like a new call would.
             if let Some(last) = kept.take() {
                 let pace = self.parts.extensions.get::<PaceHandle>().cloned();
-                match Box::pin(pace_slot(pace, self.deadline)).await {
+                let longest = self.shared.config.max_hint;
+                match Box::pin(pace_slot(pace, self.deadline, longest)).await {
                     Some(extra) => waited.wait += extra,
                     None => {
                         self.log_mut().stop = Some(StopReason::PaceRefused);
@@ -637,10 +647,15 @@ impl<S, B> Attempts<S, B> {
 }
 
 /// Waits for a slot of the upstream's pace ([`PaceHandle`]), within `deadline`:
-/// `Some(how long)`, or `None` when no slot comes before the deadline (or the booked
-/// slots keep going to other callers: after [`MAX_PACE_WAITS`] bookings the retry is
-/// not made).
-async fn pace_slot(pace: Option<PaceHandle>, deadline: Option<Instant>) -> Option<Duration> {
+/// `Some(how long)`, or `None` when no slot comes before the deadline or within
+/// `longest` (the layer's `max_hint`: a pace, like a hint, is never waited on for
+/// days), or when the booked slots keep going to other callers (after
+/// [`MAX_PACE_WAITS`] bookings the retry is not made).
+async fn pace_slot(
+    pace: Option<PaceHandle>,
+    deadline: Option<Instant>,
+    longest: Duration,
+) -> Option<Duration> {
     let Some(PaceHandle(pace)) = pace else {
         return Some(Duration::ZERO);
     };
@@ -651,7 +666,10 @@ async fn pace_slot(pace: Option<PaceHandle>, deadline: Option<Instant>) -> Optio
             Ok(()) => return Some(waited),
             Err(wait) => whole_millis(wait),
         };
-        if deadline.is_some_and(|d| now + wait >= d) {
+        // Checked: a pace of another implementation may answer any duration.
+        let past_deadline =
+            deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|at| at >= d));
+        if past_deadline || waited.saturating_add(wait) > longest {
             return None;
         }
         tracing::debug!(

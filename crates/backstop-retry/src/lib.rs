@@ -62,8 +62,8 @@
 //! - Never sends a retry on top of the upstream's pace. When the request carries a
 //!   [`PaceHandle`](backstop_classify::PaceHandle), each retry takes a paced slot
 //!   after its wait, and waits for it when none is free (the record's `waited`
-//!   includes that); when the pace has no slot before the deadline, the last failure
-//!   is handed on untouched with
+//!   includes that); when the pace has no slot before the deadline (or within
+//!   `max_hint`, as for a hint), the last failure is handed on untouched with
 //!   [`StopReason::PaceRefused`](backstop_classify::StopReason): at once when that is
 //!   known at the failure (the budget is then not drawn), or after the wait. Each 429
 //!   an attempt gets is reported to the pace as it arrives, so the pace slows down

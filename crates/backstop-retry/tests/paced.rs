@@ -231,3 +231,48 @@ async fn mock_body_of_one_attempt() -> Bytes {
     let single = RetryConfig::interactive().with_max_attempts(1).unwrap();
     send(single, &mock, None, &budget).await.1
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pace_that_answers_any_duration_never_panics_nor_holds_a_retry_for_days() {
+    // Without a deadline: a slot "due" in u64::MAX seconds, known at the failure, is
+    // past the layer's longest wait (`max_hint`, 120 s): handed on at once.
+    let no_deadline = RetryConfig::interactive()
+        .with_hint_jitter(HintJitter::none())
+        .with_deadline(None)
+        .expect("no deadline");
+    let provider = mock(rate_limited());
+    let pace = ScriptedPace::new([], Duration::MAX);
+    let budget = Arc::new(CountingBudget::default());
+    let (status, _, log, took) = send(no_deadline.clone(), &provider, Some(&pace), &budget).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(took, Duration::ZERO);
+    assert_eq!(log.stop, Some(StopReason::PaceRefused));
+
+    // The same answer coming only after the wait (the slot looked free at the
+    // failure), with and without a deadline: no overflow, the 429 handed on after the
+    // 1 s wait, nothing more sent.
+    for config in [no_deadline, config()] {
+        let provider = mock(rate_limited());
+        let pace = ScriptedPace::new([Err(Duration::MAX)], Duration::ZERO);
+        let (status, _, log, took) = send(config, &provider, Some(&pace), &budget).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(took, Duration::from_secs(1));
+        assert_eq!(log.stop, Some(StopReason::PaceRefused));
+        assert_eq!(provider.attempt_count(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_whose_booked_slots_keep_going_to_others_gives_up_after_eight() {
+    let mock = mock(rate_limited());
+    // Every time it comes back, the slot is gone again: 100 ms more, eight times.
+    let pace = ScriptedPace::new([Err(Duration::from_millis(100)); 8], Duration::ZERO);
+    let budget = Arc::new(CountingBudget::default());
+    let (status, _, log, took) = send(config(), &mock, Some(&pace), &budget).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(log.stop, Some(StopReason::PaceRefused));
+    assert_eq!(mock.attempt_count(), 1);
+    // The 1 s wait, then eight bookings of 100 ms each.
+    assert_eq!(pace.asked().len(), 8);
+    assert_eq!(took, Duration::from_millis(1800));
+}
