@@ -577,7 +577,7 @@ impl<S, B> Attempts<S, B> {
                 let pace = self.parts.extensions.get::<PaceHandle>().cloned();
                 let longest = self.shared.config.max_hint;
                 match Box::pin(pace_slot(pace, self.deadline, longest)).await {
-                    Some(extra) => waited.wait += extra,
+                    Some(extra) => waited.wait = waited.wait.saturating_add(extra),
                     None => {
                         self.log_mut().stop = Some(StopReason::PaceRefused);
                         return self.finish(*last);
