@@ -465,13 +465,7 @@ impl KeyState {
         self.advance(now, config, emit);
         match self.state {
             BreakerState::Closed => {
-                if self
-                    .pace
-                    .as_ref()
-                    .is_some_and(|p| p.may_lift(now, config.window))
-                {
-                    self.pace = None;
-                }
+                self.lift_quiet_pace(now, config);
                 let Some(pace) = &mut self.pace else {
                     return Ok(self.ticket(None, 0));
                 };
@@ -563,13 +557,7 @@ impl KeyState {
         deadline: Option<Instant>,
         config: &BreakerConfig,
     ) -> Result<PacedSlot, Duration> {
-        if self
-            .pace
-            .as_ref()
-            .is_some_and(|p| p.may_lift(now, config.window))
-        {
-            self.pace = None;
-        }
+        self.lift_quiet_pace(now, config);
         match &mut self.pace {
             Some(pace) if self.state == BreakerState::Closed => {
                 pace.admit(now, deadline).map_err(|wait| wait.retry_in)?;
@@ -578,6 +566,18 @@ impl KeyState {
                 })
             }
             _ => Ok(PacedSlot { generation: 0 }),
+        }
+    }
+
+    /// Lifts the pace after a whole `window` with no slow-down signal and nobody
+    /// waiting for a slot.
+    fn lift_quiet_pace(&mut self, now: Instant, config: &BreakerConfig) {
+        if self
+            .pace
+            .as_ref()
+            .is_some_and(|p| p.may_lift(now, config.window))
+        {
+            self.pace = None;
         }
     }
 

@@ -3,7 +3,6 @@
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-
 use std::time::Duration;
 
 use backstop_classify::{ModelRoute, PaceHandle, UpstreamPace};
