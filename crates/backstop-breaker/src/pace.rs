@@ -130,13 +130,7 @@ impl Pace {
     /// before `deadline` books nothing (its slot would only delay the callers after it).
     pub(crate) fn admit(&mut self, now: Instant, deadline: Option<Instant>) -> Result<(), Wait> {
         let interval = self.interval();
-        // A slot left untaken for more than one interval is gone: idle time is not
-        // saved up for a burst.
-        if let Some(earliest) = now.checked_sub(interval)
-            && self.cursor < earliest
-        {
-            self.cursor = earliest;
-        }
+        self.cursor = self.live_cursor(now, interval);
         if self.tail < self.cursor {
             self.tail = self.cursor;
         }
@@ -157,14 +151,19 @@ impl Pace {
         })
     }
 
+    /// The next slot as of `now`: a slot left untaken for more than one interval is
+    /// gone (idle time is not saved up for a burst).
+    fn live_cursor(&self, now: Instant, interval: Duration) -> Instant {
+        match now.checked_sub(interval) {
+            Some(earliest) if self.cursor < earliest => earliest,
+            _ => self.cursor,
+        }
+    }
+
     /// How long from `now` until the slot [`Pace::admit`] would give or book (zero:
     /// one is due), without taking it.
     pub(crate) fn next_free(&self, now: Instant) -> Duration {
-        let interval = self.interval();
-        let cursor = match now.checked_sub(interval) {
-            Some(earliest) if self.cursor < earliest => earliest,
-            _ => self.cursor,
-        };
+        let cursor = self.live_cursor(now, self.interval());
         if cursor <= now {
             return Duration::ZERO;
         }
