@@ -684,12 +684,24 @@ impl KeyState {
                     self.slow_down(ticket.pace, now, config);
                 }
                 let hinted = cooldown_hint(kind, hint, config);
+                // A 429 whose provider asked for only a moment (less than
+                // `hint_opens_at`) from a key still serving calls says "saturated":
+                // pacing's business, not a breakage to count towards
+                // `consecutive_failures` (a burst of them would open a key that serves
+                // its quota). It still counts in the failure ratio, and once the key
+                // serves nothing, 429s count as usual.
+                let saturated = config.pacing.is_some()
+                    && kind == FailureKind::RateLimited
+                    && hinted.is_some_and(|h| h.delay < config.hint_opens_at)
+                    && self.recent.totals(now).0 > 0;
                 if current && self.state == BreakerState::Closed {
-                    self.consecutive = self.consecutive.saturating_add(1);
-                    self.latest_failure = Some(
-                        self.latest_failure
-                            .map_or(ticket.seq, |f| f.max(ticket.seq)),
-                    );
+                    if !saturated {
+                        self.consecutive = self.consecutive.saturating_add(1);
+                        self.latest_failure = Some(
+                            self.latest_failure
+                                .map_or(ticket.seq, |f| f.max(ticket.seq)),
+                        );
+                    }
                     self.window.record(now, true);
                     if let Some(reason) = self.trip_reason(now, config) {
                         // The provider's own "come back in" sets the cooldown; without

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use backstop_breaker::{BreakerConfig, BreakerState, Outcome, Pacing, Rejection};
-use backstop_classify::FailureKind;
+use backstop_classify::{DelayHint, FailureKind, HintSource};
 mod common;
 
 use common::{Key, ms};
@@ -394,4 +394,67 @@ mod through_the_layer {
         // None of the refused calls reached the upstream.
         assert_eq!(calls.load(Ordering::SeqCst), 22);
     }
+}
+
+/// A 429 asking for one second (`Retry-After: 1`).
+fn rate_limited_for_a_moment() -> Outcome {
+    Outcome::Failure {
+        kind: FailureKind::RateLimited,
+        hint: Some(DelayHint::new(
+            Duration::from_secs(1),
+            HintSource::RetryAfterSeconds,
+        )),
+    }
+}
+
+#[test]
+fn a_burst_of_429s_from_a_key_still_serving_paces_it_without_opening_it() {
+    let mut key = Key::new(BreakerConfig::default());
+    for i in 0..20 {
+        key.call(Outcome::Success, ms(1000 + 50 * i));
+    }
+    // Eleven calls in flight (admitted before any 429, so unpaced).
+    let mut in_flight: Vec<_> = (0..11)
+        .map(|_| key.admit(ms(1960)).expect("closed and unpaced"))
+        .collect();
+    // Six of them get a 429 asking for a moment, 40 ms after the last success: more
+    // than `consecutive_failures` (5) in a row, from a key still serving. Saturated,
+    // not down: paced, still closed.
+    for (i, ticket) in in_flight.drain(..6).enumerate() {
+        key.record(ticket, rate_limited_for_a_moment(), ms(1990 + i as u64));
+    }
+    assert_eq!(key.state.state(), BreakerState::Closed);
+    assert!(key.state.pace().is_some());
+    assert!(key.log().is_empty());
+
+    // More than a second after the last success the key serves nothing: the same
+    // 429s count, and the fifth in a row opens it.
+    for (i, ticket) in in_flight.drain(..).enumerate() {
+        assert_eq!(key.state.state(), BreakerState::Closed, "after {i}");
+        key.record(
+            ticket,
+            rate_limited_for_a_moment(),
+            ms(3100 + 10 * i as u64),
+        );
+    }
+    assert_eq!(key.state.state(), BreakerState::Open);
+    assert_eq!(key.log().len(), 1);
+}
+
+#[test]
+fn without_pacing_a_burst_of_429s_opens_the_key_as_before() {
+    let mut key = Key::new(BreakerConfig {
+        pacing: None,
+        ..BreakerConfig::default()
+    });
+    for i in 0..20 {
+        key.call(Outcome::Success, ms(1000 + 50 * i));
+    }
+    let in_flight: Vec<_> = (0..5)
+        .map(|_| key.admit(ms(1960)).expect("closed"))
+        .collect();
+    for (i, ticket) in in_flight.into_iter().enumerate() {
+        key.record(ticket, rate_limited_for_a_moment(), ms(1990 + i as u64));
+    }
+    assert_eq!(key.state.state(), BreakerState::Open);
 }
