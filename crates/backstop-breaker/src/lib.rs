@@ -102,7 +102,14 @@
 //!   every other call sent meanwhile is a wasted attempt (and some providers extend
 //!   the penalty). Shorter hints are the retry layer's business, which waits them out
 //!   inside the request, and pacing's, which slows the key down; they still count as
-//!   failures.
+//!   failures, with one exception: while pacing is on and the key is still serving
+//!   calls (a success within the last second), such a 429 does not count towards
+//!   `consecutive_failures`. The key is saturated, not down: a burst of them (a
+//!   client starting up above its quota) would otherwise open a key that is serving
+//!   its quota, and the simulator's rate-limited scenario lost up to two seconds of
+//!   the quota to that on four seeds in ten. It still counts in the failure ratio,
+//!   and once the key serves nothing (a provider refusing everything) 429s count as
+//!   usual: in the 429 outage the key opens a second or so later than it would.
 //! - *→ Open at once* on quota exhaustion, for `quota_cooldown` (or the capped hint
 //!   when longer).
 //! - *Open → HalfOpen* exactly when the open period ends.
