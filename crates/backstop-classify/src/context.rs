@@ -118,9 +118,10 @@ pub trait UpstreamPace: Send + Sync + 'static {
         std::time::Duration::ZERO
     }
 
-    /// An attempt of this call was answered with a slow-down (a 429 or a 503) at
-    /// `now`. The pace can slow down at once rather than when the whole call (with
-    /// its retries) finishes, seconds later. The default ignores it.
+    /// An attempt of this call was answered with a 429 at `now`. The pace can slow
+    /// down at once rather than when the whole call (with its retries) finishes,
+    /// seconds later. (The retry layer reports 429s only: a 503 speaks of capacity,
+    /// and is left to the call's outcome.) The default ignores it.
     fn slowed_down(&self, now: tokio::time::Instant) {
         let _ = now;
     }
