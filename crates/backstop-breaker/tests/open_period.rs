@@ -144,52 +144,39 @@ fn the_configuration_is_checked() {
         }),
         Err(ConfigError::MaxOpenBelowOpen)
     );
-    let pacing = |p: Pacing| BreakerConfig {
-        pacing: Some(p),
-        ..BreakerConfig::default()
+    // The default pacing with one field changed, validated.
+    let tuned = |change: &dyn Fn(&mut Pacing)| {
+        let mut pacing = Pacing::default();
+        change(&mut pacing);
+        check(BreakerConfig {
+            pacing: Some(pacing),
+            ..BreakerConfig::default()
+        })
     };
     for backoff in [0.0, 1.0, f64::NAN] {
         assert!(matches!(
-            check(pacing(Pacing {
-                backoff,
-                ..Pacing::default()
-            })),
+            tuned(&|p| p.backoff = backoff),
             Err(ConfigError::PaceBackoff(_))
         ));
     }
     for growth in [0.0, 1.5] {
         assert!(matches!(
-            check(pacing(Pacing {
-                growth,
-                ..Pacing::default()
-            })),
+            tuned(&|p| p.growth = growth),
             Err(ConfigError::PaceGrowth(_))
         ));
     }
     assert!(matches!(
-        check(pacing(Pacing {
-            min_rate: 0.0,
-            ..Pacing::default()
-        })),
+        tuned(&|p| p.min_rate = 0.0),
         Err(ConfigError::PaceMinRate(_))
     ));
     for recovery in [-0.1, 1.5, f64::NAN] {
         assert!(matches!(
-            check(pacing(Pacing {
-                recovery,
-                ..Pacing::default()
-            })),
+            tuned(&|p| p.recovery = recovery),
             Err(ConfigError::PaceRecovery(_))
         ));
     }
     for recovery in [0.0, 1.0] {
-        assert_eq!(
-            check(pacing(Pacing {
-                recovery,
-                ..Pacing::default()
-            })),
-            Ok(())
-        );
+        assert_eq!(tuned(&|p| p.recovery = recovery), Ok(()));
     }
     assert_eq!(check(BreakerConfig::default()), Ok(()));
     let message = ConfigError::MaxOpenBelowOpen.to_string();
