@@ -42,7 +42,10 @@ pub(crate) struct Journey<RB> {
     /// index of its hop. When every later hop ends without a response (refused by
     /// a breaker or the throttle, timed out, reset), this is the most informative
     /// failure the caller can get: the provider's own answer, byte-for-byte.
-    kept: Option<(Response<RB>, usize)>,
+    ///
+    /// Boxed: only a request that falls back keeps one, and a response inline
+    /// would make every request's future larger (and every move of it dearer).
+    kept: Option<Box<(Response<RB>, usize)>>,
     /// Waits for a cooldown so far (each starts a new round of the chain; the
     /// refusals of the rounds before are not kept in `hops`).
     waits: u32,
@@ -126,7 +129,7 @@ impl<RB> Journey<RB> {
                 match self.advance(route, kind) {
                     Ok(next) => {
                         // A newer provider answer replaces an older one.
-                        self.kept = Some((response, self.hops.len() - 1));
+                        self.kept = Some(Box::new((response, self.hops.len() - 1)));
                         return Step::Next(next);
                     }
                     Err(stop) => stop,
@@ -239,7 +242,7 @@ impl<RB> Journey<RB> {
         attempts: Option<AttemptLog>,
         stop: ChainStop,
     ) -> Step<RB> {
-        match self.kept.take() {
+        match self.kept.take().map(|kept| *kept) {
             Some((mut response, hop)) => {
                 let mut served = self.served_by(false, Some(stop));
                 if let Some(h) = served.hops.get(hop) {
