@@ -15,6 +15,7 @@
 //! max_hint = "120s"              # longer Retry-After: give up now, let fallback act
 //! jitter = "equal"               # none, full, equal, decorrelated
 //! fallback_handoff = "500ms"     # a hint this long goes to the next model at once; "off"
+//! min_attempt_time = "2s"        # a retry needs this long before the deadline (default 0)
 //!
 //! [budget]
 //! window = "10s"
@@ -117,6 +118,10 @@ pub struct RetrySection {
     /// A provider delay hint at least this long goes to the next model at once when
     /// the chain has one (default `"500ms"`); `"off"` always waits it out.
     pub fallback_handoff: Option<String>,
+    /// The least time before the deadline a retry must have left to be started
+    /// (default none): a retry that would most likely be cut off is not made.
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub min_attempt_time: Option<Duration>,
 }
 
 /// `[budget]`.
@@ -491,6 +496,9 @@ fn retry_config(section: &RetrySection) -> Result<RetryConfig, ConfigError> {
             })?;
             retry = retry.with_fallback_handoff(Some(at_least));
         }
+    }
+    if let Some(min_left) = section.min_attempt_time {
+        retry = retry.with_min_attempt_time(min_left).map_err(invalid)?;
     }
     if let Some(max_hint) = section.max_hint {
         retry = retry.with_max_hint(max_hint);

@@ -197,6 +197,19 @@ impl BackstopBuilder {
                 total,
             });
         }
+        let min_left = self.retry.min_attempt_time();
+        if let Some(total) = self.fallback.as_ref().and_then(|f| f.total_deadline())
+            && !min_left.is_zero()
+            && min_left >= total
+        {
+            return Err(ConfigError::Invalid {
+                section: "retry",
+                message: format!(
+                    "min_attempt_time ({min_left:?}) must be shorter than total_deadline \
+                     ({total:?}), or no retry could ever start"
+                ),
+            });
+        }
         if let Some(timeout) = attempt_timeout {
             if self.breaker.window < timeout * 2 {
                 return Err(ConfigError::BreakerWindowTooShort {

@@ -198,3 +198,36 @@ fn the_fallback_handoff_is_a_duration_or_off() {
     assert!(m.starts_with("[retry]:"), "{m}");
     assert!(m.contains("fallback_handoff \"soon\""), "{m}");
 }
+
+#[test]
+fn the_minimum_time_left_for_a_retry_is_set_and_checked_against_both_deadlines() {
+    use std::time::Duration;
+    let layer = build("[retry]\nmin_attempt_time = \"2s\"\n", &[]).expect("valid");
+    assert_eq!(
+        layer.retry().config().min_attempt_time(),
+        Duration::from_secs(2)
+    );
+    let default = build("", &[]).expect("valid");
+    assert_eq!(default.retry().config().min_attempt_time(), Duration::ZERO);
+    // Not below the retry deadline (the batch preset's 60 s counts): no retry could start.
+    let m = message("[retry]\npreset = \"batch\"\nmin_attempt_time = \"60s\"\n");
+    assert!(m.starts_with("[retry]:"), "{m}");
+    assert!(
+        m.contains("`min_attempt_time` (60s) must be shorter than the deadline (60s)"),
+        "{m}"
+    );
+    // Nor below the total deadline.
+    let m = message("total_deadline = \"5s\"\n[retry]\nmin_attempt_time = \"5s\"\n");
+    assert!(m.starts_with("[retry]:"), "{m}");
+    assert!(
+        m.contains("must be shorter than total_deadline (5s)"),
+        "{m}"
+    );
+    build(
+        "total_deadline = \"5s\"\n[retry]\nmin_attempt_time = \"4s\"\n",
+        &[],
+    )
+    .expect("a minimum below the total deadline is valid");
+    let m = message("[retry]\nmin_attempt_time = \"soon\"\n");
+    assert!(m.contains("min_attempt_time"), "{m}");
+}

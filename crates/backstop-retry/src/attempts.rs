@@ -28,6 +28,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::first_event::{FirstEvent, read_first_event};
+use crate::policy::starts_in_time;
 use crate::service::Shared;
 use crate::{
     Decision, FailedAttempt, HoldFirstEvent, RetryBody, RetryError, StreamRequest,
@@ -358,7 +359,7 @@ impl<S, B> Attempts<S, B> {
             decision = Decision::RetryAfter(wait, hint);
             if self.number >= config.max_attempts {
                 decision = Decision::Stop(StopReason::MaxAttempts);
-            } else if time_left.is_some_and(|left| wait >= left) {
+            } else if !starts_in_time(wait, time_left, config.min_attempt_time) {
                 decision = Decision::Stop(StopReason::Deadline);
             } else if let Some(at_least) = config.fallback_handoff
                 // The hint as the provider gave it (before the jitter), so the
@@ -409,6 +410,13 @@ impl<S, B> Attempts<S, B> {
         }
     }
 
+    /// The latest instant a retry may start: the deadline less
+    /// [`RetryConfig::with_min_attempt_time`](crate::RetryConfig::with_min_attempt_time).
+    fn latest_start(&self) -> Option<Instant> {
+        let min = self.shared.config.min_attempt_time;
+        self.deadline.map(|d| d.checked_sub(min).unwrap_or(d))
+    }
+
     /// Whether the upstream's pace ([`PaceHandle`]) has no slot for a retry after
     /// `wait` before the deadline, or none within `max_hint`: known before the wait,
     /// so the failure is handed on at once and the budget is not drawn.
@@ -416,8 +424,9 @@ impl<S, B> Attempts<S, B> {
         let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>() else {
             return false;
         };
+        let config = &self.shared.config;
         let due = pace.retry_due_in(Instant::now());
-        due > self.shared.config.max_hint || time_left.is_some_and(|left| wait.max(due) >= left)
+        due > config.max_hint || !starts_in_time(wait.max(due), time_left, config.min_attempt_time)
     }
 
     /// Adds the attempt to the log, and emits its event.
@@ -576,7 +585,7 @@ impl<S, B> Attempts<S, B> {
             if let Some(last) = kept.take() {
                 let pace = self.parts.extensions.get::<PaceHandle>().cloned();
                 let longest = self.shared.config.max_hint;
-                match Box::pin(pace_slot(pace, self.deadline, longest)).await {
+                match Box::pin(pace_slot(pace, self.latest_start(), longest)).await {
                     Some(extra) => waited.wait = waited.wait.saturating_add(extra),
                     None => {
                         self.log_mut().stop = Some(StopReason::PaceRefused);
@@ -587,7 +596,7 @@ impl<S, B> Attempts<S, B> {
 
             // Readiness is checked before every retry on the service we own: no stale
             // readiness from a clone, and backpressure bounds the wait.
-            let ready = match self.deadline {
+            let ready = match self.latest_start() {
                 Some(at) => Box::pin(timeout_at(at, self.inner.ready())).await.ok(),
                 None => Some(self.inner.ready().await),
             };

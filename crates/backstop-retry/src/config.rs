@@ -48,6 +48,14 @@ pub enum ConfigError {
     },
     /// The first-event cap was 0 bytes.
     ZeroFirstEventCap,
+    /// The least time a retry needs before the deadline was not shorter than the
+    /// deadline itself, so no retry could ever start.
+    MinAttemptTimeNotBelowDeadline {
+        /// The minimum time left given.
+        min_attempt_time: Duration,
+        /// The total deadline.
+        deadline: Duration,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -82,6 +90,14 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroFirstEventCap => {
                 f.write_str("`first_event_cap` must be at least 1 byte")
             }
+            ConfigError::MinAttemptTimeNotBelowDeadline {
+                min_attempt_time,
+                deadline,
+            } => write!(
+                f,
+                "`min_attempt_time` ({min_attempt_time:?}) must be shorter than the deadline \
+                 ({deadline:?}), or no retry could ever start; lower it or raise the deadline"
+            ),
         }
     }
 }
@@ -168,6 +184,7 @@ pub struct RetryConfig {
     pub(crate) first_event_cap: usize,
     pub(crate) rules: Arc<Rules>,
     pub(crate) fallback_handoff: Option<Duration>,
+    pub(crate) min_attempt_time: Duration,
 }
 
 /// The default [`RetryConfig::with_fallback_handoff`]: a hinted wait of half a second
@@ -206,6 +223,7 @@ impl RetryConfig {
             first_event_cap: DEFAULT_FIRST_EVENT_CAP,
             fallback_handoff: Some(DEFAULT_FALLBACK_HANDOFF),
             rules: Arc::new(Rules::default()),
+            min_attempt_time: Duration::ZERO,
         }
     }
 
@@ -259,6 +277,25 @@ impl RetryConfig {
             });
         }
         self.deadline = deadline;
+        self.check_timeouts()?;
+        Ok(self)
+    }
+
+    /// The least time before the deadline a retry must have left when it would start
+    /// (after its wait): a retry that would start later is not made, and the last
+    /// outcome goes to the caller (or the fallback layer) at once, as when the wait
+    /// itself would reach the deadline. Such a retry would most likely be cut off
+    /// by the deadline: a call the provider serves (and bills) and nobody receives.
+    ///
+    /// Default zero: a retry may start at any time before the deadline, as the
+    /// deadline rule alone says. Set it to about your provider's usual time to a
+    /// response head (for a non-streamed chat completion, the whole answer). It
+    /// applies to retries only (the first attempt is the caller's), and only when
+    /// there is a deadline (the layer's own or the request's
+    /// [`Deadline`](backstop_classify::Deadline)). With a deadline of the layer's
+    /// own it must be shorter than that deadline.
+    pub fn with_min_attempt_time(mut self, min_left: Duration) -> Result<Self, ConfigError> {
+        self.min_attempt_time = min_left;
         self.check_timeouts()?;
         Ok(self)
     }
@@ -360,6 +397,15 @@ impl RetryConfig {
                 deadline,
             });
         }
+        if let Some(deadline) = self.deadline
+            && !self.min_attempt_time.is_zero()
+            && self.min_attempt_time >= deadline
+        {
+            return Err(ConfigError::MinAttemptTimeNotBelowDeadline {
+                min_attempt_time: self.min_attempt_time,
+                deadline,
+            });
+        }
         Ok(())
     }
 
@@ -402,6 +448,12 @@ impl RetryConfig {
     /// another model can serve ([`RetryConfig::with_fallback_handoff`]).
     pub fn fallback_handoff(&self) -> Option<Duration> {
         self.fallback_handoff
+    }
+
+    /// The least time before the deadline a retry needs to be started
+    /// ([`RetryConfig::with_min_attempt_time`]).
+    pub fn min_attempt_time(&self) -> Duration {
+        self.min_attempt_time
     }
 
     /// The attempt-number header, if set.

@@ -28,7 +28,8 @@ pub enum RetryError {
         /// Bytes of the stream the caller had been handed before the error event.
         delivered: u64,
     },
-    /// The inner service could not be made ready before the deadline.
+    /// The inner service could not be made ready for a retry before the deadline
+    /// (less [`RetryConfig::with_min_attempt_time`](crate::RetryConfig::with_min_attempt_time)).
     NotReadyBeforeDeadline,
 }
 

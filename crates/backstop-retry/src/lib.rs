@@ -49,7 +49,11 @@
 //!   content filter, model not found, auth, invalid request): one attempt, no wait.
 //! - Never sleeps past the deadline, nor starts an attempt at or after it: when the next
 //!   wait would cross it, it returns the last outcome at once, so the fallback layer
-//!   gets the remaining time.
+//!   gets the remaining time. With [`RetryConfig::with_min_attempt_time`] (default
+//!   zero) a retry must also have that much time left when it would start: one that
+//!   would most likely be cut off by the deadline (a call the provider serves and
+//!   bills, and nobody receives) is not made. The waits for a paced slot and for the
+//!   inner service's readiness end at that latest start too.
 //! - Never waits on a delay hint longer than `max_hint` (120 s) or than the time left:
 //!   it returns the provider's response at once, hint preserved.
 //! - Never waits out a provider's delay hint of 500 ms or more on this model when
@@ -136,6 +140,7 @@
 //! | jitter | [`Jitter::Equal`]: each wait in `[t/2, t]` | [`Jitter::None`] (tenacity's schedule) |
 //! | total deadline | none of its own | 60 s |
 //! | attempt timeout | none of its own | none of its own |
+//! | least time left for a retry to start ([`RetryConfig::with_min_attempt_time`]) | none | none |
 //! | max delay hint waited on | 120 s | 120 s |
 //! | hinted wait handed to another model instead, when there is one | 500 ms or more | same |
 //! | extra wait on a hint ([`HintJitter`]) | up to 10 % of the hint, at most 1 s | same |
@@ -177,7 +182,7 @@
 //! | 2. Retry-After ignored, or obeyed without a cap (2.3 days) | a retry instruction is waited on exactly, plus at most 10 % / 1 s of jitter; a hint over `max_hint` (120 s) or over the time left stops at once with the provider's response and the hint, for the caller or the fallback layer; rate-limit *reset* times are weaker hints used only when they fit |
 //! | 3. retries multiplying across layers | one layer retries, under one total deadline and the shared [`RetryBudget`](backstop_classify::RetryBudget); the classify and transport layers never retry; the attempt header lets a gateway see it is being retried. Turn your SDK's own retries off (`max_retries=0`) |
 //! | 7. bodies that cannot be replayed | [`ReplayBodyLayer`] turns any body into `Bytes` once, under a cap, with a typed [`BodyLimitError`]; every attempt shares that allocation; `stream: true` requests are retried up to their first event |
-//! | 9. total deadline vs per-attempt timeout | both exist and are validated (`attempt_timeout <= deadline`, [`ConfigError`]); each attempt gets the sooner of its timeout and the deadline; no wait or attempt starts past the deadline (property-tested) |
+//! | 9. total deadline vs per-attempt timeout | both exist and are validated (`attempt_timeout <= deadline`, [`ConfigError`]); each attempt gets the sooner of its timeout and the deadline; no wait or attempt starts past the deadline, and no retry with less than `min_attempt_time` left (property-tested) |
 //! | 10. cloned inner service called without readiness | the service that was driven to ready makes the first attempt; every retry first awaits `ServiceExt::ready` on it (tested with a service that is pending before every call) |
 //! | 11. retries invisible | every response and error carries the [`AttemptLog`](backstop_classify::AttemptLog); a span per request, an event per attempt; nothing is shared between attempts but the body bytes and the idempotency key |
 //!

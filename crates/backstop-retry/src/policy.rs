@@ -100,12 +100,18 @@ pub trait RetryPolicy: Send + Sync + 'static {
 /// 6. No hint: the backoff's delay for this retry.
 /// 7. A wait not shorter than the time left → stop, [`StopReason::Deadline`] (now,
 ///    not after sleeping: the fallback layer gets the remaining time).
+///
+/// "Fits" and "the time left" above take
+/// [`RetryConfig::with_min_attempt_time`] into account: a wait fits when the retry
+/// after it would still have at least that long (and some time, when it is zero)
+/// before the deadline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StandardPolicy {
     backoff: Backoff,
     max_attempts: u32,
     max_hint: Duration,
     hint_jitter: HintJitter,
+    min_attempt_time: Duration,
 }
 
 impl StandardPolicy {
@@ -116,8 +122,23 @@ impl StandardPolicy {
             max_attempts: config.max_attempts,
             max_hint: config.max_hint,
             hint_jitter: config.hint_jitter,
+            min_attempt_time: config.min_attempt_time,
         }
     }
+}
+
+/// Whether a retry after `wait` still starts in time: before the deadline, with at
+/// least `min_attempt_time` of `time_left` to spare (always, without a deadline).
+/// The one definition of "fits", for the standard rules and the layer's own limits.
+pub(crate) fn starts_in_time(
+    wait: Duration,
+    time_left: Option<Duration>,
+    min_attempt_time: Duration,
+) -> bool {
+    time_left.is_none_or(|left| {
+        left.checked_sub(wait)
+            .is_some_and(|rest| !rest.is_zero() && rest >= min_attempt_time)
+    })
 }
 
 impl RetryPolicy for StandardPolicy {
@@ -133,7 +154,7 @@ impl RetryPolicy for StandardPolicy {
         if attempt.attempts_made >= self.max_attempts {
             return Decision::Stop(StopReason::MaxAttempts);
         }
-        let fits = |wait: Duration| attempt.time_left.is_none_or(|left| wait < left);
+        let fits = |wait: Duration| starts_in_time(wait, attempt.time_left, self.min_attempt_time);
         let backoff = self
             .backoff
             .delay(attempt.attempts_made, attempt.previous_wait, rng);
@@ -241,6 +262,81 @@ mod tests {
             p.decide(&FailedAttempt::first(&f), &mut rng()),
             Decision::RetryAfter(secs(2), None)
         );
+    }
+
+    #[test]
+    fn a_wait_fits_only_when_the_retry_after_it_keeps_the_minimum_time_left() {
+        let f = Failure::new(FailureKind::ServerError);
+        // Batch: the first wait is 2 s; 10 s left.
+        let attempt = FailedAttempt {
+            time_left: Some(secs(10)),
+            ..FailedAttempt::first(&f)
+        };
+        let with_min = |min: u64| {
+            let config = RetryConfig::batch()
+                .with_min_attempt_time(secs(min))
+                .unwrap();
+            StandardPolicy::from_config(&config).decide(&attempt, &mut rng())
+        };
+        assert_eq!(with_min(0), Decision::RetryAfter(secs(2), None));
+        // 8 s left after the wait: exactly the minimum is enough, a nanosecond more is not.
+        assert_eq!(with_min(8), Decision::RetryAfter(secs(2), None));
+        let just_over = RetryConfig::batch()
+            .with_min_attempt_time(secs(8) + Duration::from_nanos(1))
+            .unwrap();
+        assert_eq!(
+            StandardPolicy::from_config(&just_over).decide(&attempt, &mut rng()),
+            Decision::Stop(StopReason::Deadline)
+        );
+        // A retry instruction that would leave too little: not waited on at all.
+        let hint = DelayHint::new(secs(3), HintSource::RetryAfterSeconds);
+        let hinted = Failure::new(FailureKind::RateLimited).with_hint(Some(hint));
+        let attempt = FailedAttempt {
+            time_left: Some(secs(10)),
+            ..FailedAttempt::first(&hinted)
+        };
+        let config = RetryConfig::batch()
+            .with_hint_jitter(crate::HintJitter::none())
+            .with_min_attempt_time(secs(8))
+            .unwrap();
+        assert_eq!(
+            StandardPolicy::from_config(&config).decide(&attempt, &mut rng()),
+            Decision::Stop(StopReason::HintTooLong)
+        );
+        // Without a deadline there is nothing to keep: the minimum does not apply.
+        let no_deadline = FailedAttempt::first(&f);
+        assert_eq!(
+            StandardPolicy::from_config(
+                &RetryConfig::interactive()
+                    .with_min_attempt_time(secs(30))
+                    .unwrap()
+            )
+            .decide(
+                &FailedAttempt {
+                    time_left: None,
+                    ..no_deadline
+                },
+                &mut rng()
+            ),
+            Decision::RetryAfter(
+                RetryConfig::interactive()
+                    .backoff()
+                    .delay(1, None, &mut rng()),
+                None
+            )
+        );
+    }
+
+    #[test]
+    fn starts_in_time_without_a_minimum_is_the_deadline_rule() {
+        for (wait, left) in [(0, 1), (1, 1), (2, 1), (5, 10), (10, 10)] {
+            assert_eq!(
+                starts_in_time(secs(wait), Some(secs(left)), Duration::ZERO),
+                wait < left,
+                "wait {wait}, left {left}"
+            );
+        }
+        assert!(starts_in_time(Duration::MAX, None, Duration::MAX));
     }
 
     #[test]

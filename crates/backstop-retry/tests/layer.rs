@@ -268,6 +268,124 @@ async fn next_wait_crossing_the_deadline_returns_the_last_response_at_once() {
     assert_eq!(log_of(&response).stop, Some(StopReason::Deadline));
 }
 
+/// The `backoff_that_would_cross_the_deadline_stops_without_sleeping` scenario with
+/// a minimum time left: the third attempt would start at 16 s with 4 s to go, and
+/// take 5 s; with at least 5 s required it is not made, and the second 502 comes
+/// back at once (12 s) instead of a timeout at 20 s.
+#[tokio::test(start_paused = true)]
+async fn a_retry_with_less_than_the_minimum_time_left_is_not_made() {
+    for (min_left, starts, elapsed, stop) in [
+        // 4 s left at 16 s: enough for a 4 s minimum (the boundary), so it is made
+        // and cut by the deadline as without one.
+        (4.0, vec![0.0, 7.0, 16.0], 20.0, None),
+        (5.0, vec![0.0, 7.0], 12.0, Some(StopReason::Deadline)),
+        // At 5 s the first 2 s wait leaves 13 s: made; at 14 s required, not.
+        (14.0, vec![0.0], 5.0, Some(StopReason::Deadline)),
+    ] {
+        let fake = Fake::new(
+            (0..4)
+                .map(|_| Step::Delay(secs(5.0), Box::new(Step::status(502))))
+                .collect(),
+        );
+        let config = RetryConfig::batch()
+            .with_deadline(Some(secs(20.0)))
+            .unwrap()
+            .with_min_attempt_time(secs(min_left))
+            .unwrap();
+        let svc = RetryLayer::new(config).layer(fake.clone());
+        let start = Instant::now();
+        let result = svc.oneshot(request("{}")).await;
+        assert_eq!(
+            fake.starts(start),
+            starts.iter().copied().map(secs).collect::<Vec<_>>(),
+            "min {min_left}"
+        );
+        assert_eq!(start.elapsed(), secs(elapsed), "min {min_left}");
+        match stop {
+            // The provider's own last answer, at once.
+            Some(reason) => {
+                let response = result.unwrap();
+                assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+                assert_eq!(log_of(&response).stop, Some(reason));
+                assert_eq!(log_of(&response).attempts.len(), starts.len());
+            }
+            None => assert_eq!(result.unwrap_err().kind(), FailureKind::TimedOut),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_that_leaves_less_than_the_minimum_gives_up_at_once_with_the_hint() {
+    // A 3 s Retry-After with 10 s to go: waited out without a minimum; with 8 s
+    // required (3 + 8 > 10) the 429 goes back at once, hint kept, for the fallback.
+    for (min_left, attempts, stop) in [
+        (None, 2, StopReason::Succeeded),
+        (Some(8.0), 1, StopReason::HintTooLong),
+    ] {
+        let fake = Fake::new(vec![Step::rate_limited(secs(3.0)), Step::ok("{}")]);
+        let mut config = RetryConfig::interactive()
+            .with_deadline(Some(secs(10.0)))
+            .unwrap()
+            .with_hint_jitter(HintJitter::none());
+        if let Some(min) = min_left {
+            config = config.with_min_attempt_time(secs(min)).unwrap();
+        }
+        let svc = RetryLayer::new(config).layer(fake.clone());
+        let response = svc.oneshot(request("{}")).await.unwrap();
+        assert_eq!(fake.attempts(), attempts, "min {min_left:?}");
+        let log = log_of(&response);
+        assert_eq!(log.stop, Some(stop), "min {min_left:?}");
+        if stop == StopReason::HintTooLong {
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            let failure = log.attempts[0].classification.failure().unwrap();
+            assert_eq!(failure.hint.map(|h| h.delay), Some(secs(3.0)));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_minimum_applies_to_a_deadline_from_the_request_too() {
+    let fake = Fake::new((0..4).map(|_| Step::status(500)).collect());
+    let config = RetryConfig::batch()
+        .with_deadline(None)
+        .unwrap()
+        .with_min_attempt_time(secs(3.5))
+        .unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let mut req = request("{}");
+    req.extensions_mut().insert(Deadline(start + secs(5.0)));
+    let response = svc.oneshot(req).await.unwrap();
+    // The 2 s wait would leave 3 s, under 3.5 s: no retry, the 500 at once.
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(log_of(&response).stop, Some(StopReason::Deadline));
+}
+
+#[test]
+fn a_minimum_not_below_the_deadline_is_refused() {
+    let config = RetryConfig::batch(); // 60 s deadline
+    for min in [60.0, 61.0] {
+        assert!(matches!(
+            config.clone().with_min_attempt_time(secs(min)),
+            Err(backstop_retry::ConfigError::MinAttemptTimeNotBelowDeadline { .. })
+        ));
+    }
+    let ok = config.with_min_attempt_time(secs(59.0)).unwrap();
+    assert_eq!(ok.min_attempt_time(), secs(59.0));
+    // In either order: a deadline set later is checked against the minimum.
+    assert!(matches!(
+        ok.clone().with_deadline(Some(secs(30.0))),
+        Err(backstop_retry::ConfigError::MinAttemptTimeNotBelowDeadline { .. })
+    ));
+    assert!(ok.with_deadline(None).is_ok());
+    assert_eq!(
+        RetryConfig::interactive().min_attempt_time(),
+        Duration::ZERO
+    );
+    assert_eq!(RetryConfig::batch().min_attempt_time(), Duration::ZERO);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_deadline_from_the_request_is_respected_when_sooner() {
     let fake = Fake::new((0..4).map(|_| Step::status(500)).collect());
@@ -500,6 +618,35 @@ async fn a_replaced_policy_decides_but_the_layer_caps_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replaced_policy_cannot_start_a_retry_inside_the_minimum() {
+    use backstop_retry::{Decision, FailedAttempt, RetryPolicy};
+    /// Ignores the deadline and the minimum: always "one more, in 1 s".
+    struct Eager;
+    impl RetryPolicy for Eager {
+        fn decide(&self, _: &FailedAttempt<'_>, _: &mut dyn rand::RngCore) -> Decision {
+            Decision::RetryAfter(secs(1.0), None)
+        }
+    }
+    let fake = Fake::new((0..10).map(|_| Step::status(500)).collect());
+    let config = RetryConfig::batch()
+        .with_max_attempts(10)
+        .unwrap()
+        .with_deadline(Some(secs(10.0)))
+        .unwrap()
+        .with_min_attempt_time(secs(6.5))
+        .unwrap();
+    let svc = RetryLayer::new(config)
+        .with_policy(Eager)
+        .layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request("{}")).await.unwrap();
+    // Retries at 1, 2 and 3 s leave 9, 8 and 7 s; one at 4 s would leave 6 s.
+    assert_eq!(fake.starts(start), [0.0, 1.0, 2.0, 3.0].map(secs));
+    assert_eq!(start.elapsed(), secs(3.0));
+    assert_eq!(log_of(&response).stop, Some(StopReason::Deadline));
+}
+
+#[tokio::test(start_paused = true)]
 async fn classified_error_from_inner_keeps_its_verdict_and_gets_the_log() {
     let fake = Fake::new(vec![Step::Fail(FailureKind::AuthFailed)]);
     let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
@@ -627,6 +774,100 @@ async fn the_inner_service_is_driven_to_ready_before_every_attempt() {
     assert_eq!(picky.polls.load(Ordering::SeqCst), 6);
 }
 
+/// Ready at once for the first call, then only `delay` after each call.
+struct SlowToReady {
+    inner: Fake,
+    delay: Duration,
+    ready_at: Option<Instant>,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Clone for SlowToReady {
+    fn clone(&self) -> Self {
+        SlowToReady {
+            inner: self.inner.clone(),
+            delay: self.delay,
+            ready_at: self.ready_at,
+            sleep: None,
+        }
+    }
+}
+
+impl tower::Service<http::Request<backstop_classify::ReplayBody>> for SlowToReady {
+    type Response =
+        <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Response;
+    type Error = backstop_classify::BoxError;
+    type Future = <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        use std::future::Future;
+        if let Some(at) = self.ready_at {
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            std::task::ready!(sleep.as_mut().poll(cx));
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<backstop_classify::ReplayBody>) -> Self::Future {
+        self.ready_at = Some(Instant::now() + self.delay);
+        self.sleep = None;
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn readiness_for_a_retry_is_awaited_only_until_the_latest_start() {
+    // The 500 at 0 s, a 2 s wait, then the service is ready at 6 s. With a 10 s
+    // deadline the retry goes at 6 s; with 5 s required it must start by 5 s, so the
+    // wait for readiness ends there with a typed error.
+    for (min_left, starts, outcome) in [
+        (0.0, vec![0.0, 6.0], Ok(StatusCode::OK)),
+        (5.0, vec![0.0], Err(5.0)),
+    ] {
+        let fake = Fake::new(vec![Step::status(500), Step::ok("{}")]);
+        let svc = SlowToReady {
+            inner: fake.clone(),
+            delay: secs(6.0),
+            ready_at: None,
+            sleep: None,
+        };
+        let config = RetryConfig::batch()
+            .with_deadline(Some(secs(10.0)))
+            .unwrap()
+            .with_min_attempt_time(secs(min_left))
+            .unwrap();
+        let start = Instant::now();
+        let result = RetryLayer::new(config)
+            .layer(svc)
+            .oneshot(request("{}"))
+            .await;
+        assert_eq!(
+            fake.starts(start),
+            starts.iter().copied().map(secs).collect::<Vec<_>>()
+        );
+        match outcome {
+            Ok(status) => assert_eq!(result.unwrap().status(), status),
+            Err(at) => {
+                assert_eq!(start.elapsed(), secs(at));
+                let error = result.unwrap_err();
+                assert!(matches!(
+                    error.cause().and_then(|c| c.downcast_ref::<RetryError>()),
+                    Some(RetryError::NotReadyBeforeDeadline)
+                ));
+                assert_eq!(
+                    error.attempt_log().unwrap().stop,
+                    Some(StopReason::Deadline)
+                );
+            }
+        }
+    }
+}
+
 mod deadline_property {
     use super::*;
     use proptest::prelude::*;
@@ -644,7 +885,7 @@ mod deadline_property {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
         #[test]
-        fn no_attempt_starts_and_no_sleep_runs_past_the_deadline(
+        fn no_attempt_starts_and_no_sleep_runs_past_the_deadline_nor_a_retry_inside_its_minimum(
             max_attempts in 1u32..8,
             base_ms in 1u64..5_000,
             multiplier in 1.0f64..4.0,
@@ -654,6 +895,7 @@ mod deadline_property {
             timeout_share in proptest::option::of(0.05f64..1.0),
             latencies_ms in proptest::collection::vec(0u64..20_000, 8),
             hints_ms in proptest::collection::vec(proptest::option::of(1u64..200_000), 8),
+            min_share in proptest::option::of(0.0f64..0.9),
             seed in any::<u64>(),
         ) {
             let deadline = Duration::from_millis(deadline_ms);
@@ -671,7 +913,10 @@ mod deadline_property {
                 .with_deadline(Some(deadline))
                 .unwrap()
                 .with_attempt_timeout(timeout_share.map(|s| deadline.mul_f64(s).max(Duration::from_millis(1))))
+                .unwrap()
+                .with_min_attempt_time(min_share.map_or(Duration::ZERO, |s| deadline.mul_f64(s)))
                 .unwrap();
+            let min_left = config.min_attempt_time();
             let steps = latencies_ms
                 .iter()
                 .zip(&hints_ms)
@@ -699,6 +944,15 @@ mod deadline_property {
             prop_assert!(starts.len() <= max_attempts as usize);
             for s in &starts {
                 prop_assert!(*s < deadline, "attempt started at {s:?}, deadline {deadline:?}");
+            }
+            // Every retry (not the first attempt, which is the caller's) had the
+            // minimum time left when it started.
+            for s in starts.iter().skip(1) {
+                prop_assert!(
+                    deadline - *s >= min_left,
+                    "retry started at {s:?} with {:?} left, minimum {min_left:?}",
+                    deadline - *s
+                );
             }
         }
     }

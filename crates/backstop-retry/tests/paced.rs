@@ -276,3 +276,61 @@ async fn a_retry_whose_booked_slots_keep_going_to_others_gives_up_after_eight() 
     assert_eq!(pace.asked().len(), 8);
     assert_eq!(took, Duration::from_millis(1800));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_paced_slot_that_leaves_less_than_the_minimum_is_refused_at_once() {
+    // The next free slot is 3 s away with 5 s to the deadline: taken without a
+    // minimum; with 2.5 s required (5 - 3 = 2 s left) the 429 goes on at once.
+    for (min_left, attempts, took, stop) in [
+        (
+            Duration::ZERO,
+            2,
+            Duration::from_secs(1),
+            StopReason::Succeeded,
+        ),
+        (
+            Duration::from_millis(2500),
+            1,
+            Duration::ZERO,
+            StopReason::PaceRefused,
+        ),
+    ] {
+        let mock = mock(rate_limited());
+        let pace = ScriptedPace::new([], Duration::from_secs(3));
+        let budget = Arc::new(CountingBudget::default());
+        let config = config().with_min_attempt_time(min_left).unwrap();
+        let (_, _, log, elapsed) = send(config, &mock, Some(&pace), &budget).await;
+        assert_eq!(mock.attempt_count(), attempts, "min {min_left:?}");
+        assert_eq!(log.stop, Some(stop), "min {min_left:?}");
+        // Refused at the failure: the budget is not drawn. (Taken, the retry goes
+        // after the 1 s hint: the scripted pace admits it when asked then.)
+        assert_eq!(budget.0.load(Ordering::SeqCst) as usize, attempts - 1);
+        assert_eq!(elapsed, took, "min {min_left:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_booked_past_the_latest_start_is_refused_after_the_wait() {
+    // At the end of the 1 s hint the pace books a slot 3 s later (at 4 s). With a
+    // 5 s deadline it is taken; with 1.5 s required the latest start is 3.5 s, so
+    // the kept 429 goes back at 1 s.
+    for (min_left, attempts, took) in [
+        (Duration::ZERO, 2, Duration::from_secs(4)),
+        (Duration::from_millis(1500), 1, Duration::from_secs(1)),
+    ] {
+        let mock = mock(rate_limited());
+        let pace = ScriptedPace::new([Err(Duration::from_secs(3))], Duration::ZERO);
+        let budget = Arc::new(CountingBudget::default());
+        let config = config().with_min_attempt_time(min_left).unwrap();
+        let (status, body, log, elapsed) = send(config, &mock, Some(&pace), &budget).await;
+        assert_eq!(mock.attempt_count(), attempts, "min {min_left:?}");
+        assert_eq!(elapsed, took, "min {min_left:?}");
+        if attempts == 1 {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(log.stop, Some(StopReason::PaceRefused));
+            assert_eq!(body, mock_body_of_one_attempt().await);
+        } else {
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+}
