@@ -48,6 +48,8 @@ where
     S: Service<Request<ReplayBody>, Response = Response<RB>>,
 {
     /// The first hop, already called on a ready service.
+    // Always inlined: the future is then built where it lies, not moved into it.
+    #[inline(always)]
     pub(crate) fn calling(
         inner: S,
         future: S::Future,
