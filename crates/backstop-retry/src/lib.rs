@@ -194,57 +194,46 @@
 //! [`AttemptLog`](backstop_classify::AttemptLog) alone, built, put on a response and
 //! dropped. One run of
 //! `cargo bench -p backstop-retry --bench retry_overhead -- --warm-up-time 1 --measurement-time 3`,
-//! 2026-11-24 07:38 UTC, on the shared development machine (2 cores, loaded by other
-//! engineers' builds, benchmarks and fuzzers: load average 5.5 to 5.6 during the run).
-//! Instruction counts (callgrind, the bench binary's `RETRY_OVERHEAD_CALLS` mode, see
-//! the bench's docs) and allocations (`tests/allocations.rs`) do not depend on load:
+//! 2026-11-24 13:46 UTC, load average 0.8–0.9 (the best of interleaved rounds, which
+//! filters out preemption). Instruction counts (callgrind, the bench binary's
+//! `RETRY_OVERHEAD_CALLS` mode, see the bench's docs) and allocations
+//! (`tests/allocations.rs`) do not depend on load:
 //!
-//! | per request | criterion mean | interleaved best | added over bare | instructions added over bare | allocations |
-//! |---|---|---|---|---|---|
-//! | bare service | 244 ns | 89 ns | — | — | 0 |
-//! | `tower::retry::Retry` | 681 ns | 272 ns | +183 ns | +1 755 | 4 |
-//! | backstop `Retry` | 843 ns | 442 ns | +353 ns | +3 727 | 8 |
-//! | the attempt log alone | 189 ns | 71 ns | | 1 084 | 4 |
+//! | per request | interleaved best | added over bare | instructions added over bare | allocations |
+//! |---|---|---|---|---|
+//! | bare service | 90 ns | — | — | 0 |
+//! | `tower::retry::Retry` | 266 ns | +175 ns | +1,731 | 4 |
+//! | backstop `Retry` | 421 ns | +330 ns | +3,261 | 7 |
+//! | the attempt log alone | 63 ns | | 956 | 3 |
 //!
-//! Use the interleaved column: the three services take turns in one process and the
-//! best of 200 short rounds is kept, which filters out the preemption that inflates
-//! criterion's means on this machine (the bare service's 244 ns against 89 ns).
-//!
-//! **The target is not met**: backstop's `Retry` costs 1.63× tower's retry on this
-//! path (target ≤ 1.0) and adds about 350 ns over the bare service (target < 200 ns).
-//! Where the difference goes:
+//! **The target is not met**: 1.58× tower's retry in time, 1.26× in instructions
+//! (target ≤ 1.0), and about 330 ns added (target < 200 ns). Where the difference goes:
 //!
 //! - Both make the one copy of the request a retry needs (tower's policy clones it;
 //!   this layer keeps the parts): 4 allocations here (the header map's two, and the
 //!   first clone of each of the two header values' bytes), and the same cost to drop.
-//! - The [`AttemptLog`](backstop_classify::AttemptLog) every response carries is the
-//!   largest part of the rest: its `Vec`, and on a response that has no extensions
-//!   yet, the map's box, its table and the value's box: 4 allocations, about 1 100
-//!   instructions and 71 ns with the frees. tower's retry attaches nothing. It is the
-//!   layer's contract (the fallback layer, the proxy and callers read it), so it stays.
-//!   When the request carries extensions (in the full stack: the budget's handle, the
-//!   fallback's model route) and the response none, the log goes into the request's
-//!   emptied map instead, and costs 2 allocations, not 4 (tested).
-//! - The remaining ≈ 900 instructions (≈ 100 ns here) are the layer's own
-//!   bookkeeping: the effective deadline and stream decision, the verdict on the
-//!   response head, the record, a reference count on the shared configuration, and
-//!   moving a 552-byte future.
+//! - The [`AttemptLog`](backstop_classify::AttemptLog) every response carries is most
+//!   of the rest. Its first record is stored inline, but on a response that has no
+//!   extensions yet the map costs its box, its table and the value's box: 3
+//!   allocations, about 960 instructions and 63 ns with the frees, which tower's retry
+//!   does not spend. It is the layer's contract (the fallback layer, the proxy and
+//!   callers read it), so it stays. When the request carries extensions (in the full
+//!   stack: the budget's handle, the fallback's model route) and the response none,
+//!   the log goes into the request's emptied map instead, and costs 1 allocation
+//!   (tested); in the full stack the classify layer has made the map already.
+//! - The remaining ≈ 570 instructions are the layer's own bookkeeping: the per-request
+//!   span, the effective deadline and stream decision, the content-type and request-id
+//!   lookups for the record, and the state a retry would need.
 //!
-//! Before this version (commit `0535f00`), measured the same way just before the
-//! table's run, in one process with both versions compiled in (interleaved best; a
-//! different build from the table's, so its figures differ a little), three runs:
-//! bare 98–104 ns, tower 262–274 ns, backstop 581–589 ns (2.13–2.25× tower); this
-//! version 439–461 ns (1.64–1.76×). Its request future was boxed (1.1 KiB, allocated
-//! on every request): 9 allocations and +4 297 instructions per request, against 8
-//! and +3 712 now (same build).
-//!
-//! What changed: the first attempt is polled inside [`ResponseFuture`] (a `pin-project`
-//! state machine) and the retry loop is boxed only when a retry or a held stream
-//! needs it; a single-attempt request (`max_attempts` 1, or the last attempt) is sent
-//! without a copy; the response head is judged in place; the provider request-id
+//! The history, and the same run with the request as it arrives inside a stack
+//! (1.37×), are in the repository's `BENCHMARKS.md`. What brought it from 2.1–2.3× to
+//! here: the first attempt is polled inside [`ResponseFuture`] (a `pin-project` state
+//! machine) and the retry loop is boxed only when a retry or a held stream needs it; a
+//! single-attempt request (`max_attempts` 1, or the last attempt) is sent without a
+//! copy; a first-attempt success is settled where it lies; the provider request-id
 //! lookups use constant header names (a `&str` name is parsed on every lookup, about
 //! 400 instructions); the budget handle is looked up only when a retry needs it; the
-//! log's `Vec` is allocated for exactly one record.
+//! log's first record is stored inline.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
