@@ -4,6 +4,7 @@
 //! ```toml
 //! provider = "openai"            # classification profile: generic, openai, azure, anthropic, gemini
 //! total_deadline = "90s"         # across every attempt, wait and fallback hop
+//! min_hop_time = "2s"            # a fallback hop needs this long before the deadline (default 0)
 //! cooldown_waits = 16            # waits for a cooldown the provider directed (0: never)
 //! max_request_body = 8388608     # bytes
 //!
@@ -70,6 +71,10 @@ pub struct StackConfig {
     /// The total deadline across every attempt, wait and fallback hop.
     #[serde(default, deserialize_with = "human_duration_opt")]
     pub total_deadline: Option<Duration>,
+    /// The least time before the deadline a fallback hop must have left to be
+    /// started (default none).
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub min_hop_time: Option<Duration>,
     /// The cap on a request body, in bytes.
     #[serde(default)]
     pub max_request_body: Option<usize>,
@@ -440,6 +445,7 @@ impl StackConfig {
             self.models,
             self.chains,
             self.total_deadline,
+            self.min_hop_time,
             self.cooldown_waits,
             env,
         )?);
@@ -567,6 +573,7 @@ fn fallback_config(
     models: BTreeMap<String, ModelSection>,
     chains: Chains,
     total_deadline: Option<Duration>,
+    min_hop_time: Option<Duration>,
     cooldown_waits: Option<u32>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<FallbackConfig, ConfigError> {
@@ -614,8 +621,14 @@ fn fallback_config(
     if let Some(waits) = cooldown_waits {
         builder = builder.cooldown_waits(waits);
     }
+    if let Some(min_left) = min_hop_time {
+        builder = builder.min_hop_time(min_left);
+    }
     builder.build().map_err(|e| ConfigError::Invalid {
-        section: "models/chains",
+        section: match e {
+            backstop_fallback::ConfigError::MinHopTimeNotBelowDeadline { .. } => "min_hop_time",
+            _ => "models/chains",
+        },
         message: e.to_string(),
     })
 }

@@ -231,3 +231,21 @@ fn the_minimum_time_left_for_a_retry_is_set_and_checked_against_both_deadlines()
     let m = message("[retry]\nmin_attempt_time = \"soon\"\n");
     assert!(m.contains("min_attempt_time"), "{m}");
 }
+
+#[test]
+fn the_minimum_time_left_for_a_fallback_hop_is_set_and_checked_against_the_total_deadline() {
+    use std::time::Duration;
+    let layer = build("total_deadline = \"30s\"\nmin_hop_time = \"2s\"\n", &[]).expect("valid");
+    assert_eq!(
+        layer.fallback().config().min_hop_time(),
+        Duration::from_secs(2)
+    );
+    let default = build("", &[]).expect("valid");
+    assert_eq!(default.fallback().config().min_hop_time(), Duration::ZERO);
+    let m = message("total_deadline = \"5s\"\nmin_hop_time = \"5s\"\n");
+    assert!(m.starts_with("[min_hop_time]:"), "{m}");
+    assert!(
+        m.contains("min_hop_time (5s) must be shorter than total_deadline (5s)"),
+        "{m}"
+    );
+}

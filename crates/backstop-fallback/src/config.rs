@@ -216,6 +216,19 @@ pub enum ConfigError {
     },
     /// `max_body_bytes` is zero.
     ZeroBodyLimit,
+    /// `min_hop_time` in the serde form could not be parsed.
+    InvalidMinHopTime {
+        /// The text as configured.
+        text: String,
+    },
+    /// `min_hop_time` is not shorter than `total_deadline`: no fallback hop could
+    /// ever start.
+    MinHopTimeNotBelowDeadline {
+        /// The minimum time left given.
+        min_hop_time: Duration,
+        /// The total deadline.
+        total_deadline: Duration,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -256,6 +269,19 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroBodyLimit => {
                 f.write_str("max_body_bytes is 0; set it to the largest request body to rewrite")
             }
+            ConfigError::InvalidMinHopTime { text } => write!(
+                f,
+                "min_hop_time \"{text}\" is not a duration; write it like \"2s\" or \"500ms\""
+            ),
+            ConfigError::MinHopTimeNotBelowDeadline {
+                min_hop_time,
+                total_deadline,
+            } => write!(
+                f,
+                "min_hop_time ({}) must be shorter than total_deadline ({}), or no fallback hop could ever start; lower it or raise total_deadline",
+                humantime::format_duration(*min_hop_time),
+                humantime::format_duration(*total_deadline)
+            ),
         }
     }
 }
@@ -283,6 +309,7 @@ pub struct FallbackConfig {
     max_body_bytes: usize,
     caller_path_prefix: String,
     cooldown_waits: u32,
+    min_hop_time: Duration,
     pub(crate) compiled: Arc<Compiled>,
 }
 
@@ -296,6 +323,7 @@ impl fmt::Debug for FallbackConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("caller_path_prefix", &self.caller_path_prefix)
             .field("cooldown_waits", &self.cooldown_waits)
+            .field("min_hop_time", &self.min_hop_time)
             .finish()
     }
 }
@@ -307,6 +335,7 @@ impl FallbackConfig {
         FallbackConfigBuilder {
             raw: RawConfig::default(),
             total_deadline: None,
+            min_hop_time: Duration::ZERO,
         }
     }
 
@@ -336,6 +365,12 @@ impl FallbackConfig {
         self.cooldown_waits
     }
 
+    /// The least time before the total deadline a fallback hop must have left to be
+    /// started ([`FallbackConfigBuilder::min_hop_time`]; zero by default).
+    pub fn min_hop_time(&self) -> Duration {
+        self.min_hop_time
+    }
+
     /// The ordered list of models a request for `requested` may be tried on through
     /// its ordinary chain (the requested model first), without the special chains.
     pub fn chain_for<'a>(&'a self, requested: &'a str) -> Vec<&'a str> {
@@ -350,6 +385,7 @@ impl FallbackConfig {
 pub struct FallbackConfigBuilder {
     raw: RawConfig,
     total_deadline: Option<Duration>,
+    min_hop_time: Duration,
 }
 
 impl FallbackConfigBuilder {
@@ -417,9 +453,24 @@ impl FallbackConfigBuilder {
         self
     }
 
+    /// Sets the least time before the total deadline (or the request's own
+    /// [`Deadline`](backstop_classify::Deadline), whichever is sooner) that a hop to
+    /// another model, or a new round after a cooldown wait, must have left to be
+    /// started. A hop that would start later is not made: the caller gets the last
+    /// provider answer (or the failure) at once, with
+    /// [`ChainStop::DeadlineReached`](crate::ChainStop::DeadlineReached), instead of a
+    /// call that the deadline would most likely cut off after the provider has served
+    /// (and billed) it. Default zero: any time before the deadline will do. The first
+    /// hop (the caller's own request) is always sent. With a total deadline it must be
+    /// shorter than it.
+    pub fn min_hop_time(mut self, min_left: Duration) -> Self {
+        self.min_hop_time = min_left;
+        self
+    }
+
     /// Validates and builds the configuration.
     pub fn build(self) -> Result<FallbackConfig, ConfigError> {
-        FallbackConfig::validate(self.raw, self.total_deadline)
+        FallbackConfig::validate(self.raw, self.total_deadline, self.min_hop_time)
     }
 }
 
@@ -440,6 +491,9 @@ struct RawConfig {
     caller_path_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cooldown_waits: Option<u32>,
+    /// A duration such as "2s" (humantime syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_hop_time: Option<String>,
 }
 
 impl TryFrom<RawConfig> for FallbackConfig {
@@ -453,7 +507,12 @@ impl TryFrom<RawConfig> for FallbackConfig {
                     .map_err(|_| ConfigError::InvalidDuration { text })?,
             ),
         };
-        FallbackConfig::validate(raw, deadline)
+        let min_hop_time = match raw.min_hop_time.take() {
+            None => Duration::ZERO,
+            Some(text) => humantime::parse_duration(text.trim())
+                .map_err(|_| ConfigError::InvalidMinHopTime { text })?,
+        };
+        FallbackConfig::validate(raw, deadline, min_hop_time)
     }
 }
 
@@ -468,12 +527,27 @@ impl From<FallbackConfig> for RawConfig {
             max_body_bytes: Some(c.max_body_bytes),
             caller_path_prefix: Some(c.caller_path_prefix),
             cooldown_waits: Some(c.cooldown_waits),
+            min_hop_time: (!c.min_hop_time.is_zero())
+                .then(|| humantime::format_duration(c.min_hop_time).to_string()),
         }
     }
 }
 
 impl FallbackConfig {
-    fn validate(raw: RawConfig, total_deadline: Option<Duration>) -> Result<Self, ConfigError> {
+    fn validate(
+        raw: RawConfig,
+        total_deadline: Option<Duration>,
+        min_hop_time: Duration,
+    ) -> Result<Self, ConfigError> {
+        if let Some(total_deadline) = total_deadline
+            && !min_hop_time.is_zero()
+            && min_hop_time >= total_deadline
+        {
+            return Err(ConfigError::MinHopTimeNotBelowDeadline {
+                min_hop_time,
+                total_deadline,
+            });
+        }
         let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         let cooldown_waits = raw.cooldown_waits.unwrap_or(DEFAULT_COOLDOWN_WAITS);
         if max_body_bytes == 0 {
@@ -554,6 +628,7 @@ impl FallbackConfig {
             max_body_bytes,
             caller_path_prefix: caller_path_prefix.clone(),
             cooldown_waits,
+            min_hop_time,
         };
         // Whether each target's model has a chain, asked of the same walk the layer
         // uses per request, once here.
@@ -575,6 +650,7 @@ impl FallbackConfig {
             max_body_bytes,
             caller_path_prefix,
             cooldown_waits,
+            min_hop_time,
             compiled: Arc::new(compiled),
         })
     }
@@ -601,6 +677,7 @@ pub(crate) struct Compiled {
     pub(crate) max_body_bytes: usize,
     pub(crate) caller_path_prefix: String,
     pub(crate) cooldown_waits: u32,
+    pub(crate) min_hop_time: Duration,
 }
 
 impl Compiled {
@@ -1003,5 +1080,6 @@ mod tests {
         let config: FallbackConfig = toml::from_str(&text).unwrap();
         assert_eq!(config.chain_for("gpt-4o"), ["gpt-4o", "claude", "gemini"]);
         assert_eq!(config.total_deadline(), Some(Duration::from_secs(90)));
+        assert_eq!(config.min_hop_time(), Duration::from_secs(2));
     }
 }

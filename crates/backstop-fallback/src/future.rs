@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use backstop_classify::{BoxError, ClassifiedError, ReplayBody};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::journey::{Journey, Step};
@@ -107,6 +107,16 @@ where
                         deadline_step(this.journey)
                     } else {
                         match ready!(this.inner.poll_ready(cx)) {
+                            // Ready too late to leave the hop the time it needs (the
+                            // configured minimum before the deadline): not sent.
+                            Ok(())
+                                if this
+                                    .journey
+                                    .as_ref()
+                                    .is_some_and(|j| !j.may_start_hop(Instant::now())) =>
+                            {
+                                deadline_step(this.journey)
+                            }
                             Ok(()) => match request.take() {
                                 Some(request) => {
                                     let future = this.inner.call(request);

@@ -99,6 +99,18 @@ impl<RB> Journey<RB> {
         self.deadline
     }
 
+    /// Whether a hop started `at` leaves the time the configuration asks for
+    /// ([`FallbackConfigBuilder::min_hop_time`](crate::FallbackConfigBuilder::min_hop_time)):
+    /// some time before the deadline, and at least that minimum. Always, without a
+    /// deadline.
+    pub(crate) fn may_start_hop(&self, at: Instant) -> bool {
+        self.deadline.is_none_or(|deadline| {
+            deadline
+                .checked_duration_since(at)
+                .is_some_and(|left| !left.is_zero() && left >= self.config.min_hop_time)
+        })
+    }
+
     /// A hop's response arrived.
     pub(crate) fn on_response(&mut self, mut response: Response<RB>) -> Step<RB> {
         let extensions = response.extensions();
@@ -197,7 +209,7 @@ impl<RB> Journey<RB> {
             return None;
         }
         let until = self.reopen.iter().flatten().map(|(at, _)| *at).min()?;
-        if until >= deadline {
+        if !self.may_start_hop(until) {
             return None;
         }
         let requested = self.original.model.clone();
@@ -303,7 +315,7 @@ impl<RB> Journey<RB> {
         let Some((model, chain)) = self.walk.next(&self.config, route) else {
             return Err(ChainStop::ChainExhausted);
         };
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if !self.may_start_hop(Instant::now()) {
             return Err(ChainStop::DeadlineReached);
         }
         let Some(target) = self.config.targets.get(&model) else {

@@ -71,6 +71,13 @@
 //! - Print a credential: [`Secret`] redacts itself in `Debug`, `Display` and
 //!   serialisation, and credential header values are marked sensitive.
 //! - Re-serialise a body, or touch the caller's bytes when a rewrite fails.
+//! - Start a hop to another model (or a new round after a cooldown wait) with less
+//!   than [`FallbackConfigBuilder::min_hop_time`] left before the deadline (default
+//!   zero: any time before it). Such a hop would most likely be cut off by the
+//!   deadline after the provider served and billed it; the caller gets the last
+//!   answer at once instead, with [`ChainStop::DeadlineReached`]. A hop whose inner
+//!   service becomes ready too late for that is not sent either. The first hop, the
+//!   caller's own request, is always sent.
 //!
 //! ## When it falls back
 //!
@@ -116,7 +123,8 @@
 //! - the request has a deadline (the configured total deadline or a caller's
 //!   [`Deadline`](backstop_classify::Deadline)): without one a wait has no bound (a
 //!   quota cooldown lasts ten minutes), so the layer fails at once as before;
-//! - the earliest reopening comes before the deadline; otherwise it fails at once,
+//! - the earliest reopening comes before the deadline (with
+//!   [`FallbackConfigBuilder::min_hop_time`] to spare); otherwise it fails at once,
 //!   with the last provider response byte-for-byte when one was held, else the
 //!   refusal with the time to come back (what a proxy sends as `Retry-After`);
 //! - it has waited fewer than [`FallbackConfig::cooldown_waits`] times for this
@@ -146,6 +154,7 @@
 //!
 //! ```toml
 //! total_deadline = "90s"
+//! min_hop_time = "2s"      # optional: a hop needs this long before the deadline
 //!
 //! [targets.gpt-4o]
 //! upstream = "openai"

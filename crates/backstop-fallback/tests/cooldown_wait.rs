@@ -177,6 +177,34 @@ async fn a_reopening_past_the_deadline_fails_at_once_with_the_time_to_retry() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_reopening_that_leaves_less_than_the_minimum_hop_time_is_not_waited_for() {
+    // Asked at 1 s with a 10 s deadline (until 11 s); the key reopens at 5 s, leaving
+    // 6 s: waited for with a 6 s minimum, not with 6.5 s.
+    for (min_left, waited) in [(ms(6000), true), (ms(6500), false)] {
+        let (service, mock) = opened_at_start(
+            single_model(Some(secs(10)))
+                .min_hop_time(min_left)
+                .build()
+                .unwrap(),
+            BreakerConfig::default(),
+        );
+        open_the_key(&service).await;
+        tokio::time::advance(secs(1)).await;
+
+        let asked = Instant::now();
+        let result = service.clone().oneshot(chat()).await;
+        if waited {
+            assert_eq!(result.unwrap().status(), 200);
+            assert_eq!(asked.elapsed(), secs(4));
+            assert_eq!(mock.attempt_count(), 2);
+        } else {
+            assert_failed_at_once_with_the_time_to_retry(&result.unwrap_err(), asked, secs(4));
+            assert_eq!(mock.attempt_count(), 1);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_key_opened_on_failures_is_not_waited_for_the_caller_fails_fast_with_the_time_to_retry() {
     let mock = MockProvider::new(Scenario::new(1).model(
         "gpt-4o",

@@ -575,3 +575,163 @@ async fn a_later_provider_response_replaces_an_earlier_one() {
     assert_eq!(&*record.model, "claude");
     assert_eq!(record.hops.len(), 3);
 }
+
+/// gpt-4o fails after 2 s; a 5 s total deadline leaves 3 s for claude.
+fn fails_after_two_seconds() -> Fake {
+    Fake::new(|model| {
+        let model = model.to_owned();
+        Box::pin(async move {
+            if model == "gpt-4o" {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                failed(FailureKind::RateLimited, None)
+            } else {
+                ok(&model)
+            }
+        })
+    })
+}
+
+fn two_models_with_minimum(min_hop_time: Duration) -> FallbackConfig {
+    FallbackConfig::builder()
+        .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
+        .target(
+            "claude",
+            Target::new("anthropic", "https://anthropic.test/v1"),
+        )
+        .chain("gpt-4o", ["claude"])
+        .total_deadline(Duration::from_secs(5))
+        .min_hop_time(min_hop_time)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hop_with_less_than_the_minimum_time_left_is_not_started() {
+    // 3 s left at the hop: enough for a 3 s minimum (the boundary), not for 3.5 s.
+    for (min_left, hops) in [(3.0, 2), (3.5, 1)] {
+        let fake = fails_after_two_seconds();
+        let start = Instant::now();
+        let result = FallbackLayer::new(two_models_with_minimum(Duration::from_secs_f64(min_left)))
+            .layer(fake.clone())
+            .oneshot(chat("gpt-4o"))
+            .await;
+        assert_eq!(fake.seen().len(), hops, "min {min_left}");
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "min {min_left}");
+        if hops == 2 {
+            let served = result.unwrap();
+            assert_eq!(served.into_body(), "served by claude");
+        } else {
+            // At once, with gpt-4o's own failure and the reason.
+            let error = result.unwrap_err();
+            assert_eq!(error.kind(), FailureKind::RateLimited);
+            let record = ServedBy::of_error(&error).unwrap();
+            assert_eq!(record.stop, Some(ChainStop::DeadlineReached));
+            assert_eq!(&*record.model, "gpt-4o");
+            assert_eq!(record.hops.len(), 1);
+        }
+    }
+}
+
+/// Ready at once for the first call; after each call, not before `delay` has passed.
+#[derive(Clone)]
+struct SlowToReady {
+    inner: Fake,
+    delay: Duration,
+    ready_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Service<Request<ReplayBody>> for SlowToReady {
+    type Response = Response<String>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let at = *self.ready_at.lock().unwrap();
+        if let Some(at) = at
+            && Instant::now() < at
+        {
+            // Woken when it is time (a timer task, so the test stays in virtual time).
+            let waker = cx.waker().clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                waker.wake();
+            });
+            return Poll::Pending;
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReplayBody>) -> Self::Future {
+        *self.ready_at.lock().unwrap() = Some(Instant::now() + self.delay);
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hop_ready_too_late_for_the_minimum_is_not_sent() {
+    // gpt-4o fails at 2 s; the service is ready again only at 4 s. With 1 s left
+    // required claude goes at 4 s; with 1.5 s (latest start 3.5 s) it is not sent.
+    for (min_left, hops) in [(1.0, 2), (1.5, 1)] {
+        let fake = fails_after_two_seconds();
+        let slow = SlowToReady {
+            inner: fake.clone(),
+            delay: Duration::from_secs(4),
+            ready_at: Arc::default(),
+        };
+        let start = Instant::now();
+        let result = FallbackLayer::new(two_models_with_minimum(Duration::from_secs_f64(min_left)))
+            .layer(slow)
+            .oneshot(chat("gpt-4o"))
+            .await;
+        assert_eq!(fake.seen().len(), hops, "min {min_left}");
+        assert_eq!(start.elapsed(), Duration::from_secs(4), "min {min_left}");
+        if hops == 2 {
+            assert_eq!(fake.seen()[1].at - start, Duration::from_secs(4));
+            assert_eq!(result.unwrap().into_body(), "served by claude");
+        } else {
+            let error = result.unwrap_err();
+            let record = ServedBy::of_error(&error).unwrap();
+            assert_eq!(record.stop, Some(ChainStop::DeadlineReached));
+        }
+    }
+}
+
+#[test]
+fn the_minimum_hop_time_is_validated_and_survives_serde() {
+    use backstop_fallback::ConfigError;
+    let build = |min: u64| {
+        FallbackConfig::builder()
+            .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
+            .total_deadline(Duration::from_secs(5))
+            .min_hop_time(Duration::from_secs(min))
+            .build()
+    };
+    for min in [5, 6] {
+        let error = build(min).unwrap_err();
+        assert!(matches!(
+            error,
+            ConfigError::MinHopTimeNotBelowDeadline { .. }
+        ));
+        assert!(
+            error.to_string().starts_with(&format!(
+                "min_hop_time ({min}s) must be shorter than total_deadline (5s)"
+            )),
+            "{error}"
+        );
+    }
+    let config = build(4).unwrap();
+    assert_eq!(config.min_hop_time(), Duration::from_secs(4));
+    let json = serde_json::to_string(&config).unwrap();
+    let back: FallbackConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.min_hop_time(), Duration::from_secs(4));
+    assert_eq!(
+        FallbackConfig::builder().build().unwrap().min_hop_time(),
+        Duration::ZERO
+    );
+    let bad: Result<FallbackConfig, _> = serde_json::from_str(r#"{"min_hop_time":"soon"}"#);
+    assert!(
+        bad.unwrap_err()
+            .to_string()
+            .contains("min_hop_time \"soon\" is not a duration")
+    );
+}
