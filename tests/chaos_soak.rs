@@ -22,7 +22,9 @@
 //! 2. no non-retryable failure is retried on the same model, and a failure after
 //!    the request was sent ends a non-idempotent request;
 //! 3. no attempt starts at or after its deadline (the chain's total deadline, and
-//!    the retry deadline of the hop);
+//!    the retry deadline of the hop); no retry starts with less than
+//!    [`MIN_ATTEMPT_TIME`] left before either, and no hop after the first with less
+//!    than [`MIN_HOP_TIME`] left before the total deadline;
 //! 4. no model gets more than `max_attempts` attempts per request;
 //! 5. the retry budget is never overdrawn: over every window, retries are within
 //!    the floor plus the ratio of the deposits, and the budget's own counters equal
@@ -68,6 +70,10 @@ const MAX_ATTEMPTS: u32 = 3;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_DEADLINE: Duration = Duration::from_secs(8);
 const TOTAL_DEADLINE: Duration = Duration::from_secs(20);
+/// The least time left for a retry to be started (`RetryConfig::with_min_attempt_time`).
+const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(500);
+/// The least time left for a fallback hop (`FallbackConfigBuilder::min_hop_time`).
+const MIN_HOP_TIME: Duration = Duration::from_millis(1000);
 const BUDGET: WindowedBudgetConfig = WindowedBudgetConfig {
     window: Duration::from_secs(10),
     min_retries_per_sec: 1.0,
@@ -387,12 +393,14 @@ fn stack() -> BackstopLayer {
         .context_chain([THIRD])
         .content_chain([SECOND])
         .total_deadline(TOTAL_DEADLINE)
+        .min_hop_time(MIN_HOP_TIME)
         .build()
         .expect("valid fallback config");
     let retry = RetryConfig::interactive()
         .with_max_attempts(MAX_ATTEMPTS)
         .and_then(|r| r.with_deadline(Some(RETRY_DEADLINE)))
         .and_then(|r| r.with_attempt_timeout(Some(ATTEMPT_TIMEOUT)))
+        .and_then(|r| r.with_min_attempt_time(MIN_ATTEMPT_TIME))
         .expect("valid retry config");
     let breaker = BreakerConfig {
         open_duration: Duration::from_secs(5),
@@ -565,6 +573,9 @@ struct Tally {
     faults_injected: u64,
     /// Requests that ended in a refusal of a breaker after a provider had answered.
     breaker_open_after_answers: u64,
+    /// Successful provider answers thrown away because their attempt's time ran out
+    /// first: calls the provider served (and would bill) that nobody received.
+    answers_cut_off: u64,
     /// (withdrawal instant, deposit instants) for the budget check.
     withdrawals: Vec<Instant>,
     deposits: Vec<Instant>,
@@ -665,6 +676,28 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
                     attempt.at - outcome.start
                 )
             });
+            // 3. A retry leaves its minimum before both deadlines; a later hop, its
+            // own before the total deadline. (The first attempt of the request is
+            // the caller's, and always sent.)
+            let left = deadline
+                .min(hop_deadline)
+                .saturating_duration_since(attempt.at);
+            if i > 0 {
+                tally.check("3 deadline", left >= MIN_ATTEMPT_TIME, || {
+                    format!(
+                        "request {id}: retry {} on {model} started with {left:?} left",
+                        attempt.seq
+                    )
+                });
+            } else if hop_index > 0 {
+                let left = deadline.saturating_duration_since(attempt.at);
+                tally.check("3 deadline", left >= MIN_HOP_TIME, || {
+                    format!(
+                        "request {id}: hop to {model} (attempt {}) started with {left:?} left",
+                        attempt.seq
+                    )
+                });
+            }
             let rule = after(&attempt.fault, outcome.stream, outcome.idempotent);
             // 2. Nothing retried on a model after a non-retryable answer.
             if i + 1 < run.len() {
@@ -685,6 +718,7 @@ fn verify_request(outcome: &Outcome, attempts: Vec<&Attempt>, sent: &SentLog, ta
             // An answer that came after its attempt's time ran out (the retry's
             // deadline cut it) never reached the caller: the record says timed out.
             let cut_off = timed_out_record(&outcome.received, model, i);
+            tally.answers_cut_off += u64::from(cut_off && attempt.fault.is_ok());
             if !last_of_request && !cut_off {
                 tally.check("6 nothing after delivery", rule != After::Nothing, || {
                     format!(
@@ -1037,8 +1071,12 @@ async fn soak_every_request_keeps_every_invariant() {
         tally.checks
     );
     eprintln!(
-        "{} streamed and {} idempotent requests; {} faults injected; breaker_open errors after a provider answered: {}",
-        tally.streamed, tally.idempotent, tally.faults_injected, tally.breaker_open_after_answers
+        "{} streamed and {} idempotent requests; {} faults injected; breaker_open errors after a provider answered: {}; successful answers cut off by their attempt's time: {}",
+        tally.streamed,
+        tally.idempotent,
+        tally.faults_injected,
+        tally.breaker_open_after_answers,
+        tally.answers_cut_off
     );
     eprintln!("checks per invariant: {:#?}", tally.per_invariant);
     eprintln!("outcomes: {:#?}", tally.outcomes);

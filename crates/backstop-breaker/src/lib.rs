@@ -28,8 +28,11 @@
 //!   [`AttemptLog`](backstop_classify::AttemptLog) shows a 429 or 503 on an earlier
 //!   attempt (the retry layer below waited it out) is a success and a slow-down
 //!   signal for pacing.
-//! - The request's [`Deadline`](backstop_classify::Deadline), if any: a paced key
-//!   books no slot for a caller that could not wait for it.
+//! - The request's [`Deadline`](backstop_classify::Deadline) and
+//!   [`LatestStart`](backstop_classify::LatestStart), if any: a paced key books no
+//!   slot for a caller that could not wait for it, nor one after the latest instant
+//!   the caller would still start the call (a booked slot nobody uses is lost to
+//!   every other caller).
 //!
 //! Only failures that say something about the upstream's health count
 //! ([`FailureKind::reflects_upstream_health`](backstop_classify::FailureKind::reflects_upstream_health):

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use backstop_classify::{
-    BoxError, ClassifiedError, Deadline, ModelRoute, classify_transport_error,
+    BoxError, ClassifiedError, Deadline, LatestStart, ModelRoute, classify_transport_error,
 };
 use http::{Request, Response};
 use tower_service::Service;
@@ -77,7 +77,13 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // A paced slot is booked only before the request's latest useful start (or
+        // its deadline): one it would not use is lost to every other request.
         let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
+        let deadline = match request.extensions().get::<LatestStart>() {
+            Some(LatestStart(at)) => Some(deadline.map_or(*at, |d| d.min(*at))),
+            None => deadline,
+        };
         let admitted = match request.extensions().get::<ModelRoute>() {
             Some(route) => self.breaker.admit_before(route, deadline),
             None => self

@@ -300,7 +300,8 @@ mod through_the_layer {
 
     use backstop_breaker::{BreakerConfig, BreakerLayer, Pacing};
     use backstop_classify::{
-        Classification, Deadline, DelayHint, Failure, FailureKind, HintSource, ModelRoute,
+        Classification, Deadline, DelayHint, Failure, FailureKind, HintSource, LatestStart,
+        ModelRoute,
     };
     use http::{Request, Response};
     use tokio::time::Instant;
@@ -391,6 +392,26 @@ mod through_the_layer {
             .await
             .unwrap_err();
         assert_eq!(error.failure().hint.map(|h| h.delay), Some(ms(290)));
+        // That caller booked 2.29 s. One whose latest useful start comes before the
+        // next slot (2.39 s) books nothing, whatever its deadline (the fallback
+        // layer's minimum hop time): the slot stays for others.
+        let mut late = request(false, Some(now + Duration::from_secs(10)));
+        late.extensions_mut().insert(LatestStart(now + ms(300)));
+        let error = service.clone().oneshot(late).await.unwrap_err();
+        assert_eq!(error.failure().hint.map(|h| h.delay), Some(ms(390)));
+        let mut early_enough = request(false, Some(now + Duration::from_secs(10)));
+        early_enough
+            .extensions_mut()
+            .insert(LatestStart(now + ms(400)));
+        let error = service.clone().oneshot(early_enough).await.unwrap_err();
+        assert_eq!(error.failure().hint.map(|h| h.delay), Some(ms(390)));
+        // That one booked 2.39 s: the next caller is told 2.49 s.
+        let error = service
+            .clone()
+            .oneshot(request(false, None))
+            .await
+            .unwrap_err();
+        assert_eq!(error.failure().hint.map(|h| h.delay), Some(ms(490)));
         // None of the refused calls reached the upstream.
         assert_eq!(calls.load(Ordering::SeqCst), 22);
     }

@@ -13,6 +13,16 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline(pub tokio::time::Instant);
 
+/// The latest instant at which a new call for this request is still worth starting:
+/// its [`Deadline`] less the time a call needs, as the layer that sets it was
+/// configured (the fallback layer's `min_hop_time`).
+///
+/// A layer that books a future slot for the call (the breaker, when the upstream is
+/// paced) books none after it: a slot the request would not use is lost to every
+/// other request. Without it, the [`Deadline`] is the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LatestStart(pub tokio::time::Instant);
+
 /// Marks a request as idempotent: a timeout or reset after it was written may be
 /// retried. (A request carrying an `Idempotency-Key` header is idempotent too.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

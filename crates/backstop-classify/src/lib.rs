@@ -156,8 +156,9 @@ pub use classification::{
     Classification, Failure, FailureKind, FallbackRoute, ProviderError, Retryable,
 };
 pub use context::{
-    AttemptLog, AttemptRecord, AttemptRecords, Deadline, FallbackAvailable, Idempotent, ModelRoute,
-    PaceHandle, RetryBudget, RetryBudgetHandle, StopReason, UpstreamPace, is_idempotent,
+    AttemptLog, AttemptRecord, AttemptRecords, Deadline, FallbackAvailable, Idempotent,
+    LatestStart, ModelRoute, PaceHandle, RetryBudget, RetryBudgetHandle, StopReason, UpstreamPace,
+    is_idempotent,
 };
 pub use error::{BoxError, ClassifiedError};
 pub use future::ResponseFuture;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use backstop_classify::{
     AttemptLog, BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure,
-    FailureKind, FallbackAvailable, HintSource, ModelRoute, ReplayBody, Retryable,
+    FailureKind, FallbackAvailable, HintSource, LatestStart, ModelRoute, ReplayBody, Retryable,
     classify_transport_error,
 };
 use http::{Request, Response};
@@ -78,6 +78,7 @@ impl<RB> Journey<RB> {
         if has_next {
             request.extensions_mut().insert(FallbackAvailable);
         }
+        mark_latest_start(&mut request, deadline, &config);
         let journey = Journey {
             walk,
             current: (requested, route, ChainKind::Requested),
@@ -234,6 +235,7 @@ impl<RB> Journey<RB> {
         self.current = (requested, route, ChainKind::Requested);
         let mut request = request;
         mark_fallback(&mut request, &self.walk, &self.config);
+        mark_latest_start(&mut request, self.deadline, &self.config);
         Some((until, request))
     }
 
@@ -339,6 +341,7 @@ impl<RB> Journey<RB> {
         self.current = (model, route, chain);
         let mut request = request;
         mark_fallback(&mut request, &self.walk, &self.config);
+        mark_latest_start(&mut request, self.deadline, &self.config);
         Ok(request)
     }
 
@@ -413,5 +416,24 @@ fn instant_after(delay: std::time::Duration) -> Instant {
 fn mark_fallback(request: &mut Request<ReplayBody>, walk: &ChainWalk, config: &Compiled) {
     if walk.has_next(config) {
         request.extensions_mut().insert(FallbackAvailable);
+    }
+}
+
+/// Puts the latest instant worth starting the hop at on its request, when a minimum
+/// hop time is configured and there is a deadline: a breaker that books a paced slot
+/// for the hop then books none the journey would decline to use.
+fn mark_latest_start(
+    request: &mut Request<ReplayBody>,
+    deadline: Option<Instant>,
+    config: &Compiled,
+) {
+    if config.min_hop_time.is_zero() {
+        return;
+    }
+    if let Some(deadline) = deadline {
+        let at = deadline
+            .checked_sub(config.min_hop_time)
+            .unwrap_or(deadline);
+        request.extensions_mut().insert(LatestStart(at));
     }
 }

@@ -36,6 +36,9 @@
 //!   [`FallbackAvailable`](backstop_classify::FallbackAvailable) when the chain has
 //!   another model after this hop, so the retry layer inside hands a failure the
 //!   provider asked to have waited out (a delay hint) to that model at once.
+//!   With a [`FallbackConfigBuilder::min_hop_time`] and a deadline, also the
+//!   [`LatestStart`](backstop_classify::LatestStart) (the deadline less that
+//!   minimum), so a breaker inside books no paced slot the journey would not use.
 //! - On a switch to a configured target: its URI, only its credential, its extra
 //!   headers, and the body with the model rewritten when the target spells it
 //!   differently (one splice into one new buffer; otherwise the caller's bytes are

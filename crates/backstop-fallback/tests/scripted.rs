@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use backstop_classify::{
     BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure, FailureKind,
-    HintSource, ModelRoute, ReplayBody,
+    HintSource, LatestStart, ModelRoute, ReplayBody,
 };
 use backstop_fallback::{ChainStop, FallbackConfig, FallbackLayer, ServedBy, Target};
 use http::{Request, Response};
@@ -21,6 +21,7 @@ use tower::{Layer, Service, ServiceExt};
 struct Seen {
     route: Option<ModelRoute>,
     deadline: Option<Deadline>,
+    latest_start: Option<LatestStart>,
     body: bytes::Bytes,
     content_length: Option<String>,
     at: Instant,
@@ -91,6 +92,7 @@ impl Service<Request<ReplayBody>> for Fake {
         self.seen.lock().unwrap().push(Seen {
             route: route.clone(),
             deadline: request.extensions().get::<Deadline>().copied(),
+            latest_start: request.extensions().get::<LatestStart>().copied(),
             body: request.body().bytes().clone(),
             content_length: request
                 .headers()
@@ -617,6 +619,12 @@ async fn a_hop_with_less_than_the_minimum_time_left_is_not_started() {
             .await;
         assert_eq!(fake.seen().len(), hops, "min {min_left}");
         assert_eq!(start.elapsed(), Duration::from_secs(2), "min {min_left}");
+        // Every hop tells the layers inside when it stops being worth starting, so a
+        // breaker books no paced slot the journey would not use.
+        let latest = start + Duration::from_secs(5) - Duration::from_secs_f64(min_left);
+        for seen in fake.seen() {
+            assert_eq!(seen.latest_start, Some(LatestStart(latest)));
+        }
         if hops == 2 {
             let served = result.unwrap();
             assert_eq!(served.into_body(), "served by claude");
