@@ -460,9 +460,14 @@ impl FallbackConfigBuilder {
     /// provider answer (or the failure) at once, with
     /// [`ChainStop::DeadlineReached`](crate::ChainStop::DeadlineReached), instead of a
     /// call that the deadline would most likely cut off after the provider has served
-    /// (and billed) it. Default zero: any time before the deadline will do. The first
-    /// hop (the caller's own request) is always sent. With a total deadline it must be
-    /// shorter than it.
+    /// (and billed) it. Default zero: any time before the deadline will do; a value
+    /// near the slow end of your providers' time to a response head avoids nearly all
+    /// of those calls (in the chaos soak, 1 s for answers in 20–900 ms: 834 → 14
+    /// answers thrown away, and 8 % more requests served; see `RELIABILITY.md`). The
+    /// first hop (the caller's own request) is always sent. With a total deadline it
+    /// must be shorter than it. The hop's request carries its latest useful start
+    /// ([`LatestStart`](backstop_classify::LatestStart)), so a breaker books no paced
+    /// slot for a hop that would not be made.
     pub fn min_hop_time(mut self, min_left: Duration) -> Self {
         self.min_hop_time = min_left;
         self

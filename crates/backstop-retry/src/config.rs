@@ -288,8 +288,11 @@ impl RetryConfig {
     /// by the deadline: a call the provider serves (and bills) and nobody receives.
     ///
     /// Default zero: a retry may start at any time before the deadline, as the
-    /// deadline rule alone says. Set it to about your provider's usual time to a
-    /// response head (for a non-streamed chat completion, the whole answer). It
+    /// deadline rule alone says. Set it somewhat below your provider's usual time to
+    /// a response head (for a non-streamed chat completion, the whole answer): a
+    /// retry with a little less time than the usual often still succeeds, and the
+    /// fallback it would hand over to may be worse off (the chaos soak's figures are
+    /// in `RELIABILITY.md`). It
     /// applies to retries only (the first attempt is the caller's), and only when
     /// there is a deadline (the layer's own or the request's
     /// [`Deadline`](backstop_classify::Deadline)). With a deadline of the layer's
