@@ -19,7 +19,10 @@ pub struct Deadline(pub tokio::time::Instant);
 ///
 /// A layer that books a future slot for the call (the breaker, when the upstream is
 /// paced) books none after it: a slot the request would not use is lost to every
-/// other request. Without it, the [`Deadline`] is the limit.
+/// other request. Without it, the [`Deadline`] is the limit. The retry layer does not
+/// read it: its retries keep to its own minimum (`min_attempt_time`), which may be
+/// shorter, since a retry on a model that is answering is a better bet than a new
+/// hop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LatestStart(pub tokio::time::Instant);
 
