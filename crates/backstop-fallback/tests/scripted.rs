@@ -268,18 +268,7 @@ async fn one_model_without_a_hint_means_no_earliest_reopening() {
 #[tokio::test(start_paused = true)]
 async fn each_hop_gets_the_time_left_and_the_layer_enforces_it() {
     // gpt-4o fails after 2 s; claude ignores its deadline and would take 60 s.
-    let fake = Fake::new(|model| {
-        let model = model.to_owned();
-        Box::pin(async move {
-            if model == "gpt-4o" {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                failed(FailureKind::RateLimited, None)
-            } else {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                ok(&model)
-            }
-        })
-    });
+    let fake = fails_after_two_seconds(Duration::from_secs(60));
     let config = FallbackConfig::builder()
         .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
         .target(
@@ -578,15 +567,16 @@ async fn a_later_provider_response_replaces_an_earlier_one() {
     assert_eq!(record.hops.len(), 3);
 }
 
-/// gpt-4o fails after 2 s; a 5 s total deadline leaves 3 s for claude.
-fn fails_after_two_seconds() -> Fake {
-    Fake::new(|model| {
+/// gpt-4o fails (rate limited) after 2 s; every other model serves after `then`.
+fn fails_after_two_seconds(then: Duration) -> Fake {
+    Fake::new(move |model| {
         let model = model.to_owned();
         Box::pin(async move {
             if model == "gpt-4o" {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 failed(FailureKind::RateLimited, None)
             } else {
+                tokio::time::sleep(then).await;
                 ok(&model)
             }
         })
@@ -611,7 +601,7 @@ fn two_models_with_minimum(min_hop_time: Duration) -> FallbackConfig {
 async fn a_hop_with_less_than_the_minimum_time_left_is_not_started() {
     // 3 s left at the hop: enough for a 3 s minimum (the boundary), not for 3.5 s.
     for (min_left, hops) in [(3.0, 2), (3.5, 1)] {
-        let fake = fails_after_two_seconds();
+        let fake = fails_after_two_seconds(Duration::ZERO);
         let start = Instant::now();
         let result = FallbackLayer::new(two_models_with_minimum(Duration::from_secs_f64(min_left)))
             .layer(fake.clone())
@@ -680,7 +670,7 @@ async fn a_hop_ready_too_late_for_the_minimum_is_not_sent() {
     // gpt-4o fails at 2 s; the service is ready again only at 4 s. With 1 s left
     // required claude goes at 4 s; with 1.5 s (latest start 3.5 s) it is not sent.
     for (min_left, hops) in [(1.0, 2), (1.5, 1)] {
-        let fake = fails_after_two_seconds();
+        let fake = fails_after_two_seconds(Duration::ZERO);
         let slow = SlowToReady {
             inner: fake.clone(),
             delay: Duration::from_secs(4),

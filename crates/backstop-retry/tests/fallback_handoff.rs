@@ -4,13 +4,16 @@
 //! without a hint are retried as usual. Over the classify layer and the mock
 //! provider, in virtual time.
 
+mod common;
+
 use std::time::Duration;
 
 use backstop_classify::{
     AttemptLog, ClassifyLayer, FallbackAvailable, ReplayBody, Rules, StopReason,
 };
-use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
+use backstop_mock::{Fault, MockProvider};
 use backstop_retry::{HintJitter, RetryConfig, RetryLayer};
+use common::{mock_answering_first, mock_rate_limited};
 use http::StatusCode;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -26,17 +29,6 @@ fn request(fallback_available: bool) -> http::Request<ReplayBody> {
         request.extensions_mut().insert(FallbackAvailable);
     }
     request
-}
-
-fn rate_limited() -> Fault {
-    Fault::OpenAiRateLimit {
-        retry_after: Some("1".into()),
-        retry_after_ms: None,
-    }
-}
-
-fn mock(first: Fault) -> MockProvider {
-    MockProvider::new(Scenario::new(1).model("gpt-4o", ModelPlan::script([first])))
 }
 
 async fn send(
@@ -62,7 +54,7 @@ fn stop<B>(response: &http::Response<B>) -> Option<StopReason> {
 
 #[tokio::test(start_paused = true)]
 async fn a_hinted_429_goes_to_the_fallback_at_once_when_another_model_can_serve() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let (response, waited) = send(RetryConfig::interactive(), &mock, true).await;
     // The provider's own response, untouched, with nothing waited and one attempt.
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -75,7 +67,7 @@ async fn a_hinted_429_goes_to_the_fallback_at_once_when_another_model_can_serve(
 
 #[tokio::test(start_paused = true)]
 async fn without_another_model_the_same_429_is_waited_out_and_retried() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let config = RetryConfig::interactive().with_hint_jitter(HintJitter::none());
     let (response, waited) = send(config, &mock, false).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -86,7 +78,7 @@ async fn without_another_model_the_same_429_is_waited_out_and_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn with_the_handoff_off_a_hinted_429_is_waited_out_even_with_a_fallback() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let config = RetryConfig::interactive()
         .with_hint_jitter(HintJitter::none())
         .with_fallback_handoff(None);
@@ -98,7 +90,7 @@ async fn with_the_handoff_off_a_hinted_429_is_waited_out_even_with_a_fallback() 
 
 #[tokio::test(start_paused = true)]
 async fn a_hint_of_a_few_milliseconds_is_waited_out_on_the_requested_model() {
-    let mock = mock(Fault::OpenAiRateLimit {
+    let mock = mock_answering_first(Fault::OpenAiRateLimit {
         retry_after: None,
         retry_after_ms: Some("20".into()),
     });
@@ -111,7 +103,7 @@ async fn a_hint_of_a_few_milliseconds_is_waited_out_on_the_requested_model() {
 
 #[tokio::test(start_paused = true)]
 async fn the_handoff_threshold_is_configurable() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let config = RetryConfig::interactive()
         .with_hint_jitter(HintJitter::none())
         .with_fallback_handoff(Some(Duration::from_secs(2)));
@@ -123,7 +115,7 @@ async fn the_handoff_threshold_is_configurable() {
 
 #[tokio::test(start_paused = true)]
 async fn a_500_without_a_hint_is_still_retried_here_when_a_fallback_exists() {
-    let mock = mock(Fault::OpenAiServerError);
+    let mock = mock_answering_first(Fault::OpenAiServerError);
     let (response, waited) = send(RetryConfig::interactive(), &mock, true).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(mock.attempt_count(), 2);

@@ -596,15 +596,21 @@ async fn dropping_the_future_during_a_wait_makes_no_further_attempt() {
     assert_eq!(fake.attempts(), 1);
 }
 
+/// A replacement policy that ignores every limit: always "one more, in 1 s".
+struct Always;
+
+impl backstop_retry::RetryPolicy for Always {
+    fn decide(
+        &self,
+        _: &backstop_retry::FailedAttempt<'_>,
+        _: &mut dyn rand::RngCore,
+    ) -> backstop_retry::Decision {
+        backstop_retry::Decision::RetryAfter(secs(1.0), None)
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replaced_policy_decides_but_the_layer_caps_attempts() {
-    use backstop_retry::{Decision, FailedAttempt, RetryPolicy};
-    struct Always;
-    impl RetryPolicy for Always {
-        fn decide(&self, _: &FailedAttempt<'_>, _: &mut dyn rand::RngCore) -> Decision {
-            Decision::RetryAfter(secs(1.0), None)
-        }
-    }
     let fake = Fake::new((0..10).map(|_| Step::status(400)).collect());
     let config = RetryConfig::batch().with_max_attempts(3).unwrap();
     let svc = RetryLayer::new(config)
@@ -619,14 +625,6 @@ async fn a_replaced_policy_decides_but_the_layer_caps_attempts() {
 
 #[tokio::test(start_paused = true)]
 async fn a_replaced_policy_cannot_start_a_retry_inside_the_minimum() {
-    use backstop_retry::{Decision, FailedAttempt, RetryPolicy};
-    /// Ignores the deadline and the minimum: always "one more, in 1 s".
-    struct Eager;
-    impl RetryPolicy for Eager {
-        fn decide(&self, _: &FailedAttempt<'_>, _: &mut dyn rand::RngCore) -> Decision {
-            Decision::RetryAfter(secs(1.0), None)
-        }
-    }
     let fake = Fake::new((0..10).map(|_| Step::status(500)).collect());
     let config = RetryConfig::batch()
         .with_max_attempts(10)
@@ -636,7 +634,7 @@ async fn a_replaced_policy_cannot_start_a_retry_inside_the_minimum() {
         .with_min_attempt_time(secs(6.5))
         .unwrap();
     let svc = RetryLayer::new(config)
-        .with_policy(Eager)
+        .with_policy(Always)
         .layer(fake.clone());
     let start = Instant::now();
     let response = svc.oneshot(request("{}")).await.unwrap();

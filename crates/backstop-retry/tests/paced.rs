@@ -4,6 +4,8 @@
 //! untouched; each 429 an attempt gets is reported to the pace at once. Over the
 //! classify layer and the mock provider, in virtual time, with a scripted pace.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +15,10 @@ use backstop_classify::{
     AttemptLog, ClassifyLayer, PaceHandle, ReplayBody, RetryBudget, RetryBudgetHandle, Rules,
     StopReason, UpstreamPace,
 };
-use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
+use backstop_mock::{Fault, MockProvider};
 use backstop_retry::{HintJitter, RetryConfig, RetryLayer};
 use bytes::Bytes;
+use common::{mock_answering_first, mock_rate_limited};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -84,17 +87,6 @@ impl RetryBudget for CountingBudget {
     }
 }
 
-fn rate_limited() -> Fault {
-    Fault::OpenAiRateLimit {
-        retry_after: Some("1".into()),
-        retry_after_ms: None,
-    }
-}
-
-fn mock(first: Fault) -> MockProvider {
-    MockProvider::new(Scenario::new(1).model("gpt-4o", ModelPlan::script([first])))
-}
-
 fn config() -> RetryConfig {
     RetryConfig::interactive()
         .with_hint_jitter(HintJitter::none())
@@ -145,7 +137,7 @@ async fn send(
 
 #[tokio::test(start_paused = true)]
 async fn a_paced_retry_waits_for_its_slot_after_the_hint() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let pace = ScriptedPace::new([Err(Duration::from_millis(300))], Duration::ZERO);
     let budget = Arc::new(CountingBudget::default());
     let (status, _, log, took) = send(config(), &mock, Some(&pace), &budget).await;
@@ -167,7 +159,7 @@ async fn a_paced_retry_waits_for_its_slot_after_the_hint() {
 
 #[tokio::test(start_paused = true)]
 async fn no_slot_before_the_deadline_hands_the_429_on_at_once_without_drawing_the_budget() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     // The next free slot is 10 s away; the deadline is 5 s.
     let pace = ScriptedPace::new([], Duration::from_secs(10));
     let budget = Arc::new(CountingBudget::default());
@@ -185,7 +177,7 @@ async fn no_slot_before_the_deadline_hands_the_429_on_at_once_without_drawing_th
 
 #[tokio::test(start_paused = true)]
 async fn a_slot_refused_after_the_wait_returns_the_kept_429_untouched() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     // A slot looked free at the 429, but by the end of the 1 s wait the next one is
     // past the deadline.
     let pace = ScriptedPace::new([Err(Duration::from_secs(10))], Duration::ZERO);
@@ -204,7 +196,7 @@ async fn a_slot_refused_after_the_wait_returns_the_kept_429_untouched() {
 
 #[tokio::test(start_paused = true)]
 async fn a_503_is_paced_but_left_to_the_calls_own_outcome_to_report() {
-    let mock = mock(Fault::OpenAiOverloaded);
+    let mock = mock_answering_first(Fault::OpenAiOverloaded);
     let pace = ScriptedPace::new([], Duration::ZERO);
     let budget = Arc::new(CountingBudget::default());
     let (status, _, _, _) = send(config(), &mock, Some(&pace), &budget).await;
@@ -216,7 +208,7 @@ async fn a_503_is_paced_but_left_to_the_calls_own_outcome_to_report() {
 
 #[tokio::test(start_paused = true)]
 async fn without_a_pace_the_retry_goes_after_the_hint_alone() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let budget = Arc::new(CountingBudget::default());
     let (status, _, log, took) = send(config(), &mock, None, &budget).await;
     assert_eq!(status, StatusCode::OK);
@@ -226,7 +218,7 @@ async fn without_a_pace_the_retry_goes_after_the_hint_alone() {
 
 /// The body the mock sends for the same 429 to a request that gets no retry.
 async fn mock_body_of_one_attempt() -> Bytes {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     let budget = Arc::new(CountingBudget::default());
     let single = RetryConfig::interactive().with_max_attempts(1).unwrap();
     send(single, &mock, None, &budget).await.1
@@ -240,7 +232,7 @@ async fn a_pace_that_answers_any_duration_never_panics_nor_holds_a_retry_for_day
         .with_hint_jitter(HintJitter::none())
         .with_deadline(None)
         .expect("no deadline");
-    let provider = mock(rate_limited());
+    let provider = mock_answering_first(mock_rate_limited());
     let pace = ScriptedPace::new([], Duration::MAX);
     let budget = Arc::new(CountingBudget::default());
     let (status, _, log, took) = send(no_deadline.clone(), &provider, Some(&pace), &budget).await;
@@ -252,7 +244,7 @@ async fn a_pace_that_answers_any_duration_never_panics_nor_holds_a_retry_for_day
     // failure), with and without a deadline: no overflow, the 429 handed on after the
     // 1 s wait, nothing more sent.
     for config in [no_deadline, config()] {
-        let provider = mock(rate_limited());
+        let provider = mock_answering_first(mock_rate_limited());
         let pace = ScriptedPace::new([Err(Duration::MAX)], Duration::ZERO);
         let (status, _, log, took) = send(config, &provider, Some(&pace), &budget).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
@@ -264,7 +256,7 @@ async fn a_pace_that_answers_any_duration_never_panics_nor_holds_a_retry_for_day
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_whose_booked_slots_keep_going_to_others_gives_up_after_eight() {
-    let mock = mock(rate_limited());
+    let mock = mock_answering_first(mock_rate_limited());
     // Every time it comes back, the slot is gone again: 100 ms more, eight times.
     let pace = ScriptedPace::new([Err(Duration::from_millis(100)); 8], Duration::ZERO);
     let budget = Arc::new(CountingBudget::default());
@@ -295,7 +287,7 @@ async fn a_paced_slot_that_leaves_less_than_the_minimum_is_refused_at_once() {
             StopReason::PaceRefused,
         ),
     ] {
-        let mock = mock(rate_limited());
+        let mock = mock_answering_first(mock_rate_limited());
         let pace = ScriptedPace::new([], Duration::from_secs(3));
         let budget = Arc::new(CountingBudget::default());
         let config = config().with_min_attempt_time(min_left).unwrap();
@@ -318,7 +310,7 @@ async fn a_slot_booked_past_the_latest_start_is_refused_after_the_wait() {
         (Duration::ZERO, 2, Duration::from_secs(4)),
         (Duration::from_millis(1500), 1, Duration::from_secs(1)),
     ] {
-        let mock = mock(rate_limited());
+        let mock = mock_answering_first(mock_rate_limited());
         let pace = ScriptedPace::new([Err(Duration::from_secs(3))], Duration::ZERO);
         let budget = Arc::new(CountingBudget::default());
         let config = config().with_min_attempt_time(min_left).unwrap();

@@ -267,3 +267,18 @@ pub fn request(body: &'static str) -> Request<ReplayBody> {
 pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
+
+/// A 429 with `Retry-After: 1`, as OpenAI sends it (for the tests over the mock).
+pub fn mock_rate_limited() -> backstop_mock::Fault {
+    backstop_mock::Fault::OpenAiRateLimit {
+        retry_after: Some("1".into()),
+        retry_after_ms: None,
+    }
+}
+
+/// The mock provider answering `first` to the first call for `gpt-4o`, then healthy.
+pub fn mock_answering_first(first: backstop_mock::Fault) -> backstop_mock::MockProvider {
+    backstop_mock::MockProvider::new(
+        backstop_mock::Scenario::new(1).model("gpt-4o", backstop_mock::ModelPlan::script([first])),
+    )
+}
