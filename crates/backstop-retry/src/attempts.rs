@@ -585,7 +585,8 @@ impl<S, B> Attempts<S, B> {
             if let Some(last) = kept.take() {
                 let pace = self.parts.extensions.get::<PaceHandle>().cloned();
                 let longest = self.shared.config.max_hint;
-                match Box::pin(pace_slot(pace, self.latest_start(), longest)).await {
+                let min_left = self.shared.config.min_attempt_time;
+                match Box::pin(pace_slot(pace, self.deadline, min_left, longest)).await {
                     Some(extra) => waited.wait = waited.wait.saturating_add(extra),
                     None => {
                         self.log_mut().stop = Some(StopReason::PaceRefused);
@@ -655,30 +656,34 @@ impl<S, B> Attempts<S, B> {
     }
 }
 
-/// Waits for a slot of the upstream's pace ([`PaceHandle`]), within `deadline`:
-/// `Some(how long)`, or `None` when no slot comes before the deadline or within
-/// `longest` (the layer's `max_hint`: a pace, like a hint, is never waited on for
-/// days), or when the booked slots keep going to other callers (after
-/// [`MAX_PACE_WAITS`] bookings the retry is not made).
+/// Waits for a slot of the upstream's pace ([`PaceHandle`]) that leaves `min_left`
+/// before `deadline` (see [`starts_in_time`]): `Some(how long)`, or `None` when no
+/// such slot comes or none within `longest` (the layer's `max_hint`: a pace, like a
+/// hint, is never waited on for days), or when the booked slots keep going to other
+/// callers (after [`MAX_PACE_WAITS`] bookings the retry is not made).
 async fn pace_slot(
     pace: Option<PaceHandle>,
     deadline: Option<Instant>,
+    min_left: Duration,
     longest: Duration,
 ) -> Option<Duration> {
     let Some(PaceHandle(pace)) = pace else {
         return Some(Duration::ZERO);
     };
+    // The pace books only slots before this instant; one exactly at the latest start
+    // is not booked, but is waited for and asked for again when it is due.
+    let book_before = deadline.map(|d| d.checked_sub(min_left).unwrap_or(d));
     let mut waited = Duration::ZERO;
     for _ in 0..MAX_PACE_WAITS {
         let now = Instant::now();
-        let wait = match pace.admit_retry(now, deadline) {
+        let wait = match pace.admit_retry(now, book_before) {
             Ok(()) => return Some(waited),
             Err(wait) => whole_millis(wait),
         };
-        // Checked: a pace of another implementation may answer any duration.
-        let past_deadline =
-            deadline.is_some_and(|d| now.checked_add(wait).is_none_or(|at| at >= d));
-        if past_deadline || waited.saturating_add(wait) > longest {
+        let time_left = deadline.map(|d| d.saturating_duration_since(now));
+        // `starts_in_time` is checked arithmetic: a pace of another implementation
+        // may answer any duration.
+        if !starts_in_time(wait, time_left, min_left) || waited.saturating_add(wait) > longest {
             return None;
         }
         tracing::debug!(

@@ -303,11 +303,13 @@ async fn a_paced_slot_that_leaves_less_than_the_minimum_is_refused_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_slot_booked_past_the_latest_start_is_refused_after_the_wait() {
-    // At the end of the 1 s hint the pace books a slot 3 s later (at 4 s). With a
-    // 5 s deadline it is taken; with 1.5 s required the latest start is 3.5 s, so
-    // the kept 429 goes back at 1 s.
+    // At the end of the 1 s hint the pace has a slot 3 s later (at 4 s). With a
+    // 5 s deadline it is taken, with 1 s required too (exactly 1 s is left); with
+    // 1.5 s required the latest start is 3.5 s, so the kept 429 goes back at 1 s.
     for (min_left, attempts, took) in [
         (Duration::ZERO, 2, Duration::from_secs(4)),
+        // Exactly the minimum left at the slot: taken.
+        (Duration::from_secs(1), 2, Duration::from_secs(4)),
         (Duration::from_millis(1500), 1, Duration::from_secs(1)),
     ] {
         let mock = mock_answering_first(mock_rate_limited());
