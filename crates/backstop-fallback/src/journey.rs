@@ -431,9 +431,11 @@ fn mark_latest_start(
         return;
     }
     if let Some(deadline) = deadline {
+        // A minimum longer than the clock can count back (only an absurd setting)
+        // leaves no time at all: the latest start is now.
         let at = deadline
             .checked_sub(config.min_hop_time)
-            .unwrap_or(deadline);
+            .unwrap_or_else(Instant::now);
         request.extensions_mut().insert(LatestStart(at));
     }
 }

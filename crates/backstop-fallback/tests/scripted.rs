@@ -694,6 +694,38 @@ async fn a_hop_ready_too_late_for_the_minimum_is_not_sent() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_absurd_minimum_hop_time_never_panics_and_sends_only_the_first_hop() {
+    // No total deadline, so `Duration::MAX` is a valid setting; the caller's own
+    // deadline makes it apply: the first hop goes, no later one, no booking after now.
+    let config = FallbackConfig::builder()
+        .target("gpt-4o", Target::new("openai", "https://openai.test/v1"))
+        .target(
+            "claude",
+            Target::new("anthropic", "https://anthropic.test/v1"),
+        )
+        .chain("gpt-4o", ["claude"])
+        .min_hop_time(Duration::MAX)
+        .build()
+        .unwrap();
+    let fake = fails_after_two_seconds(Duration::ZERO);
+    let start = Instant::now();
+    let mut request = chat("gpt-4o");
+    request
+        .extensions_mut()
+        .insert(Deadline(start + Duration::from_secs(30)));
+    let error = FallbackLayer::new(config)
+        .layer(fake.clone())
+        .oneshot(request)
+        .await
+        .unwrap_err();
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].latest_start, Some(LatestStart(start)));
+    let record = ServedBy::of_error(&error).unwrap();
+    assert_eq!(record.stop, Some(ChainStop::DeadlineReached));
+}
+
 #[test]
 fn the_minimum_hop_time_is_validated_and_survives_serde() {
     use backstop_fallback::ConfigError;

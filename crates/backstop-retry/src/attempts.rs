@@ -414,7 +414,9 @@ impl<S, B> Attempts<S, B> {
     /// [`RetryConfig::with_min_attempt_time`](crate::RetryConfig::with_min_attempt_time).
     fn latest_start(&self) -> Option<Instant> {
         let min = self.shared.config.min_attempt_time;
-        self.deadline.map(|d| d.checked_sub(min).unwrap_or(d))
+        // A minimum longer than the clock can count back leaves no time: now.
+        self.deadline
+            .map(|d| d.checked_sub(min).unwrap_or_else(Instant::now))
     }
 
     /// Whether the upstream's pace ([`PaceHandle`]) has no slot for a retry after
@@ -672,7 +674,7 @@ async fn pace_slot(
     };
     // The pace books only slots before this instant; one exactly at the latest start
     // is not booked, but is waited for and asked for again when it is due.
-    let book_before = deadline.map(|d| d.checked_sub(min_left).unwrap_or(d));
+    let book_before = deadline.map(|d| d.checked_sub(min_left).unwrap_or_else(Instant::now));
     let mut waited = Duration::ZERO;
     for _ in 0..MAX_PACE_WAITS {
         let now = Instant::now();

@@ -362,6 +362,31 @@ async fn the_minimum_applies_to_a_deadline_from_the_request_too() {
     assert_eq!(log_of(&response).stop, Some(StopReason::Deadline));
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_absurd_minimum_never_panics_and_applies_only_with_a_deadline() {
+    // No deadline of its own, so `Duration::MAX` is a valid setting.
+    let config = RetryConfig::interactive()
+        .with_min_attempt_time(Duration::MAX)
+        .unwrap();
+    for with_deadline in [true, false] {
+        let fake = Fake::new(vec![Step::status(500), Step::ok("{}")]);
+        let svc = RetryLayer::new(config.clone()).layer(fake.clone());
+        let mut req = request("{}");
+        if with_deadline {
+            req.extensions_mut()
+                .insert(Deadline(Instant::now() + secs(5.0)));
+        }
+        let response = svc.oneshot(req).await.unwrap();
+        let (attempts, stop) = if with_deadline {
+            (1, StopReason::Deadline)
+        } else {
+            (2, StopReason::Succeeded)
+        };
+        assert_eq!(fake.attempts(), attempts, "deadline {with_deadline}");
+        assert_eq!(log_of(&response).stop, Some(stop));
+    }
+}
+
 #[test]
 fn a_minimum_not_below_the_deadline_is_refused() {
     let config = RetryConfig::batch(); // 60 s deadline
