@@ -25,6 +25,7 @@
 //! # adaptive_throttle = { window = "2m", k = 2.0 }
 //!
 //! [breaker]
+//! window = "60s"                 # must span two attempt timeouts (default 30s)
 //! consecutive_failures = 5
 //! open_duration = "5s"           # first open period, doubled per failed probe
 //! max_open_duration = "60s"

@@ -249,3 +249,66 @@ fn the_minimum_time_left_for_a_fallback_hop_is_set_and_checked_against_the_total
         "{m}"
     );
 }
+
+#[test]
+fn the_readme_quickstart_builds() {
+    use std::time::Duration;
+    let readme = include_str!("../README.md");
+    let open = "StackConfig::from_toml_str(r#\"";
+    let start = readme.find(open).expect("the quickstart") + open.len();
+    let end = start + readme[start..].find("\"#)").expect("its end");
+    let layer = build(
+        &readme[start..end],
+        &[
+            ("OPENAI_API_KEY", "sk-1"),
+            ("ANTHROPIC_API_KEY", "sk-ant-1"),
+        ],
+    )
+    .expect("the README's quickstart configuration builds");
+    assert_eq!(
+        layer.fallback().config().min_hop_time(),
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        layer.retry().config().min_attempt_time(),
+        Duration::from_secs(2)
+    );
+}
+
+/// The first TOML block of a file's `//!` docs, without the comment markers.
+fn doc_toml(source: &str) -> String {
+    let start = source
+        .find("//! ```toml\n")
+        .expect("a toml block in the docs");
+    source[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("//! ```"))
+        .map(|l| l.strip_prefix("//!").unwrap_or(l).trim_start())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_config_module_docs_example_builds() {
+    build(
+        &doc_toml(include_str!("../src/config.rs")),
+        &[
+            ("OPENAI_API_KEY", "sk-1"),
+            ("ANTHROPIC_API_KEY", "sk-ant-1"),
+        ],
+    )
+    .expect("the documented configuration builds");
+}
+
+#[test]
+fn the_proxy_docs_example_builds() {
+    build(
+        &doc_toml(include_str!("../crates/backstop-cli/src/proxy/mod.rs")),
+        &[
+            ("OPENAI_API_KEY", "sk-1"),
+            ("ANTHROPIC_API_KEY", "sk-ant-1"),
+        ],
+    )
+    .expect("the proxy's documented configuration builds");
+}
