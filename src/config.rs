@@ -25,7 +25,7 @@
 //! # adaptive_throttle = { window = "2m", k = 2.0 }
 //!
 //! [breaker]
-//! window = "60s"                 # must span two attempt timeouts (default 30s)
+//! # window = "60s"               # default 30s, widened to two attempt timeouts
 //! consecutive_failures = 5
 //! open_duration = "5s"           # first open period, doubled per failed probe
 //! max_open_duration = "60s"
@@ -416,7 +416,9 @@ impl StackConfig {
         if let Some(bytes) = self.max_request_body {
             builder = builder.max_request_body(bytes);
         }
-        builder = builder.retry(retry_config(&self.retry)?);
+        let retry = retry_config(&self.retry)?;
+        let attempt_timeout = retry.attempt_timeout();
+        builder = builder.retry(retry);
         if let Some(seed) = self.retry.seed {
             builder = builder.retry_seed(seed);
         }
@@ -441,7 +443,7 @@ impl StackConfig {
             }
             builder = builder.adaptive_throttle(config, t.seed);
         }
-        builder = builder.breaker(breaker_config(&self.breaker));
+        builder = builder.breaker(breaker_config(&self.breaker, attempt_timeout));
         builder = builder.fallback(fallback_config(
             self.models,
             self.chains,
@@ -529,8 +531,16 @@ fn retry_config(section: &RetrySection) -> Result<RetryConfig, ConfigError> {
     Ok(retry)
 }
 
-fn breaker_config(section: &BreakerSection) -> BreakerConfig {
+/// The breaker's settings from its section. A window or probe timeout the file does
+/// not set is widened to fit the attempt timeout (the window spans two attempts, a
+/// probe gets at least one), so `attempt_timeout = "60s"` alone is a valid file; one
+/// the file sets too short is refused by the stack's checks, naming both settings.
+fn breaker_config(section: &BreakerSection, attempt_timeout: Option<Duration>) -> BreakerConfig {
     let mut c = BreakerConfig::default();
+    if let Some(timeout) = attempt_timeout {
+        c.window = c.window.max(timeout.saturating_mul(2));
+        c.probe_timeout = c.probe_timeout.max(timeout);
+    }
     macro_rules! set {
         ($($field:ident),*) => {$( if let Some(v) = section.$field { c.$field = v; } )*};
     }

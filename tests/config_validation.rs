@@ -312,3 +312,23 @@ fn the_proxy_docs_example_builds() {
     )
     .expect("the proxy's documented configuration builds");
 }
+
+#[test]
+fn a_long_attempt_timeout_widens_the_default_breaker_window_and_probe_timeout() {
+    use std::time::Duration;
+    let layer = build("[retry]\nattempt_timeout = \"90s\"\n", &[]).expect("valid");
+    let breaker = layer.breaker().breaker().store().config();
+    assert_eq!(breaker.window, Duration::from_secs(180));
+    assert_eq!(breaker.probe_timeout, Duration::from_secs(90));
+    // Short ones leave the defaults as they are.
+    let layer = build("[retry]\nattempt_timeout = \"5s\"\n", &[]).expect("valid");
+    let breaker = layer.breaker().breaker().store().config();
+    assert_eq!(breaker.window, Duration::from_secs(30));
+    assert_eq!(breaker.probe_timeout, Duration::from_secs(60));
+    // One the file sets is kept, and refused when too short.
+    let m = message("[retry]\nattempt_timeout = \"90s\"\n[breaker]\nwindow = \"100s\"\n");
+    assert!(
+        m.starts_with("breaker.window (1m 40s) must span at least two attempt timeouts"),
+        "{m}"
+    );
+}

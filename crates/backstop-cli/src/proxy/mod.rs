@@ -103,9 +103,6 @@
 //! deadline = "30s"
 //! attempt_timeout = "20s"
 //!
-//! [breaker]
-//! window = "60s"        # spans two attempt timeouts (the default 30 s would not)
-//!
 //! [models.gpt-4o]
 //! upstream = "openai"
 //! base_uri = "https://api.openai.com/v1"
