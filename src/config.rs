@@ -536,11 +536,7 @@ fn retry_config(section: &RetrySection) -> Result<RetryConfig, ConfigError> {
 /// probe gets at least one), so `attempt_timeout = "60s"` alone is a valid file; one
 /// the file sets too short is refused by the stack's checks, naming both settings.
 fn breaker_config(section: &BreakerSection, attempt_timeout: Option<Duration>) -> BreakerConfig {
-    let mut c = BreakerConfig::default();
-    if let Some(timeout) = attempt_timeout {
-        c.window = c.window.max(timeout.saturating_mul(2));
-        c.probe_timeout = c.probe_timeout.max(timeout);
-    }
+    let mut c = crate::stack::fitted_breaker_defaults(attempt_timeout);
     macro_rules! set {
         ($($field:ident),*) => {$( if let Some(v) = section.$field { c.$field = v; } )*};
     }

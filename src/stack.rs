@@ -1,6 +1,7 @@
 //! The recommended composition: one layer that stacks every Backstop layer in order.
 
 use std::fmt;
+use std::time::Duration;
 
 use backstop_breaker::{BreakerConfig, BreakerLayer, BreakerService, InProcessStore};
 use backstop_budget::{AdaptiveThrottle, RetryBudgetLayer, RetryBudgetService, WindowedBudget};
@@ -106,7 +107,9 @@ pub struct BackstopBuilder {
     retry_seed: Option<u64>,
     budget: backstop_budget::WindowedBudgetConfig,
     throttle: Option<(backstop_budget::AdaptiveThrottleConfig, Option<u64>)>,
-    breaker: BreakerConfig,
+    /// `None` until [`BackstopBuilder::breaker`] is called: the defaults, widened at
+    /// build time to fit the attempt timeout.
+    breaker: Option<BreakerConfig>,
     fallback: Option<FallbackConfig>,
 }
 
@@ -119,7 +122,7 @@ impl Default for BackstopBuilder {
             retry_seed: None,
             budget: backstop_budget::WindowedBudgetConfig::default(),
             throttle: None,
-            breaker: BreakerConfig::default(),
+            breaker: None,
             fallback: None,
         }
     }
@@ -160,9 +163,11 @@ impl BackstopBuilder {
         self
     }
 
-    /// The circuit breaker's configuration.
+    /// The circuit breaker's configuration, taken as given (and checked against the
+    /// attempt timeout). Without it the breaker runs at its defaults, its window and
+    /// probe timeout widened to fit the attempt timeout if need be (two attempts, one).
     pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
-        self.breaker = breaker;
+        self.breaker = Some(breaker);
         self
     }
 
@@ -185,8 +190,12 @@ impl BackstopBuilder {
     /// window spans at least two attempt timeouts (otherwise a window can close before
     /// the attempts it should count have ended); the breaker's probe timeout is not
     /// shorter than an attempt; each part's own validation.
-    pub fn build(self) -> Result<BackstopLayer, ConfigError> {
+    pub fn build(mut self) -> Result<BackstopLayer, ConfigError> {
         let attempt_timeout = self.retry.attempt_timeout();
+        let breaker_config = self
+            .breaker
+            .take()
+            .unwrap_or_else(|| fitted_breaker_defaults(attempt_timeout));
         if let (Some(retry_deadline), Some(total)) = (
             self.retry.deadline(),
             self.fallback.as_ref().and_then(|f| f.total_deadline()),
@@ -211,15 +220,15 @@ impl BackstopBuilder {
             });
         }
         if let Some(timeout) = attempt_timeout {
-            if self.breaker.window < timeout * 2 {
+            if breaker_config.window < timeout * 2 {
                 return Err(ConfigError::BreakerWindowTooShort {
-                    window: self.breaker.window,
+                    window: breaker_config.window,
                     attempt_timeout: timeout,
                 });
             }
-            if self.breaker.probe_timeout < timeout {
+            if breaker_config.probe_timeout < timeout {
                 return Err(ConfigError::ProbeTimeoutTooShort {
-                    probe_timeout: self.breaker.probe_timeout,
+                    probe_timeout: breaker_config.probe_timeout,
                     attempt_timeout: timeout,
                 });
             }
@@ -230,7 +239,7 @@ impl BackstopBuilder {
                 message: "must be at least 1 byte".into(),
             });
         }
-        let breaker = BreakerLayer::new(self.breaker).map_err(|e| ConfigError::Invalid {
+        let breaker = BreakerLayer::new(breaker_config).map_err(|e| ConfigError::Invalid {
             section: "breaker",
             message: e.to_string(),
         })?;
@@ -272,4 +281,15 @@ impl BackstopBuilder {
             classify: ClassifyLayer::new(self.rules),
         })
     }
+}
+
+/// The breaker's defaults, with the window and probe timeout widened to fit an attempt
+/// timeout: the window spans two attempts, a probe gets at least one.
+pub(crate) fn fitted_breaker_defaults(attempt_timeout: Option<Duration>) -> BreakerConfig {
+    let mut config = BreakerConfig::default();
+    if let Some(timeout) = attempt_timeout {
+        config.window = config.window.max(timeout.saturating_mul(2));
+        config.probe_timeout = config.probe_timeout.max(timeout);
+    }
+    config
 }

@@ -332,3 +332,28 @@ fn a_long_attempt_timeout_widens_the_default_breaker_window_and_probe_timeout() 
         "{m}"
     );
 }
+
+#[test]
+fn in_code_too_the_breaker_defaults_fit_a_long_attempt_timeout_but_a_given_config_is_checked() {
+    use backstop::breaker::BreakerConfig;
+    use backstop::retry::RetryConfig;
+    use std::time::Duration;
+    let retry = RetryConfig::interactive()
+        .with_attempt_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    let layer = backstop::BackstopLayer::builder()
+        .retry(retry.clone())
+        .build()
+        .expect("the defaults are widened");
+    let breaker = layer.breaker().breaker().store().config();
+    assert_eq!(breaker.window, Duration::from_secs(180));
+    assert_eq!(breaker.probe_timeout, Duration::from_secs(90));
+    let given = backstop::BackstopLayer::builder()
+        .retry(retry)
+        .breaker(BreakerConfig::default())
+        .build();
+    assert!(matches!(
+        given,
+        Err(ConfigError::BreakerWindowTooShort { .. })
+    ));
+}
