@@ -14,8 +14,9 @@
 //! adds the recommended composition, [`BackstopLayer`], built in code with
 //! [`BackstopLayer::builder`] or from TOML with [`StackConfig`], validated as a whole
 //! (attempt timeout within the deadline, the retry deadline within the total deadline,
-//! the breaker window spanning two attempt timeouts, chains naming known models,
-//! credentials present), and [`ServiceBuilderExt`] to drop single layers into an
+//! the breaker window spanning two attempt timeouts (a default window is widened to
+//! fit, one you set is checked), the minimum times within their deadlines, chains
+//! naming known models, credentials present), and [`ServiceBuilderExt`] to drop single layers into an
 //! existing `ServiceBuilder`.
 //!
 //! ```
