@@ -465,7 +465,8 @@ impl FallbackConfigBuilder {
     /// of those calls (in the chaos soak, whose answers take 20–900 ms, 1 s here and
     /// 500 ms for retries: 834 → 13
     /// answers thrown away, and 8 % more requests served; see `RELIABILITY.md`). The
-    /// first hop (the caller's own request) is always sent. With a total deadline it
+    /// first hop (the caller's own request) is sent at once whatever the time left;
+    /// only waiting for it (a cooldown round) keeps to the minimum. With a total deadline it
     /// must be shorter than it. The hop's request carries its latest useful start
     /// ([`LatestStart`](backstop_classify::LatestStart)), so a breaker books no paced
     /// slot for a hop that would not be made.

@@ -80,7 +80,9 @@
 //!   deadline after the provider served and billed it; the caller gets the last
 //!   answer at once instead, with [`ChainStop::DeadlineReached`]. A hop whose inner
 //!   service becomes ready too late for that is not sent either. The first hop, the
-//!   caller's own request, is always sent.
+//!   caller's own request, is sent at once whatever the time left; only waiting for
+//!   it (a cooldown round, or a paced slot the breaker would book) keeps to the
+//!   minimum.
 //!
 //! ## When it falls back
 //!
