@@ -26,6 +26,18 @@ pub struct Deadline(pub tokio::time::Instant);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LatestStart(pub tokio::time::Instant);
 
+impl LatestStart {
+    /// `min_left` before `deadline`. A minimum longer than the clock can count back
+    /// (only an absurd setting) leaves no time at all: the latest start is now.
+    pub fn before(deadline: tokio::time::Instant, min_left: std::time::Duration) -> Self {
+        LatestStart(
+            deadline
+                .checked_sub(min_left)
+                .unwrap_or_else(tokio::time::Instant::now),
+        )
+    }
+}
+
 /// Marks a request as idempotent: a timeout or reset after it was written may be
 /// retried. (A request carrying an `Idempotency-Key` header is idempotent too.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

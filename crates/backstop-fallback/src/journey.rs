@@ -435,11 +435,8 @@ fn mark_latest_start(
         return;
     }
     if let Some(deadline) = deadline {
-        // A minimum longer than the clock can count back (only an absurd setting)
-        // leaves no time at all: the latest start is now.
-        let at = deadline
-            .checked_sub(config.min_hop_time)
-            .unwrap_or_else(Instant::now);
-        request.extensions_mut().insert(LatestStart(at));
+        request
+            .extensions_mut()
+            .insert(LatestStart::before(deadline, config.min_hop_time));
     }
 }

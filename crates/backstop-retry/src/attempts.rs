@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use backstop_classify::{
     AttemptLog, AttemptRecord, BoxError, Classification, ClassifiedError, Deadline, DelayHint,
-    Failure, FailureKind, FallbackAvailable, Idempotent, PaceHandle, ReplayBody, RetryBudgetHandle,
-    Rules, StopReason,
+    Failure, FailureKind, FallbackAvailable, Idempotent, LatestStart, PaceHandle, ReplayBody,
+    RetryBudgetHandle, Rules, StopReason,
 };
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -414,9 +414,7 @@ impl<S, B> Attempts<S, B> {
     /// [`RetryConfig::with_min_attempt_time`](crate::RetryConfig::with_min_attempt_time).
     fn latest_start(&self) -> Option<Instant> {
         let min = self.shared.config.min_attempt_time;
-        // A minimum longer than the clock can count back leaves no time: now.
-        self.deadline
-            .map(|d| d.checked_sub(min).unwrap_or_else(Instant::now))
+        self.deadline.map(|d| LatestStart::before(d, min).0)
     }
 
     /// Whether the upstream's pace ([`PaceHandle`]) has no slot for a retry after
@@ -674,7 +672,7 @@ async fn pace_slot(
     };
     // The pace books only slots before this instant; one exactly at the latest start
     // is not booked, but is waited for and asked for again when it is due.
-    let book_before = deadline.map(|d| d.checked_sub(min_left).unwrap_or_else(Instant::now));
+    let book_before = deadline.map(|d| LatestStart::before(d, min_left).0);
     let mut waited = Duration::ZERO;
     for _ in 0..MAX_PACE_WAITS {
         let now = Instant::now();
