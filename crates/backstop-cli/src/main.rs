@@ -101,6 +101,11 @@ struct ProxyLimits {
     /// Streams open at once on one HTTP/2 connection.
     #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
+    /// Request-body bytes all chat requests hold at once (never less than the
+    /// per-request cap); a request with no room gets a 503 `proxy_body_budget` and
+    /// `Retry-After: 1`.
+    #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_BUFFERED_BODY_BYTES)]
+    max_buffered_body_bytes: usize,
 }
 
 impl ProxyLimits {
@@ -112,6 +117,7 @@ impl ProxyLimits {
             .body_read_timeout(self.body_read_timeout)
             .max_header_bytes(self.max_header_bytes)
             .max_concurrent_streams(self.max_concurrent_streams)
+            .max_buffered_body_bytes(self.max_buffered_body_bytes)
     }
 }
 

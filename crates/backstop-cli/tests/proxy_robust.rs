@@ -631,3 +631,143 @@ async fn two_thousand_concurrent_streams_all_complete_with_exact_bytes() {
     assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 0);
     proxy.shutdown().await;
 }
+
+/// A chat body for `model` of exactly `len` bytes (the message is padded).
+fn chat_body_of(model: &str, len: usize) -> Bytes {
+    let bare = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":""}}]}}"#);
+    let pad = "x".repeat(len - bare.len());
+    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"{pad}"}}]}}"#);
+    assert_eq!(body.len(), len);
+    Bytes::from(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_beyond_the_body_budget_are_shed_with_a_retryable_503() {
+    let mock = MockServer::start(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::Hang)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    // Bodies up to 400 bytes each, 400 bytes in all.
+    let config = ProxyConfig::from_toml_str(&format!(
+        r#"
+        provider = "openai"
+        max_request_body = 400
+
+        [models.gpt-4o]
+        upstream = "mock"
+        base_uri = "{0}"
+
+        [models.claude-sonnet]
+        upstream = "mock"
+        base_uri = "{0}"
+        "#,
+        mock.base_url()
+    ))
+    .unwrap()
+    .max_buffered_body_bytes(400)
+    .drain_timeout(Duration::from_secs(2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy::serve(config, listener).await.unwrap();
+    let post = |body: Bytes| {
+        http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .unwrap()
+    };
+
+    // 250 bytes held by a request hanging at the provider.
+    let client = http1();
+    let hung = tokio::spawn(client.request(post(chat_body_of("gpt-4o", 250))));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mock.provider().in_flight("gpt-4o") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_buffered_body_bytes").await,
+        250
+    );
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_max_buffered_body_bytes").await,
+        400
+    );
+
+    // A declared 200 bytes does not fit the 150 left: shed at once.
+    let response = client
+        .request(post(chat_body_of("claude-sonnet", 200)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["x-should-retry"], "true");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        body,
+        "{\"error\":{\"message\":\"backstop proxy holds its limit of 400 bytes of request bodies; retry after 1 s, or raise --max-buffered-body-bytes\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_body_budget\"}}"
+    );
+
+    // A body without a declared length is counted as it arrives: 200 bytes in two
+    // chunks outgrow the budget at the second.
+    let streaming: Client<HttpConnector, StreamBody<_>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let chunked = |body: Bytes| {
+        let (a, b) = (body.slice(..100), body.slice(100..));
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::io::Error>(http_body::Frame::data(a)),
+            Ok(http_body::Frame::data(b)),
+        ]);
+        http::Request::post(format!("{}/chat/completions", proxy.base_url()))
+            .body(StreamBody::new(frames))
+            .unwrap()
+    };
+    let response = streaming
+        .request(chunked(chat_body_of("claude-sonnet", 200)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        body.ends_with(b"\"code\":\"proxy_body_budget\"}}"),
+        "{body:?}"
+    );
+    // One that fits is served, and gives its bytes back once answered.
+    let response = streaming
+        .request(chunked(chat_body_of("claude-sonnet", 150)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_buffered_body_bytes").await,
+        250
+    );
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_requests_total{outcome=\"shed\"}").await,
+        2
+    );
+    // Nothing shed reached a provider.
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    assert_eq!(mock.provider().attempts_for("claude-sonnet"), 1);
+
+    // The hung caller leaves: its bytes come back, and the shed request now fits.
+    hung.abort();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while metric(&proxy, "backstop_proxy_buffered_body_bytes").await > 0 {
+        assert!(Instant::now() < deadline, "bytes not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = client
+        .request(post(chat_body_of("claude-sonnet", 400)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_buffered_body_bytes").await,
+        0
+    );
+    proxy.shutdown().await;
+}

@@ -36,6 +36,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How many streams one HTTP/2 connection may have open at once by default.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 
+/// The request-body bytes all chat requests may hold at once by default: 256 MiB,
+/// room for 32 bodies at the largest default size, or thousands of usual ones.
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: usize = 256 * 1024 * 1024;
+
 /// The smallest head cap accepted: hyper's HTTP/1.1 read buffer cannot be smaller.
 const MIN_HEADER_BYTES: usize = 8 * 1024;
 
@@ -72,6 +76,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Streams open at once on one HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// Request-body bytes all chat requests hold at once.
+    pub max_buffered_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +88,7 @@ impl Default for Limits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BODY_BYTES,
         }
     }
 }
@@ -192,6 +199,26 @@ impl ProxyConfig {
     pub fn max_concurrent_streams(mut self, max: u32) -> Self {
         self.limits.max_concurrent_streams = max.max(1);
         self
+    }
+
+    /// How many bytes of request body all chat requests may hold at once (each is
+    /// kept until the stack has answered, for retries and fallback hops). A request
+    /// reserves its declared `Content-Length` before its body is read and every
+    /// further byte as it arrives; one the budget has no room for is answered with a
+    /// 503 `proxy_body_budget`, `Retry-After: 1` and `x-should-retry: true`. Never
+    /// less than [`max_request_body`](Self::max_request_body) in effect, so a body
+    /// under the per-request cap always fits an idle proxy.
+    pub fn max_buffered_body_bytes(mut self, max: usize) -> Self {
+        self.limits.max_buffered_body_bytes = max;
+        self
+    }
+
+    /// The body budget in effect: the configured one, raised to
+    /// [`max_request_body`](Self::max_request_body) if it is smaller.
+    pub fn body_budget(&self) -> usize {
+        self.limits
+            .max_buffered_body_bytes
+            .max(self.max_request_body())
     }
 
     /// The listening side's bounds.
@@ -319,14 +346,17 @@ mod tests {
                 header_read_timeout: Duration::from_secs(30),
                 max_header_bytes: 64 * 1024,
                 max_concurrent_streams: 256,
+                max_buffered_body_bytes: 256 * 1024 * 1024,
             }
         );
+        assert_eq!(config.body_budget(), 256 * 1024 * 1024);
         // Zero would refuse everything; below 8 KiB hyper's HTTP/1.1 reader panics.
         let config = config
             .max_in_flight(0)
             .max_connections(0)
             .max_header_bytes(100)
             .max_concurrent_streams(0)
+            .max_buffered_body_bytes(1)
             .header_read_timeout(Duration::from_millis(250));
         assert_eq!(
             config.limits(),
@@ -336,8 +366,12 @@ mod tests {
                 header_read_timeout: Duration::from_millis(250),
                 max_header_bytes: 8 * 1024,
                 max_concurrent_streams: 1,
+                max_buffered_body_bytes: 1,
             }
         );
+        // A budget below the per-request cap would refuse, for ever, bodies the cap
+        // allows: in effect it is never smaller.
+        assert_eq!(config.body_budget(), 8 * 1024 * 1024);
     }
 
     #[test]

@@ -80,6 +80,10 @@ pub struct CounterValues {
     pub in_flight: u64,
     /// The in-flight bound beyond which requests are shed.
     pub max_in_flight: u64,
+    /// Request-body bytes held now (a gauge, filled in by the proxy).
+    pub buffered_body_bytes: u64,
+    /// The body budget beyond which requests are shed.
+    pub max_buffered_body_bytes: u64,
     /// Client connections open now.
     pub connections_open: u64,
     /// Connections refused (503 or closed at once) at the connection limit.
@@ -119,6 +123,8 @@ impl Counters {
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             in_flight: 0,
             max_in_flight: 0,
+            buffered_body_bytes: 0,
+            max_buffered_body_bytes: 0,
             connections_open: self.connections_open.load(Ordering::Relaxed),
             connections_refused: self.connections_refused.load(Ordering::Relaxed),
         }
@@ -162,6 +168,12 @@ pub fn render(
          # HELP backstop_proxy_max_in_flight The in-flight bound beyond which requests are shed with a 503.\n\
          # TYPE backstop_proxy_max_in_flight gauge\n\
          backstop_proxy_max_in_flight {}\n\
+         # HELP backstop_proxy_buffered_body_bytes Request-body bytes the chat requests in flight hold.\n\
+         # TYPE backstop_proxy_buffered_body_bytes gauge\n\
+         backstop_proxy_buffered_body_bytes {}\n\
+         # HELP backstop_proxy_max_buffered_body_bytes The body budget beyond which requests are shed with a 503.\n\
+         # TYPE backstop_proxy_max_buffered_body_bytes gauge\n\
+         backstop_proxy_max_buffered_body_bytes {}\n\
          # HELP backstop_proxy_connections_open Client connections open.\n\
          # TYPE backstop_proxy_connections_open gauge\n\
          backstop_proxy_connections_open {}\n\
@@ -172,6 +184,8 @@ pub fn render(
         counters.fallbacks,
         counters.in_flight,
         counters.max_in_flight,
+        counters.buffered_body_bytes,
+        counters.max_buffered_body_bytes,
         counters.connections_open,
         counters.connections_refused
     );
@@ -289,6 +303,8 @@ mod tests {
                 fallbacks: 1,
                 in_flight: 0,
                 max_in_flight: 0,
+                buffered_body_bytes: 0,
+                max_buffered_body_bytes: 0,
                 connections_open: 1,
                 connections_refused: 2,
             }
@@ -303,6 +319,8 @@ mod tests {
             fallbacks: 1,
             in_flight: 7,
             max_in_flight: 1024,
+            buffered_body_bytes: 4096,
+            max_buffered_body_bytes: 268_435_456,
             connections_open: 12,
             connections_refused: 3,
         };
@@ -319,6 +337,8 @@ mod tests {
             "backstop_proxy_requests_total{outcome=\"shed\"} 4",
             "backstop_proxy_in_flight 7",
             "backstop_proxy_max_in_flight 1024",
+            "backstop_proxy_buffered_body_bytes 4096",
+            "backstop_proxy_max_buffered_body_bytes 268435456",
             "backstop_proxy_connections_open 12",
             "backstop_proxy_connections_refused_total 3",
             "backstop_proxy_upstream_attempts_total 11",

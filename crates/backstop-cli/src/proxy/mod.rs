@@ -47,6 +47,7 @@
 //! | HTTP/1.1 headers per request | 100 (hyper's) | 431 and close |
 //! | streams per HTTP/2 connection ([`ProxyConfig::max_concurrent_streams`]) | 256 | refused by HTTP/2 flow control (the client waits) |
 //! | request body size (`max_request_body`) / time ([`ProxyConfig::body_read_timeout`]) | 8 MiB / 60 s | 413 / 408 |
+//! | request-body bytes all chat requests hold at once ([`ProxyConfig::max_buffered_body_bytes`], `--max-buffered-body-bytes`) | 256 MiB (never less than `max_request_body`) | a declared `Content-Length` that does not fit: answered at once, body unread; a body that outgrows it while arriving: as soon as it does. 503 `proxy_body_budget`, `Retry-After: 1`, `x-should-retry: true` |
 //!
 //! A stream counts as in flight until its last byte reaches the caller, or the
 //! caller leaves. Shedding is retryable by design: the shed request reached no
@@ -56,8 +57,11 @@
 //! request line, invalid header bytes, conflicting lengths) gets hyper's 400 and a
 //! closed connection; a broken chunked body a 400 `body_read_failed`. The memory a
 //! client can hold is therefore bounded by these figures: at most `max_in_flight`
-//! buffered bodies of at most `max_request_body`, and per connection one read buffer
-//! of at most `max(max_header_bytes, 16 KiB)`.
+//! buffered bodies of at most `max_request_body` each and
+//! `max_buffered_body_bytes` in all (each body is held until the stack has answered;
+//! the bytes counted are the body's; the buffer a body sent in many chunks is
+//! joined in may have up to twice that capacity), and per connection one read buffer of
+//! at most `max(max_header_bytes, 16 KiB)`.
 //!
 //! ## What it adds to every answer from the stack
 //!
@@ -171,6 +175,7 @@
 
 mod admission;
 mod body;
+mod body_budget;
 mod config;
 mod error;
 mod handshake;
@@ -192,10 +197,11 @@ pub use admission::{
     connection_limit_answer,
 };
 pub use body::{ProxyBody, error_event};
+pub use body_budget::{BODY_BUDGET_CODE, BodyBudget, BodyBudgetSpent, BodyReservation, Budgeted};
 pub use config::{
     DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_IN_FLIGHT, Limits, ProxyConfig, builtin_mock,
+    DEFAULT_MAX_BUFFERED_BODY_BYTES, DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_IN_FLIGHT, Limits, ProxyConfig, builtin_mock,
 };
 pub use error::ProxyError;
 pub use metrics::{CounterValues, Outcome, render as render_metrics};
@@ -227,6 +233,7 @@ pub async fn serve(
         body_read_timeout: config.body_read(),
         counters: Counters::default(),
         in_flight: InFlightLimit::new(config.limits().max_in_flight),
+        body_budget: BodyBudget::new(config.body_budget()),
     });
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(server::accept_loop(

@@ -18,6 +18,7 @@ use tower::ServiceExt;
 
 use super::admission::{Admitted, InFlightLimit, overloaded_response};
 use super::body::{ProxyBody, SseErrorAsEvent};
+use super::body_budget::{BodyBudget, BodyBudgetSpent, Budgeted, budget_spent_response};
 use super::metrics::{Counters, Outcome, render};
 use super::outcome::{Report, SHOULD_RETRY_HEADER, error_status};
 use super::reply::{model_list, openai_error, text};
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// The bound on chat requests in flight.
     pub(crate) in_flight: Arc<InFlightLimit>,
+    /// The bound on the request-body bytes they hold.
+    pub(crate) body_budget: Arc<BodyBudget>,
 }
 
 /// Answers one request. Never fails: every problem becomes an HTTP answer.
@@ -60,6 +63,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
             let mut values = shared.counters.values();
             values.in_flight = shared.in_flight.in_flight() as u64;
             values.max_in_flight = shared.in_flight.max() as u64;
+            values.buffered_body_bytes = shared.body_budget.held() as u64;
+            values.max_buffered_body_bytes = shared.body_budget.max() as u64;
             let text_body = render(
                 &values,
                 &shared.layer.breaker().breaker().snapshot(),
@@ -134,13 +139,29 @@ async fn admitted_chat(shared: Arc<Shared>, request: Request<Incoming>) -> Respo
     if declared.is_some_and(|len| len > limit as u64) {
         return rejected(&shared, too_large(limit), started, None);
     }
+    // The body is held until the stack has answered (for retries and fallback
+    // hops): its bytes count against the budget all requests share until then. A
+    // declared length is reserved before a byte is read.
+    let mut reservation = shared.body_budget.reservation();
+    if let Some(declared) = declared
+        && let Err(spent) = reservation.cover(declared as usize)
+    {
+        return budget_spent(&shared, spent);
+    }
     // A caller that trickles its body must not hold the task (and the body buffer)
     // forever: reading it has a time bound as well as a size bound.
+    let body = Budgeted::new(body, &mut reservation);
     let read = tokio::time::timeout(shared.body_read_timeout, collect(body, limit)).await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(BodyLimitError::TooLarge { .. })) => {
             return rejected(&shared, too_large(limit), started, None);
+        }
+        Ok(Err(BodyLimitError::Read(error))) if error.is::<BodyBudgetSpent>() => {
+            let spent = BodyBudgetSpent {
+                max: shared.body_budget.max(),
+            };
+            return budget_spent(&shared, spent);
         }
         Err(_elapsed) => {
             let response = openai_error(
@@ -208,6 +229,8 @@ async fn admitted_chat(shared: Arc<Shared>, request: Request<Incoming>) -> Respo
     let upstream_request = Request::from_parts(parts, Full::new(bytes));
 
     let result = shared.stack.clone().oneshot(upstream_request).await;
+    // The stack has let go of the request body (a streamed answer keeps no copy).
+    drop(reservation);
     let now = Instant::now();
     match result {
         Ok(response) => {
@@ -258,6 +281,14 @@ fn local_error(error: &ClassifiedError, report: &Report) -> Response<ProxyBody> 
     let mut response = openai_error(status.status, status.error_type, status.code, &message);
     report.apply(response.headers_mut());
     response
+}
+
+/// A request the body budget has no room for: shed like one over the in-flight
+/// bound (nothing was sent anywhere, and the budget frees as requests finish).
+fn budget_spent(shared: &Shared, spent: BodyBudgetSpent) -> Response<ProxyBody> {
+    shared.counters.record(Outcome::Shed, 0, false);
+    tracing::debug!(target: "backstop::proxy", max_buffered_body_bytes = spent.max, "request shed: body budget spent");
+    budget_spent_response(spent)
 }
 
 fn rejected(
