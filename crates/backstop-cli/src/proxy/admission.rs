@@ -34,11 +34,51 @@ pub const OVERLOADED_CODE: &str = "proxy_overloaded";
 /// The error `code` of a connection refused at the connection limit.
 pub const CONNECTION_LIMIT_CODE: &str = "proxy_connection_limit";
 
+/// A count that never passes `max`: what the in-flight bound and the body budget
+/// both are (in requests, in bytes).
+#[derive(Debug)]
+pub(crate) struct Bounded {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl Bounded {
+    pub(crate) fn new(max: usize) -> Self {
+        Bounded {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes `n` if the count stays within `max`; all or nothing.
+    pub(crate) fn try_take(&self, n: usize) -> bool {
+        // A compare-and-swap loop rather than add-then-undo: a refused take never
+        // inflates the count, so nothing is refused while there is room for it.
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&total| total <= self.max)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` taken earlier.
+    pub(crate) fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+}
+
 /// A bound on requests in flight, shared by every connection.
 #[derive(Debug)]
 pub struct InFlightLimit {
-    in_flight: AtomicUsize,
-    max: usize,
+    in_flight: Bounded,
 }
 
 /// A request is over the bound: shed it.
@@ -52,34 +92,30 @@ impl InFlightLimit {
     /// At most `max` requests in flight.
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(InFlightLimit {
-            in_flight: AtomicUsize::new(0),
-            max,
+            in_flight: Bounded::new(max),
         })
     }
 
     /// Admits one request while fewer than `max` are in flight. The request counts
     /// until the returned guard is dropped.
     pub fn try_admit(self: &Arc<Self>) -> Result<InFlightGuard, Overloaded> {
-        // A compare-and-swap loop rather than add-then-undo: a refused request never
-        // inflates the count, so none is refused while a slot is free.
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .map(|_| InFlightGuard {
+        if self.in_flight.try_take(1) {
+            Ok(InFlightGuard {
                 limit: Arc::clone(self),
             })
-            .map_err(|_| Overloaded { max: self.max })
+        } else {
+            Err(Overloaded { max: self.max() })
+        }
     }
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.held()
     }
 
     /// The bound.
     pub fn max(&self) -> usize {
-        self.max
+        self.in_flight.max()
     }
 }
 
@@ -91,7 +127,7 @@ pub struct InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.limit.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.limit.in_flight.give_back(1);
     }
 }
 

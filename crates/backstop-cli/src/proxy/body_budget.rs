@@ -17,7 +17,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use backstop::classify::BoxError;
@@ -27,6 +26,7 @@ use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::admission::Bounded;
 use super::body::ProxyBody;
 use super::outcome::SHOULD_RETRY_HEADER;
 use super::reply::openai_error;
@@ -38,8 +38,7 @@ pub const BODY_BUDGET_CODE: &str = "proxy_body_budget";
 /// connection.
 #[derive(Debug)]
 pub struct BodyBudget {
-    held: AtomicUsize,
-    max: usize,
+    bytes: Bounded,
 }
 
 /// The budget has no room for a request's body: shed it.
@@ -65,8 +64,7 @@ impl BodyBudget {
     /// At most `max` bytes held at once.
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(BodyBudget {
-            held: AtomicUsize::new(0),
-            max,
+            bytes: Bounded::new(max),
         })
     }
 
@@ -78,25 +76,14 @@ impl BodyBudget {
         }
     }
 
-    fn take(&self, bytes: usize) -> Result<(), BodyBudgetSpent> {
-        // Compare-and-swap, not add-then-undo: a refused reservation never makes
-        // the budget look spent to a request that would fit.
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes).filter(|&total| total <= self.max)
-            })
-            .map(|_| ())
-            .map_err(|_| BodyBudgetSpent { max: self.max })
-    }
-
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
+        self.bytes.held()
     }
 
     /// The budget.
     pub fn max(&self) -> usize {
-        self.max
+        self.bytes.max()
     }
 }
 
@@ -112,7 +99,11 @@ impl BodyReservation {
     /// read so far); all or nothing.
     pub fn cover(&mut self, bytes: usize) -> Result<(), BodyBudgetSpent> {
         if bytes > self.reserved {
-            self.budget.take(bytes - self.reserved)?;
+            if !self.budget.bytes.try_take(bytes - self.reserved) {
+                return Err(BodyBudgetSpent {
+                    max: self.budget.max(),
+                });
+            }
             self.reserved = bytes;
         }
         Ok(())
@@ -122,9 +113,7 @@ impl BodyReservation {
     /// than what arrived).
     pub fn shrink_to(&mut self, bytes: usize) {
         if bytes < self.reserved {
-            self.budget
-                .held
-                .fetch_sub(self.reserved - bytes, Ordering::AcqRel);
+            self.budget.bytes.give_back(self.reserved - bytes);
             self.reserved = bytes;
         }
     }
