@@ -274,14 +274,30 @@ where
 
 /// Reads `body` whole, refusing more than `limit` bytes. A one-frame body (the usual
 /// case for `Full<Bytes>` and hyper's small requests) is kept without a copy.
+///
+/// A body of several frames is joined into one buffer, which the request then holds
+/// for all its attempts, so its size is kept close to the body's:
+///
+/// - a body that declares its length (`Content-Length`, seen through
+///   [`Body::size_hint`]; at most `limit`) is read into one buffer of that length,
+///   allocated once;
+/// - a body that does not is read into a growing buffer, which is copied to one of
+///   the exact length at the end when more than an eighth of it is unused (doubling
+///   can leave up to half).
 pub async fn collect<B>(body: B, limit: usize) -> Result<Bytes, BodyLimitError>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    if body.size_hint().lower() > limit as u64 {
+    let declared = body.size_hint();
+    if declared.lower() > limit as u64 {
         return Err(BodyLimitError::TooLarge { limit });
     }
+    // What the joined buffer is sized for: the declared length, never above the cap
+    // (a body that declares more than it sends fails in its transport, not here).
+    let expected = usize::try_from(declared.exact().unwrap_or(declared.lower()))
+        .unwrap_or(usize::MAX)
+        .min(limit);
     let mut body = std::pin::pin!(body);
     let mut first: Option<Bytes> = None;
     let mut rest: Option<BytesMut> = None;
@@ -300,7 +316,7 @@ where
         match (&mut first, &mut rest) {
             (None, _) => first = Some(chunk),
             (Some(head), None) => {
-                let mut joined = BytesMut::with_capacity(head.len() + chunk.len());
+                let mut joined = BytesMut::with_capacity(expected.max(head.len() + chunk.len()));
                 joined.extend_from_slice(head);
                 joined.extend_from_slice(&chunk);
                 rest = Some(joined);
@@ -309,6 +325,9 @@ where
         }
     }
     Ok(match rest {
+        Some(joined) if joined.capacity() - joined.len() > joined.len() / 8 => {
+            Bytes::copy_from_slice(&joined)
+        }
         Some(joined) => joined.freeze(),
         None => first.unwrap_or_default(),
     })
