@@ -89,7 +89,7 @@ struct ProxyLimits {
     #[arg(long, default_value_t = backstop_cli::proxy::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// Time a client has to send each HTTP/1.1 request head (and an idle keep-alive
-    /// connection stays open), e.g. `30s`.
+    /// connection, or an HTTP/2 connection with no open stream, stays open), e.g. `30s`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     header_read_timeout: std::time::Duration,
     /// Time a client has to send a request body before a 408, e.g. `60s`.

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use backstop::mock::{Fault, MockServer, ModelPlan, Scenario};
+use backstop::mock::{Fault, Latency, MockServer, ModelPlan, Scenario};
 use backstop_cli::proxy::{self, ProxyConfig, ProxyHandle};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -17,7 +17,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -324,6 +324,117 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     assert!(
         elapsed >= timeout && elapsed < timeout + Duration::from_millis(1500),
         "closed after {elapsed:?}"
+    );
+    proxy.shutdown().await;
+}
+
+/// An h2c connection of its own, driven by a task whose result is the
+/// connection's end.
+async fn h2c_connection(
+    proxy: &ProxyHandle,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    (sender, tokio::spawn(connection))
+}
+
+/// Waits up to 3 s for `connection` to end; how long it took.
+async fn closed_after(
+    connection: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    from: Instant,
+) -> Duration {
+    let ended = tokio::time::timeout(Duration::from_secs(3), connection)
+        .await
+        .expect("the proxy closed the connection within 3 s");
+    // GOAWAY, then a clean close: not an error on the client's side.
+    ended.unwrap().expect("a graceful close");
+    from.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
+    let timeout = Duration::from_millis(300);
+    let (_mock, proxy) = start(Scenario::new(1), |c| c.header_read_timeout(timeout)).await;
+
+    // Never used after its handshake.
+    let (_unused, never_used) = h2c_connection(&proxy).await;
+    let opened = Instant::now();
+    // Used once, then idle (its client answers the proxy's pings all the while).
+    let (mut sender, used_once) = h2c_connection(&proxy).await;
+    let request = http::Request::get(format!("http://{}/healthz", proxy.local_addr()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+    let idle_from = Instant::now();
+
+    for (who, elapsed) in [
+        ("never used", closed_after(never_used, opened).await),
+        ("used once", closed_after(used_once, idle_from).await),
+    ] {
+        assert!(
+            elapsed >= timeout && elapsed < timeout + Duration::from_millis(1500),
+            "{who}: closed after {elapsed:?}"
+        );
+    }
+    // The proxy serves on.
+    assert_eq!(healthz(&h2c(), &proxy).await, 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_longer_than_the_idle_timeout_is_served_whole_then_the_connection_closes() {
+    let timeout = Duration::from_millis(300);
+    // The head after 600 ms, then 4 chunks 200 ms apart: open for 1.4 s, 4.7 times
+    // the idle timeout, with no other stream on its connection.
+    let plan = ModelPlan::ok()
+        .latency(Latency::Fixed {
+            value: Duration::from_millis(600),
+        })
+        .stream_chunks(4)
+        .chunk_delay(Duration::from_millis(200));
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", plan), |c| {
+        c.header_read_timeout(timeout)
+    })
+    .await;
+    let (mut sender, connection) = h2c_connection(&proxy).await;
+    let started = Instant::now();
+    let response = sender
+        .send_request(chat(&proxy, "gpt-4o", true))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let ended = Instant::now();
+    assert!(
+        ended - started >= Duration::from_millis(1400),
+        "the stream took {:?}",
+        ended - started
+    );
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 5, "4 chunks and [DONE]: {text:?}");
+    assert_eq!(events[4], "data: [DONE]");
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    // Idle only from the stream's last byte (which the proxy sent a moment before
+    // the client saw it: hence the 50 ms below the timeout).
+    assert!(
+        !connection.is_finished(),
+        "closed while the stream was open"
+    );
+    let elapsed = closed_after(connection, ended).await;
+    assert!(
+        elapsed >= timeout - Duration::from_millis(50)
+            && elapsed < timeout + Duration::from_millis(1500),
+        "closed {elapsed:?} after the stream ended"
     );
     proxy.shutdown().await;
 }

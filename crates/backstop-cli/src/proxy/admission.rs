@@ -172,19 +172,19 @@ pub fn connection_limit_answer(max_connections: usize) -> Bytes {
 }
 
 pin_project! {
-    /// A response body that keeps its request's slot until the body ends or the
-    /// caller leaves (hyper drops the body then): a stream is in flight until its
-    /// last byte.
-    pub struct Admitted<B> {
+    /// A response body that keeps a guard (its request's in-flight slot, its
+    /// stream's place on an HTTP/2 connection) until the body ends or the caller
+    /// leaves (hyper drops the body then): a stream is in flight until its last byte.
+    pub struct Admitted<B, G = InFlightGuard> {
         #[pin]
         inner: B,
-        guard: Option<InFlightGuard>,
+        guard: Option<G>,
     }
 }
 
-impl<B> Admitted<B> {
+impl<B, G> Admitted<B, G> {
     /// Ties `guard` to `inner`'s lifetime.
-    pub fn new(inner: B, guard: InFlightGuard) -> Self {
+    pub fn new(inner: B, guard: G) -> Self {
         Admitted {
             inner,
             guard: Some(guard),
@@ -200,7 +200,7 @@ impl Admitted<ProxyBody> {
     }
 }
 
-impl<B> Body for Admitted<B>
+impl<B, G> Body for Admitted<B, G>
 where
     B: Body<Data = Bytes>,
 {

@@ -25,8 +25,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// How long a client may take to send a request head by default (HTTP/1.1, and the
-/// connection preface that chooses the protocol); an idle keep-alive connection is
-/// closed after the same time.
+/// connection preface that chooses the protocol); an idle keep-alive connection, and
+/// an HTTP/2 connection with no open stream, is closed after the same time.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The cap on a request head by default (request line and headers, HTTP/1.1; the
@@ -70,7 +70,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Client connections open at once.
     pub max_connections: usize,
-    /// Time to send the connection preface and each HTTP/1.1 request head.
+    /// Time to send the connection preface and each HTTP/1.1 request head; also how
+    /// long a connection may stay idle (HTTP/2: with no open stream).
     pub header_read_timeout: Duration,
     /// Bytes in a request head (HTTP/1.1) or header list (HTTP/2).
     pub max_header_bytes: usize,
@@ -180,7 +181,9 @@ impl ProxyConfig {
 
     /// How long a client may take to send the connection preface and each HTTP/1.1
     /// request head; the connection is closed after that (an HTTP/1.1 keep-alive
-    /// connection idle this long too). A slow-loris client cannot pin connections.
+    /// connection idle this long too). An HTTP/2 connection with no stream open for
+    /// this long is sent GOAWAY and closed (its client answering keep-alive pings
+    /// does not keep it). A slow-loris client cannot pin connections.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.limits.header_read_timeout = timeout;
         self

@@ -42,7 +42,7 @@
 //! |---|---|---|
 //! | chat requests in flight ([`ProxyConfig::max_in_flight`], `--max-in-flight`) | 1024 | answered at once, body unread: 503 `proxy_overloaded`, `Retry-After: 1`, `x-should-retry: true` |
 //! | open connections ([`ProxyConfig::max_connections`], `--max-connections`) | 4096 | answered at once, request unread: HTTP/1.1 503 `proxy_connection_limit`, `Retry-After: 1`, `x-should-retry: true`, then closed (64 such answers at a time, each within 500 ms; beyond, closed at once) |
-//! | time to send the preface and each HTTP/1.1 head ([`ProxyConfig::header_read_timeout`]) | 30 s | connection closed (an idle keep-alive connection too) |
+//! | time to send the preface and each HTTP/1.1 head; time a connection stays idle ([`ProxyConfig::header_read_timeout`]) | 30 s | connection closed (an idle HTTP/1.1 keep-alive connection too); an HTTP/2 connection with no stream open for that long is sent GOAWAY and closed |
 //! | request head size ([`ProxyConfig::max_header_bytes`]) | 64 KiB | HTTP/1.1: 431 and close; HTTP/2: the advertised header list size |
 //! | HTTP/1.1 headers per request | 100 (hyper's) | 431 and close |
 //! | streams per HTTP/2 connection ([`ProxyConfig::max_concurrent_streams`]) | 256 | refused by HTTP/2 flow control (the client waits) |

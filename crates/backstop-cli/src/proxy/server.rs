@@ -1,11 +1,13 @@
 //! The listening side: accepting connections (HTTP/1.1 and h2c, chosen per
 //! connection) up to a bound, the per-connection limits (head size and read time,
-//! HTTP/2 streams), and a graceful shutdown that stops accepting, lets in-flight
-//! requests finish within a bound, then closes what is left.
+//! HTTP/2 streams, idle time), and a graceful shutdown that stops accepting, lets
+//! in-flight requests finish within a bound, then closes what is left.
 
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::admission::connection_limit_answer;
+use super::admission::{Admitted, connection_limit_answer};
 use super::config::Limits;
 use super::handshake::{Prefixed, Protocol, read_preface};
 use super::service::{Shared, handle};
@@ -154,6 +156,8 @@ struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     preface_timeout: Duration,
+    /// How long an HTTP/2 connection may stay open with no stream open.
+    idle_timeout: Duration,
 }
 
 impl Protocols {
@@ -181,6 +185,9 @@ impl Protocols {
             http1,
             http2,
             preface_timeout: limits.header_read_timeout,
+            // The bound HTTP/1.1's header read timeout puts on an idle keep-alive
+            // connection.
+            idle_timeout: limits.header_read_timeout,
         }
     }
 }
@@ -224,6 +231,46 @@ async fn refuse(mut stream: TcpStream, max_connections: usize, _refusal: OwnedSe
     let _ = tokio::time::timeout(REFUSAL_LINGER, deliver).await;
 }
 
+/// The streams open on one HTTP/2 connection (a stream is open from its request
+/// head to its response's last byte), for the connection's idle timeout: hyper has
+/// none for HTTP/2, and a client answers keep-alive pings however long it stays
+/// idle.
+#[derive(Clone, Default)]
+struct OpenStreams(Arc<watch::Sender<usize>>);
+
+/// One open stream; closed when dropped.
+struct OpenStream(OpenStreams);
+
+impl OpenStreams {
+    fn open(&self) -> OpenStream {
+        self.0.send_modify(|open| *open += 1);
+        OpenStream(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `timeout` (at once counting from
+    /// now, if none is).
+    fn idle_for(&self, timeout: Duration) -> impl Future<Output = ()> + use<> {
+        let mut open = self.0.subscribe();
+        async move {
+            loop {
+                // Errors mean the connection's service is gone: nothing is open.
+                let _ = open.wait_for(|open| *open == 0).await;
+                let busy_again = tokio::time::timeout(timeout, open.wait_for(|open| *open > 0));
+                match busy_again.await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(_)) | Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        (self.0).0.send_modify(|open| *open -= 1);
+    }
+}
+
 /// How often an HTTP/2 connection is pinged, and how long the answer may take.
 const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -263,20 +310,49 @@ async fn serve_connection(
         }
     };
     let io = TokioIo::new(Prefixed::new(first, stream));
-    let service = hyper::service::service_fn(move |request| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(shared, request).await) }
-    });
     let served = match protocol {
         Protocol::Http1 => {
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, request).await) }
+            });
             watcher
                 .watch(protocols.http1.serve_connection(io, service))
                 .await
         }
         Protocol::Http2 => {
-            watcher
-                .watch(protocols.http2.serve_connection(io, service))
-                .await
+            let streams = OpenStreams::default();
+            let idle = streams.idle_for(protocols.idle_timeout);
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                let open = streams.open();
+                async move {
+                    let response = handle(shared, request).await;
+                    Ok::<_, Infallible>(response.map(|body| Admitted::new(body, open)))
+                }
+            });
+            // Asked to close (GOAWAY: the open streams finish, no new one starts)
+            // once idle or when the proxy stops; `watcher`, kept until it ends,
+            // makes the proxy's drain wait for it.
+            let _watcher = watcher;
+            let mut connection = pin!(protocols.http2.serve_connection(io, service));
+            let mut idle = pin!(idle);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    served = connection.as_mut() => break served,
+                    () = &mut idle, if !closing => {
+                        tracing::debug!(target: "backstop::proxy", %peer, "HTTP/2 connection idle; closing it");
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    // An error means the accept loop is gone: stopping too.
+                    _ = stopping.wait_for(|stopping| *stopping), if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
         }
     };
     if let Err(error) = served {
