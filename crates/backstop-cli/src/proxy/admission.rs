@@ -19,14 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::body::{ErrorEnvelope, ProxyBody};
-use super::outcome::SHOULD_RETRY_HEADER;
-use super::reply::openai_error;
+use super::reply::shed;
 
 /// The error `code` of a shed request.
 pub const OVERLOADED_CODE: &str = "proxy_overloaded";
@@ -134,19 +132,13 @@ impl Drop for InFlightGuard {
 /// The answer to a shed request: 503, an OpenAI-style body that names the bound and
 /// how to raise it, `Retry-After: 1` and `x-should-retry: true`.
 pub fn overloaded_response(overloaded: Overloaded) -> Response<ProxyBody> {
-    let mut response = openai_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
+    shed(
         OVERLOADED_CODE,
         &format!(
             "backstop proxy is at its limit of {} requests in flight; retry after 1 s, or raise --max-in-flight",
             overloaded.max
         ),
-    );
-    let headers = response.headers_mut();
-    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("true"));
-    response
+    )
 }
 
 /// The whole HTTP/1.1 answer written on a connection over the connection limit,
@@ -233,6 +225,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::reply::assert_shed;
     use http_body_util::BodyExt;
 
     #[test]
@@ -293,18 +286,9 @@ mod tests {
 
     #[test]
     fn shed_answer_is_a_retryable_503_naming_the_bound() {
-        let response = overloaded_response(Overloaded { max: 1024 });
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()["retry-after"], "1");
-        assert_eq!(response.headers()["x-should-retry"], "true");
-        assert_eq!(response.headers()["content-type"], "application/json");
-        let body = futures_util::FutureExt::now_or_never(response.into_body().collect())
-            .expect("a full body is ready")
-            .expect("infallible")
-            .to_bytes();
-        assert_eq!(
-            body,
-            "{\"error\":{\"message\":\"backstop proxy is at its limit of 1024 requests in flight; retry after 1 s, or raise --max-in-flight\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_overloaded\"}}"
+        assert_shed(
+            overloaded_response(Overloaded { max: 1024 }),
+            "{\"error\":{\"message\":\"backstop proxy is at its limit of 1024 requests in flight; retry after 1 s, or raise --max-in-flight\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_overloaded\"}}",
         );
     }
 

@@ -21,15 +21,13 @@ use std::task::{Context, Poll, ready};
 
 use backstop::classify::BoxError;
 use bytes::Bytes;
-use http::header::{HeaderValue, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::admission::Bounded;
 use super::body::ProxyBody;
-use super::outcome::SHOULD_RETRY_HEADER;
-use super::reply::openai_error;
+use super::reply::shed;
 
 /// The error `code` of a request refused because the body budget is spent.
 pub const BODY_BUDGET_CODE: &str = "proxy_body_budget";
@@ -193,23 +191,15 @@ where
 /// that names the budget and how to raise it, `Retry-After: 1` and
 /// `x-should-retry: true`.
 pub fn budget_spent_response(spent: BodyBudgetSpent) -> Response<ProxyBody> {
-    let mut response = openai_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        BODY_BUDGET_CODE,
-        &spent.to_string(),
-    );
-    let headers = response.headers_mut();
-    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("true"));
-    response
+    shed(BODY_BUDGET_CODE, &spent.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::reply::assert_shed;
     use backstop::retry::{BodyLimitError, collect};
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::StreamBody;
 
     fn chunks(sizes: &[usize]) -> impl Body<Data = Bytes, Error = std::io::Error> {
         let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = sizes
@@ -284,17 +274,9 @@ mod tests {
 
     #[test]
     fn the_spent_answer_is_a_retryable_503_naming_the_budget() {
-        let response = budget_spent_response(BodyBudgetSpent { max: 1024 });
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()["retry-after"], "1");
-        assert_eq!(response.headers()["x-should-retry"], "true");
-        let body = futures_util::FutureExt::now_or_never(response.into_body().collect())
-            .expect("a full body is ready")
-            .expect("infallible")
-            .to_bytes();
-        assert_eq!(
-            body,
-            "{\"error\":{\"message\":\"backstop proxy holds its limit of 1024 bytes of request bodies; retry after 1 s, or raise --max-buffered-body-bytes\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_body_budget\"}}"
+        assert_shed(
+            budget_spent_response(BodyBudgetSpent { max: 1024 }),
+            "{\"error\":{\"message\":\"backstop proxy holds its limit of 1024 bytes of request bodies; retry after 1 s, or raise --max-buffered-body-bytes\",\"type\":\"server_error\",\"param\":null,\"code\":\"proxy_body_budget\"}}",
         );
     }
 }

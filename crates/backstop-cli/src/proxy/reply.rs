@@ -2,10 +2,11 @@
 //! the model list.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use super::body::{ErrorEnvelope, ProxyBody, full};
+use super::outcome::SHOULD_RETRY_HEADER;
 
 /// `GET /v1/models`, in OpenAI's list format, from the configuration.
 pub(crate) fn model_list<'a>(
@@ -64,4 +65,35 @@ pub(crate) fn openai_error(
         "application/json",
         ErrorEnvelope::new(message, error_type, code).to_bytes(),
     )
+}
+
+/// A request the proxy sheds before any provider saw it: 503 with the OpenAI-style
+/// error `code`, `Retry-After: 1` and `x-should-retry: true` (a retry cannot bill or
+/// answer twice, and the room frees as the requests ahead finish).
+pub(crate) fn shed(code: &str, message: &str) -> Response<ProxyBody> {
+    let mut response = openai_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        code,
+        message,
+    );
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("true"));
+    response
+}
+
+/// Asserts that `response` is a [`shed`] answer with exactly `body`.
+#[cfg(test)]
+pub(crate) fn assert_shed(response: Response<ProxyBody>, body: &str) {
+    use http_body_util::BodyExt;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["x-should-retry"], "true");
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let got = futures_util::FutureExt::now_or_never(response.into_body().collect())
+        .expect("a full body is ready")
+        .expect("infallible")
+        .to_bytes();
+    assert_eq!(got, body);
 }
