@@ -13,6 +13,7 @@
 //! max_attempts = 3
 //! deadline = "60s"               # per model
 //! attempt_timeout = "20s"        # time to the response head (or first SSE event)
+//! stream_idle_timeout = "5m"     # longest silence in a response body (default none)
 //! max_hint = "120s"              # longer Retry-After: give up now, let fallback act
 //! jitter = "equal"               # none, full, equal, decorrelated
 //! fallback_handoff = "500ms"     # a hint this long goes to the next model at once; "off"
@@ -114,6 +115,10 @@ pub struct RetrySection {
     /// Time one attempt may take to its response head (or first SSE event).
     #[serde(default, deserialize_with = "human_duration_opt")]
     pub attempt_timeout: Option<Duration>,
+    /// The longest the provider may leave a response body silent while the caller
+    /// waits for its next bytes (default none).
+    #[serde(default, deserialize_with = "human_duration_opt")]
+    pub stream_idle_timeout: Option<Duration>,
     /// The longest delay hint worth waiting on.
     #[serde(default, deserialize_with = "human_duration_opt")]
     pub max_hint: Option<Duration>,
@@ -491,6 +496,11 @@ fn retry_config(section: &RetrySection) -> Result<RetryConfig, ConfigError> {
     if section.attempt_timeout.is_some() {
         retry = retry
             .with_attempt_timeout(section.attempt_timeout)
+            .map_err(invalid)?;
+    }
+    if section.stream_idle_timeout.is_some() {
+        retry = retry
+            .with_stream_idle_timeout(section.stream_idle_timeout)
             .map_err(invalid)?;
     }
     match section.fallback_handoff.as_deref().map(str::trim) {

@@ -200,6 +200,21 @@ fn the_fallback_handoff_is_a_duration_or_off() {
 }
 
 #[test]
+fn the_stream_idle_timeout_is_off_by_default_set_from_the_file_and_never_zero() {
+    use std::time::Duration;
+    let default = build("", &[]).expect("valid");
+    assert_eq!(default.retry().config().stream_idle_timeout(), None);
+    let layer = build("[retry]\nstream_idle_timeout = \"5m\"\n", &[]).expect("valid");
+    assert_eq!(
+        layer.retry().config().stream_idle_timeout(),
+        Some(Duration::from_secs(300))
+    );
+    let m = message("[retry]\nstream_idle_timeout = \"0s\"\n");
+    assert!(m.starts_with("[retry]:"), "{m}");
+    assert!(m.contains("stream_idle_timeout"), "{m}");
+}
+
+#[test]
 fn the_minimum_time_left_for_a_retry_is_set_and_checked_against_both_deadlines() {
     use std::time::Duration;
     let layer = build("[retry]\nmin_attempt_time = \"2s\"\n", &[]).expect("valid");

@@ -882,3 +882,63 @@ async fn request_bodies_beyond_the_body_budget_are_shed_with_a_retryable_503() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_provider_leaves_silent_ends_with_an_error_event_at_the_idle_timeout() {
+    // The first chunk at once, the next after 30 s: the stream stalls.
+    let plan = ModelPlan::ok()
+        .stream_chunks(3)
+        .chunk_delay(Duration::from_secs(30));
+    let mock = MockServer::start(
+        Scenario::new(1).model("gpt-4o", plan),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let config = ProxyConfig::from_toml_str(&format!(
+        r#"
+        provider = "openai"
+
+        [retry]
+        stream_idle_timeout = "400ms"
+
+        [models.gpt-4o]
+        upstream = "mock"
+        base_uri = "{0}"
+        "#,
+        mock.base_url()
+    ))
+    .unwrap()
+    .drain_timeout(Duration::from_secs(2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy::serve(config, listener).await.unwrap();
+
+    let started = Instant::now();
+    let response = http1().request(chat(&proxy, "gpt-4o", true)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(3),
+        "the stream ended after {elapsed:?}"
+    );
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert_eq!(events.len(), 2, "the first chunk, then the error: {text:?}");
+    assert!(events[0].starts_with("data: {\"choices\":"), "{text:?}");
+    assert!(
+        events[1].contains("the provider sent nothing for 400ms"),
+        "{text:?}"
+    );
+    assert!(
+        events[1].contains("\"code\":\"stream_interrupted\""),
+        "{text:?}"
+    );
+    // Never replayed.
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    proxy.shutdown().await;
+    mock.shutdown().await;
+}

@@ -256,7 +256,7 @@ impl<S, B> Attempts<S, B> {
 
         let classification = verdict::response_classification(&response, &config.rules);
         if !classification.is_success() {
-            let mut response = response.map(RetryBody::passthrough);
+            let mut response = response.map(|body| self.body(body));
             if response.extensions().get::<Classification>().is_none() {
                 response.extensions_mut().insert(classification.clone());
             }
@@ -271,7 +271,7 @@ impl<S, B> Attempts<S, B> {
         let is_stream = is_event_stream(response.headers());
         if !is_stream {
             return AfterHead::Done {
-                outcome: Ok(response.map(RetryBody::passthrough)),
+                outcome: Ok(response.map(|body| self.body(body))),
                 classification,
             };
         }
@@ -282,13 +282,14 @@ impl<S, B> Attempts<S, B> {
                 body,
                 cap: config.first_event_cap,
                 rules: config.rules.clone(),
+                idle: config.stream_idle_timeout,
             });
         }
         let watch = Some((config.first_event_cap, config.rules.clone()));
         AfterHead::Done {
             outcome: Ok(Response::from_parts(
                 parts,
-                RetryBody::new(body, VecDeque::new(), watch),
+                RetryBody::new(body, VecDeque::new(), watch).idle_limit(config.stream_idle_timeout),
             )),
             classification,
         }
@@ -466,6 +467,12 @@ impl<S, B> Attempts<S, B> {
             record.hint_used = waited.hint;
         }
         record
+    }
+
+    /// The body of a response the layer hands on, under the stream idle timeout.
+    #[inline]
+    pub(crate) fn body<RB>(&self, body: RB) -> RetryBody<RB> {
+        RetryBody::passthrough(body).idle_limit(self.shared.config.stream_idle_timeout)
     }
 
     fn log_mut(&mut self) -> &mut AttemptLog {
@@ -743,6 +750,8 @@ pub(crate) struct HeldStream<RB> {
     /// The first-event cap, and the rules for error events.
     cap: usize,
     rules: Arc<Rules>,
+    /// The stream idle timeout, for the body once it is handed on.
+    idle: Option<Duration>,
 }
 
 impl<RB> HeldStream<RB>
@@ -770,6 +779,7 @@ where
             mut body,
             cap,
             rules,
+            idle,
         } = self;
         let first = read_first_event(&mut body, cap, &rules);
         let first = match until {
@@ -780,7 +790,7 @@ where
             Some(FirstEvent::Deliver(held)) => (
                 Ok(Response::from_parts(
                     parts,
-                    RetryBody::new(body, held, Some((cap, rules))),
+                    RetryBody::new(body, held, Some((cap, rules))).idle_limit(idle),
                 )),
                 None,
             ),

@@ -5,11 +5,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use backstop_classify::{BoxError, ClassifiedError, Rules};
+use backstop_classify::{BoxError, ClassifiedError, Failure, FailureKind, Rules};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep};
 
 use crate::RetryError;
 use crate::sse::SseReader;
@@ -29,12 +31,56 @@ pin_project! {
     ///
     /// Bytes the layer read while holding a stream for its first event come first,
     /// exactly once.
+    ///
+    /// With a stream idle timeout
+    /// ([`RetryConfig::with_stream_idle_timeout`](crate::RetryConfig::with_stream_idle_timeout)),
+    /// a provider that sends nothing for that long while the caller waits ends the
+    /// body: every byte before, then one `Err(ClassifiedError)` whose cause is
+    /// [`RetryError::StreamStalled`] and whose failure is
+    /// [`FailureKind::TimedOut`](backstop_classify::FailureKind), then the end.
     pub struct RetryBody<B> {
         #[pin]
         inner: B,
         // Boxed: a plain pass-through (every non-stream response) stays small.
         state: Option<Box<Watched>>,
         delivered: u64,
+        // Boxed, with its timer: only bodies with a limit pay for it.
+        idle: Option<Pin<Box<IdleLimit>>>,
+    }
+}
+
+pin_project! {
+    /// The stream idle timeout of one body.
+    struct IdleLimit {
+        limit: Duration,
+        #[pin]
+        timer: Sleep,
+        // Whether `timer` runs: from a poll that found no frame to the next frame.
+        armed: bool,
+        // The body was ended for its silence: nothing more comes from it.
+        stalled: bool,
+    }
+}
+
+impl IdleLimit {
+    /// Judges one poll of the inner body: `Ready(true)` when the silence has
+    /// outlasted the limit (the body is then stalled).
+    fn judge(mut self: Pin<&mut Self>, frame_ready: bool, cx: &mut Context<'_>) -> bool {
+        let mut this = self.as_mut().project();
+        if frame_ready {
+            *this.armed = false;
+            return false;
+        }
+        if !*this.armed {
+            // The silence the caller waits through starts now.
+            this.timer.as_mut().reset(Instant::now() + *this.limit);
+            *this.armed = true;
+        }
+        let elapsed = this.timer.poll(cx).is_ready();
+        if elapsed {
+            *this.stalled = true;
+        }
+        elapsed
     }
 }
 
@@ -55,7 +101,23 @@ impl<B> RetryBody<B> {
             inner,
             state: None,
             delivered: 0,
+            idle: None,
         }
+    }
+
+    /// Ends the body with [`RetryError::StreamStalled`] when the provider leaves it
+    /// silent for `limit` while the caller waits (no limit: `None`).
+    pub(crate) fn idle_limit(mut self, limit: Option<Duration>) -> Self {
+        self.idle = limit.map(|limit| {
+            Box::pin(IdleLimit {
+                limit,
+                // Reset to the right instant when it is armed.
+                timer: sleep(limit),
+                armed: false,
+                stalled: false,
+            })
+        });
+        self
     }
 
     /// Replays `held` first, then `inner`, watching the events when `watch` is set.
@@ -78,6 +140,7 @@ impl<B> RetryBody<B> {
                 done: false,
             })),
             delivered: 0,
+            idle: None,
         }
     }
 
@@ -86,6 +149,42 @@ impl<B> RetryBody<B> {
     pub fn into_inner(self) -> B {
         self.inner
     }
+}
+
+/// Polls the inner body under its idle limit, if it has one: a silence past the
+/// limit is a [`RetryError::StreamStalled`] error (inner errors are classified as
+/// they are without a limit), and after it the body has ended.
+fn poll_inner<B>(
+    inner: Pin<&mut B>,
+    idle: &mut Option<Pin<Box<IdleLimit>>>,
+    delivered: u64,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, ClassifiedError>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let Some(idle) = idle.as_mut() else {
+        return inner
+            .poll_frame(cx)
+            .map_err(|e| verdict::classified_error(e.into()));
+    };
+    if idle.stalled {
+        return Poll::Ready(None);
+    }
+    let polled = inner.poll_frame(cx);
+    if !idle.as_mut().judge(polled.is_ready(), cx) {
+        return polled.map_err(|e| verdict::classified_error(e.into()));
+    }
+    Poll::Ready(Some(Err(stalled(idle.limit, delivered))))
+}
+
+/// The error that ends a body silent for `after`, `delivered` bytes in.
+fn stalled(after: Duration, delivered: u64) -> ClassifiedError {
+    ClassifiedError::new(
+        Failure::new(FailureKind::TimedOut),
+        RetryError::StreamStalled { after, delivered },
+    )
 }
 
 impl<B> Body for RetryBody<B>
@@ -102,14 +201,14 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, ClassifiedError>>> {
         let mut this = self.project();
         let Some(state) = this.state.as_mut() else {
-            return match ready!(this.inner.poll_frame(cx)) {
+            return match ready!(poll_inner(this.inner, this.idle, *this.delivered, cx)) {
                 Some(Ok(frame)) => {
                     if let Some(bytes) = frame.data_ref() {
                         *this.delivered += bytes.len() as u64;
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Some(Err(e)) => Poll::Ready(Some(Err(verdict::classified_error(e.into())))),
+                Some(Err(e)) => Poll::Ready(Some(Err(e))),
                 None => Poll::Ready(None),
             };
         };
@@ -129,14 +228,26 @@ where
             }
             let frame = match state.held.pop_front() {
                 Some(frame) => frame,
-                None => match ready!(this.inner.as_mut().poll_frame(cx)) {
+                None => match ready!(poll_inner(
+                    this.inner.as_mut(),
+                    this.idle,
+                    *this.delivered,
+                    cx
+                )) {
                     Some(Ok(frame)) => frame,
                     Some(Err(e)) => {
                         state.done = true;
                         if let Some(stream) = state.stream.as_mut() {
                             stream.flush(&mut state.ready);
                         }
-                        state.error = Some(verdict::classified_error(e.into()));
+                        state.error = Some(match this.idle.as_ref() {
+                            // The partial event just flushed reaches the caller first.
+                            Some(idle) if idle.stalled => {
+                                let queued: u64 = state.ready.iter().map(|b| b.len() as u64).sum();
+                                stalled(idle.limit, *this.delivered + queued)
+                            }
+                            _ => e,
+                        });
                         continue;
                     }
                     None => {

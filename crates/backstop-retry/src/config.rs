@@ -176,6 +176,7 @@ pub struct RetryConfig {
     pub(crate) max_attempts: u32,
     pub(crate) deadline: Option<Duration>,
     pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) stream_idle_timeout: Option<Duration>,
     pub(crate) max_hint: Duration,
     pub(crate) hint_jitter: HintJitter,
     pub(crate) idempotency_key: bool,
@@ -215,6 +216,7 @@ impl RetryConfig {
             max_attempts: 3,
             deadline: None,
             attempt_timeout: None,
+            stream_idle_timeout: None,
             max_hint: DEFAULT_MAX_HINT,
             hint_jitter: HintJitter::default(),
             idempotency_key: false,
@@ -316,6 +318,33 @@ impl RetryConfig {
         }
         self.attempt_timeout = attempt_timeout;
         self.check_timeouts()?;
+        Ok(self)
+    }
+
+    /// The longest the provider may leave a response body silent while the caller
+    /// waits for its next bytes, or `None` (the default) for no limit. Past it the
+    /// body ends with a `ClassifiedError` whose failure is
+    /// [`FailureKind::TimedOut`](backstop_classify::FailureKind) and whose cause is
+    /// [`RetryError::StreamStalled`](crate::RetryError); the bytes before it reach
+    /// the caller unchanged, and the request is never replayed (it is committed).
+    ///
+    /// The clock runs only while the caller is waiting: it starts when the caller
+    /// asks for the next frame and none is ready, and stops with each frame. A
+    /// caller that reads slowly is never cut off for it. The attempt timeout covers
+    /// the time to the head (and to a held stream's first event); this covers every
+    /// gap after. Off by default because a silent gap is not always a fault: a
+    /// reasoning model may stream its first content only after minutes of thought.
+    /// Set it above the longest pause your models make.
+    pub fn with_stream_idle_timeout(
+        mut self,
+        stream_idle_timeout: Option<Duration>,
+    ) -> Result<Self, ConfigError> {
+        if stream_idle_timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroDuration {
+                setting: "stream_idle_timeout",
+            });
+        }
+        self.stream_idle_timeout = stream_idle_timeout;
         Ok(self)
     }
 
@@ -430,6 +459,11 @@ impl RetryConfig {
     /// The per-attempt timeout, if any.
     pub fn attempt_timeout(&self) -> Option<Duration> {
         self.attempt_timeout
+    }
+
+    /// The longest silence allowed in a response body, if any.
+    pub fn stream_idle_timeout(&self) -> Option<Duration> {
+        self.stream_idle_timeout
     }
 
     /// The longest delay hint waited on.

@@ -28,6 +28,16 @@ pub enum RetryError {
         /// Bytes of the stream the caller had been handed before the error event.
         delivered: u64,
     },
+    /// The response body sent nothing for the stream idle timeout
+    /// ([`RetryConfig::with_stream_idle_timeout`](crate::RetryConfig::with_stream_idle_timeout))
+    /// while the caller waited for it. The request is committed and is never
+    /// replayed.
+    StreamStalled {
+        /// The silence allowed.
+        after: Duration,
+        /// Bytes of the body the caller had been handed before it stalled.
+        delivered: u64,
+    },
     /// The inner service could not be made ready for a retry before the deadline
     /// (less [`RetryConfig::with_min_attempt_time`](crate::RetryConfig::with_min_attempt_time)).
     NotReadyBeforeDeadline,
@@ -53,6 +63,12 @@ impl fmt::Display for RetryError {
                 f,
                 "the provider sent an error event after {delivered} bytes of the stream \
                  were delivered; a started stream is never replayed"
+            ),
+            RetryError::StreamStalled { after, delivered } => write!(
+                f,
+                "the provider sent nothing for {after:?} after {delivered} bytes of the \
+                 body; raise `stream_idle_timeout` if its pauses are longer; a started \
+                 body is never replayed"
             ),
             RetryError::NotReadyBeforeDeadline => {
                 f.write_str("the inner service did not become ready before the deadline")

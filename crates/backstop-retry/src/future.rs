@@ -122,8 +122,9 @@ where
                     Ok(mut response) => {
                         let in_place = attempts.as_mut().expect(IN_PLACE);
                         if in_place.settle_plain_success(&mut response) {
+                            let response = response.map(|body| in_place.body(body));
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(response.map(RetryBody::passthrough)));
+                            return Poll::Ready(Ok(response));
                         }
                         (Some(Ok(response)), None, attempts)
                     }

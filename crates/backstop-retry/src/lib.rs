@@ -140,6 +140,7 @@
 //! | jitter | [`Jitter::Equal`]: each wait in `[t/2, t]` | [`Jitter::None`] (tenacity's schedule) |
 //! | total deadline | none of its own | 60 s |
 //! | attempt timeout | none of its own | none of its own |
+//! | longest silence in a response body ([`RetryConfig::with_stream_idle_timeout`]) | none | none |
 //! | least time left for a retry to start ([`RetryConfig::with_min_attempt_time`]) | none | none |
 //! | max delay hint waited on | 120 s | 120 s |
 //! | hinted wait handed to another model instead, when there is one | 500 ms or more | same |
@@ -173,6 +174,13 @@
 //! delivered ends the body with one `Err(ClassifiedError)` carrying the event's
 //! verdict ([`RetryError::StreamInterrupted`]), after every byte before that event,
 //! and is never replayed. See [`RetryBody`] and the [`sse`] reader.
+//!
+//! After the head (and a held stream's first event), the attempt timeout no longer
+//! applies: a provider that stops sending mid-body is bounded by the stream idle
+//! timeout ([`RetryConfig::with_stream_idle_timeout`], off by default), which ends the
+//! body with a `TimedOut` [`RetryError::StreamStalled`] error after every byte
+//! before, and never replays it. Its clock runs only while the caller waits for the
+//! next bytes.
 //!
 //! ## The peers' known failures, and what this layer does instead
 //!

@@ -258,3 +258,148 @@ async fn with_auto_a_non_stream_request_gets_a_first_event_error_in_its_body() {
     assert!(error.is_some());
     assert_eq!(fake.attempts(), 1);
 }
+
+const EV1: &str = "data: {\"id\":\"s\",\"n\":1}\n\n";
+const EV2: &str = "data: {\"id\":\"s\",\"n\":2}\n\n";
+
+/// The stream idle timeout ends a body the provider left silent, whether the stream
+/// was held for its first event or handed on at once: the caller gets every byte
+/// before, then one typed `TimedOut` error, at exactly the last frame plus the limit,
+/// and the request is never replayed.
+#[tokio::test(start_paused = true)]
+async fn a_stream_silent_past_the_idle_timeout_ends_with_a_stall_error_and_no_replay() {
+    for hold in [HoldFirstEvent::Auto, HoldFirstEvent::Never] {
+        let fake = Fake::new(vec![
+            Step::sse(vec![
+                now(EV1),
+                after(3.0, EV2),
+                after(20.0, "data: {\"id\":\"s\",\"n\":3}\n\n"),
+                now("data: [DONE]\n\n"),
+            ]),
+            good_stream(),
+        ]);
+        let config = RetryConfig::batch()
+            .with_hold_first_event(hold)
+            .with_stream_idle_timeout(Some(secs(5.0)))
+            .unwrap();
+        let svc = RetryLayer::new(config).layer(fake.clone());
+        let start = Instant::now();
+        let response = svc.oneshot(request(STREAM_REQUEST)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let (bytes, error) = read_body(response.into_body()).await;
+        // The second event at 3 s, then 5 s of silence.
+        assert_eq!(start.elapsed(), secs(8.0), "{hold:?}");
+        let delivered = format!("{EV1}{EV2}");
+        assert_eq!(std::str::from_utf8(&bytes).unwrap(), delivered, "{hold:?}");
+        let error = error.expect("the stall ends the body with an error");
+        assert_eq!(error.failure().kind, FailureKind::TimedOut);
+        assert_eq!(
+            error.cause().unwrap().downcast_ref::<RetryError>(),
+            Some(&RetryError::StreamStalled {
+                after: secs(5.0),
+                delivered: delivered.len() as u64,
+            }),
+            "{hold:?}"
+        );
+        tokio::time::sleep(secs(60.0)).await;
+        assert_eq!(
+            fake.attempts(),
+            1,
+            "{hold:?}: a started stream is never replayed"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn gaps_shorter_than_the_idle_timeout_never_end_the_stream() {
+    let fake = Fake::new(vec![Step::sse(vec![
+        now(EV1),
+        after(4.9, EV2),
+        after(4.9, "data: {\"id\":\"s\",\"n\":3}\n\n"),
+        after(4.9, "data: [DONE]\n\n"),
+    ])]);
+    let config = RetryConfig::batch()
+        .with_stream_idle_timeout(Some(secs(5.0)))
+        .unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request(STREAM_REQUEST)).await.unwrap();
+    let (bytes, error) = read_body(response.into_body()).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(start.elapsed(), secs(14.7));
+    assert_eq!(
+        std::str::from_utf8(&bytes).unwrap(),
+        format!("{EV1}{EV2}data: {{\"id\":\"s\",\"n\":3}}\n\ndata: [DONE]\n\n")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_reads_slowly_is_not_cut_off() {
+    use http_body_util::BodyExt;
+    let fake = Fake::new(vec![Step::sse(vec![
+        now(EV1),
+        after(3.0, EV2),
+        now("data: [DONE]\n\n"),
+    ])]);
+    let config = RetryConfig::batch()
+        .with_stream_idle_timeout(Some(secs(5.0)))
+        .unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let mut body = svc
+        .oneshot(request(STREAM_REQUEST))
+        .await
+        .unwrap()
+        .into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, EV1);
+    // The caller does not ask for 30 s: the provider's silence is not counted.
+    tokio::time::sleep(secs(30.0)).await;
+    let (rest, error) = read_body(body).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(
+        std::str::from_utf8(&rest).unwrap(),
+        format!("{EV2}data: [DONE]\n\n")
+    );
+}
+
+/// The same limit holds for a plain (non-stream) success body, which leaves the
+/// layer on its fast path.
+#[tokio::test(start_paused = true)]
+async fn a_plain_body_silent_past_the_idle_timeout_ends_with_a_stall_error() {
+    let fake = Fake::new(vec![Step::Respond {
+        status: StatusCode::OK,
+        headers: vec![("content-type", "application/json")],
+        classification: None,
+        body: common::ScriptBody::new(vec![now("{\"id\":"), after(10.0, "\"x\"}")]),
+    }]);
+    let config = RetryConfig::interactive()
+        .with_stream_idle_timeout(Some(secs(2.0)))
+        .unwrap();
+    let svc = RetryLayer::new(config).layer(fake.clone());
+    let start = Instant::now();
+    let response = svc.oneshot(request(r#"{"model":"gpt-4o"}"#)).await.unwrap();
+    let log = response.extensions().get::<AttemptLog>().unwrap();
+    assert_eq!(log.stop, Some(StopReason::Succeeded));
+    let (bytes, error) = read_body(response.into_body()).await;
+    assert_eq!(bytes, b"{\"id\":");
+    assert_eq!(start.elapsed(), secs(2.0));
+    let error = error.expect("a stall error");
+    assert_eq!(error.failure().kind, FailureKind::TimedOut);
+    assert_eq!(
+        error.cause().unwrap().downcast_ref::<RetryError>(),
+        Some(&RetryError::StreamStalled {
+            after: secs(2.0),
+            delivered: 6,
+        })
+    );
+    assert_eq!(fake.attempts(), 1);
+}
+
+#[test]
+fn a_zero_idle_timeout_is_refused() {
+    assert!(
+        RetryConfig::interactive()
+            .with_stream_idle_timeout(Some(Duration::ZERO))
+            .is_err()
+    );
+}
