@@ -43,6 +43,26 @@ async fn start(
     (mock, proxy)
 }
 
+/// The mock provider and a proxy configured from `toml`, in which `{mock}` stands
+/// for the mock's base URL, with `configure` applied.
+async fn start_from_toml(
+    scenario: Scenario,
+    toml: &str,
+    configure: impl FnOnce(ProxyConfig) -> ProxyConfig,
+) -> (MockServer, ProxyHandle) {
+    let mock = MockServer::start(scenario, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("mock binds loopback");
+    let config = ProxyConfig::from_toml_str(&toml.replace("{mock}", &mock.base_url()))
+        .expect("valid configuration")
+        .drain_timeout(Duration::from_secs(2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy::serve(configure(config), listener)
+        .await
+        .expect("proxy starts");
+    (mock, proxy)
+}
+
 fn http1() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
@@ -754,33 +774,24 @@ fn chat_body_of(model: &str, len: usize) -> Bytes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_beyond_the_body_budget_are_shed_with_a_retryable_503() {
-    let mock = MockServer::start(
-        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::Hang)),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
     // Bodies up to 400 bytes each, 400 bytes in all.
-    let config = ProxyConfig::from_toml_str(&format!(
+    let (mock, proxy) = start_from_toml(
+        Scenario::new(1).model("gpt-4o", ModelPlan::always(Fault::Hang)),
         r#"
         provider = "openai"
         max_request_body = 400
 
         [models.gpt-4o]
         upstream = "mock"
-        base_uri = "{0}"
+        base_uri = "{mock}"
 
         [models.claude-sonnet]
         upstream = "mock"
-        base_uri = "{0}"
+        base_uri = "{mock}"
         "#,
-        mock.base_url()
-    ))
-    .unwrap()
-    .max_buffered_body_bytes(400)
-    .drain_timeout(Duration::from_secs(2));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = proxy::serve(config, listener).await.unwrap();
+        |c| c.max_buffered_body_bytes(400),
+    )
+    .await;
     let post = |body: Bytes| {
         http::Request::post(format!("{}/chat/completions", proxy.base_url()))
             .header("content-type", "application/json")
@@ -889,13 +900,8 @@ async fn a_stream_the_provider_leaves_silent_ends_with_an_error_event_at_the_idl
     let plan = ModelPlan::ok()
         .stream_chunks(3)
         .chunk_delay(Duration::from_secs(30));
-    let mock = MockServer::start(
+    let (mock, proxy) = start_from_toml(
         Scenario::new(1).model("gpt-4o", plan),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let config = ProxyConfig::from_toml_str(&format!(
         r#"
         provider = "openai"
 
@@ -904,14 +910,11 @@ async fn a_stream_the_provider_leaves_silent_ends_with_an_error_event_at_the_idl
 
         [models.gpt-4o]
         upstream = "mock"
-        base_uri = "{0}"
+        base_uri = "{mock}"
         "#,
-        mock.base_url()
-    ))
-    .unwrap()
-    .drain_timeout(Duration::from_secs(2));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = proxy::serve(config, listener).await.unwrap();
+        |c| c,
+    )
+    .await;
 
     let started = Instant::now();
     let response = http1().request(chat(&proxy, "gpt-4o", true)).await.unwrap();
