@@ -425,15 +425,17 @@ const STACK_SUCCESS_BYTES: usize = 1_860;
 const STACK_SUCCESS_ALLOCATIONS: usize = 21;
 /// Bytes the full stack allocates for the first retry of a request (with the boxed
 /// retry state, whose future holds the slot for a failure kept across a paced
-/// retry's wait: 8 bytes).
-const STACK_FIRST_RETRY_BYTES: usize = 4_683;
+/// retry's wait: 8 bytes; and 8 more since session 6, the retry layer's response
+/// body carrying the stream idle timeout's slot).
+const STACK_FIRST_RETRY_BYTES: usize = 4_691;
 /// Bytes the full stack allocates for each later retry.
 const STACK_LATER_RETRY_BYTES: usize = 3_275;
 /// Bytes the full stack allocates for a request the primary refuses with
 /// `model_not_found` and the fallback serves, beyond the rewritten body itself
 /// (272 of them: the primary's response, kept boxed so that a request that never
-/// falls back carries a smaller future; the hop list grows one hop at a time).
-const STACK_FALLBACK_BYTES_BEYOND_BODY: usize = 6_343;
+/// falls back carries a smaller future; the hop list grows one hop at a time; 8 of
+/// them since session 6, the stream idle timeout's slot in the kept response's body).
+const STACK_FALLBACK_BYTES_BEYOND_BODY: usize = 6_351;
 
 #[test]
 fn a_request_served_at_once_allocates_at_most_the_pinned_bytes() {
