@@ -63,7 +63,7 @@ pin_project! {
 }
 
 impl IdleLimit {
-    /// Judges one poll of the inner body: `Ready(true)` when the silence has
+    /// Judges one poll of the inner body: `true` when the silence has
     /// outlasted the limit (the body is then stalled).
     fn judge(mut self: Pin<&mut Self>, frame_ready: bool, cx: &mut Context<'_>) -> bool {
         let mut this = self.as_mut().project();

@@ -273,12 +273,7 @@ impl RetryConfig {
     /// for no deadline of the layer's own (a [`backstop_classify::Deadline`] in the
     /// request still applies).
     pub fn with_deadline(mut self, deadline: Option<Duration>) -> Result<Self, ConfigError> {
-        if deadline == Some(Duration::ZERO) {
-            return Err(ConfigError::ZeroDuration {
-                setting: "deadline",
-            });
-        }
-        self.deadline = deadline;
+        self.deadline = not_zero("deadline", deadline)?;
         self.check_timeouts()?;
         Ok(self)
     }
@@ -311,12 +306,7 @@ impl RetryConfig {
         mut self,
         attempt_timeout: Option<Duration>,
     ) -> Result<Self, ConfigError> {
-        if attempt_timeout == Some(Duration::ZERO) {
-            return Err(ConfigError::ZeroDuration {
-                setting: "attempt_timeout",
-            });
-        }
-        self.attempt_timeout = attempt_timeout;
+        self.attempt_timeout = not_zero("attempt_timeout", attempt_timeout)?;
         self.check_timeouts()?;
         Ok(self)
     }
@@ -339,12 +329,7 @@ impl RetryConfig {
         mut self,
         stream_idle_timeout: Option<Duration>,
     ) -> Result<Self, ConfigError> {
-        if stream_idle_timeout == Some(Duration::ZERO) {
-            return Err(ConfigError::ZeroDuration {
-                setting: "stream_idle_timeout",
-            });
-        }
-        self.stream_idle_timeout = stream_idle_timeout;
+        self.stream_idle_timeout = not_zero("stream_idle_timeout", stream_idle_timeout)?;
         Ok(self)
     }
 
@@ -506,6 +491,18 @@ impl RetryConfig {
     /// The cap on bytes held for a first event.
     pub fn first_event_cap(&self) -> usize {
         self.first_event_cap
+    }
+}
+
+/// `duration` unless it is zero: an optional time limit of zero would refuse every
+/// attempt or body, so it is a configuration error naming `setting`.
+fn not_zero(
+    setting: &'static str,
+    duration: Option<Duration>,
+) -> Result<Option<Duration>, ConfigError> {
+    match duration {
+        Some(Duration::ZERO) => Err(ConfigError::ZeroDuration { setting }),
+        other => Ok(other),
     }
 }
 
