@@ -29,15 +29,17 @@ impl Served<'_> {
     /// The reply text: one word per stream chunk, so a stream's chunks
     /// concatenate to exactly the non-streaming content.
     pub(crate) fn reply_words(&self, chunks: usize) -> Vec<String> {
-        (0..chunks.max(1))
-            .map(|i| {
-                if i == 0 {
-                    format!("mock({})", self.model)
-                } else {
-                    format!(" w{i}")
-                }
-            })
-            .collect()
+        (0..chunks.max(1)).map(|i| self.reply_word(i)).collect()
+    }
+
+    /// The `i`-th word of the reply (made alone: a stream of `n` chunks makes `n`
+    /// words, not `n` lists of them).
+    fn reply_word(&self, i: usize) -> String {
+        if i == 0 {
+            format!("mock({})", self.model)
+        } else {
+            format!(" w{i}")
+        }
     }
 }
 
@@ -79,8 +81,11 @@ pub(crate) fn chunk_frame(
     total: usize,
     finish_reason: Option<&str>,
 ) -> Bytes {
-    let words = served.reply_words(total);
-    let word = words.get(k).cloned().unwrap_or_default();
+    let word = if k < total.max(1) {
+        served.reply_word(k)
+    } else {
+        String::new()
+    };
     let delta = if k == 0 {
         json!({"role": "assistant", "content": word})
     } else {
