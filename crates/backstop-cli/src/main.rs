@@ -92,6 +92,11 @@ struct ProxyLimits {
     /// connection, or an HTTP/2 connection with no open stream, stays open), e.g. `30s`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     header_read_timeout: std::time::Duration,
+    /// Time one write to a client may wait (the client taking no bytes of its
+    /// response) before its connection is closed and the upstream request
+    /// cancelled, e.g. `60s`; restarts at every write that completes.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    write_timeout: std::time::Duration,
     /// Time a client has to send a request body before a 408, e.g. `60s`.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     body_read_timeout: std::time::Duration,
@@ -114,6 +119,7 @@ impl ProxyLimits {
             .max_in_flight(self.max_in_flight)
             .max_connections(self.max_connections)
             .header_read_timeout(self.header_read_timeout)
+            .write_timeout(self.write_timeout)
             .body_read_timeout(self.body_read_timeout)
             .max_header_bytes(self.max_header_bytes)
             .max_concurrent_streams(self.max_concurrent_streams)

@@ -945,3 +945,161 @@ async fn a_stream_the_provider_leaves_silent_ends_with_an_error_event_at_the_idl
     proxy.shutdown().await;
     mock.shutdown().await;
 }
+
+/// A stream far larger than every buffer between the proxy and a client (socket
+/// buffers, hyper's): about 36 MB of SSE.
+fn huge_stream() -> ModelPlan {
+    ModelPlan::ok().stream_chunks(200_000)
+}
+
+/// Waits (at most 10 s) until the mock has no request for `model` in flight.
+async fn upstream_released(mock: &MockServer, model: &str, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.provider().in_flight(model) > 0 {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_is_closed_at_the_write_timeout() {
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", huge_stream()), |c| {
+        c.write_timeout(Duration::from_millis(300))
+    })
+    .await;
+    // A client with a small receive buffer, which reads the status line and then
+    // nothing more.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.local_addr()).await.unwrap();
+    let body = chat_body("gpt-4o", true);
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut status = [0u8; 12];
+    stream.read_exact(&mut status).await.unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
+    assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
+
+    upstream_released(
+        &mock,
+        "gpt-4o",
+        "the upstream stream stayed open 10 s after the client stopped reading",
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_write_timeouts_total").await,
+        1
+    );
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 0);
+    // The proxy closed the connection: what the client reads now is the part of
+    // the stream that was in its buffers, then the end.
+    let (rest, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert!(closed, "the connection is still open");
+    assert!(
+        !rest.contains("data: [DONE]"),
+        "the whole stream arrived: {} bytes",
+        rest.len()
+    );
+    // Never replayed, and the proxy serves on.
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    assert_eq!(healthz(&http1(), &proxy).await, StatusCode::OK);
+    proxy.shutdown().await;
+    mock.shutdown().await;
+}
+
+/// A client connection that stops reading from its socket once `reading` is
+/// cleared (a frozen process): its HTTP/2 stack then takes nothing more, and
+/// answers nothing either.
+struct StopsReading {
+    inner: TcpStream,
+    reading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for StopsReading {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.reading.load(std::sync::atomic::Ordering::SeqCst) {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for StopsReading {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_its_connection_is_closed_at_the_write_timeout() {
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", huge_stream()), |c| {
+        c.write_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let io = StopsReading {
+        inner: socket.connect(proxy.local_addr()).await.unwrap(),
+        reading: reading.clone(),
+    };
+    // Flow-control windows far larger than the stream: what stops the proxy is the
+    // socket, not HTTP/2 flow control.
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1 << 30)
+        .initial_connection_window_size(1 << 30)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(chat(&proxy, "gpt-4o", true))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The client freezes, its response held but never read.
+    reading.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
+
+    upstream_released(
+        &mock,
+        "gpt-4o",
+        "the upstream stream stayed open 10 s after the client stopped reading",
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_write_timeouts_total").await,
+        1
+    );
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 0);
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    drop(response);
+    proxy.shutdown().await;
+    mock.shutdown().await;
+}

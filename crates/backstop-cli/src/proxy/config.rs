@@ -29,6 +29,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// an HTTP/2 connection with no open stream, is closed after the same time.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a write to a client may wait by default before the connection is
+/// closed: the client took no byte of its response for that long.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The cap on a request head by default (request line and headers, HTTP/1.1; the
 /// header list, HTTP/2): 64 KiB.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -73,6 +77,9 @@ pub struct Limits {
     /// Time to send the connection preface and each HTTP/1.1 request head; also how
     /// long a connection may stay idle (HTTP/2: with no open stream).
     pub header_read_timeout: Duration,
+    /// Time one write to a client may wait (the client taking no bytes) before
+    /// its connection is closed.
+    pub write_timeout: Duration,
     /// Bytes in a request head (HTTP/1.1) or header list (HTTP/2).
     pub max_header_bytes: usize,
     /// Streams open at once on one HTTP/2 connection.
@@ -87,6 +94,7 @@ impl Default for Limits {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BODY_BYTES,
@@ -186,6 +194,18 @@ impl ProxyConfig {
     /// does not keep it). A slow-loris client cannot pin connections.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.limits.header_read_timeout = timeout;
+        self
+    }
+
+    /// How long one write to a client may wait before the connection is closed: a
+    /// client that takes no byte of its response for this long (a frozen process, an
+    /// SDK that abandoned a stream without closing it) loses its connection, and the
+    /// upstream request behind it is cancelled. The clock runs only while a write
+    /// waits and restarts at every write that completes, so a slow reader, or a
+    /// stream whose provider is silent for minutes, is never cut. Raised to 1 ms if
+    /// zero (the timer's resolution).
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.write_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -347,6 +367,7 @@ mod tests {
                 max_in_flight: 1024,
                 max_connections: 4096,
                 header_read_timeout: Duration::from_secs(30),
+                write_timeout: Duration::from_secs(60),
                 max_header_bytes: 64 * 1024,
                 max_concurrent_streams: 256,
                 max_buffered_body_bytes: 256 * 1024 * 1024,
@@ -360,13 +381,15 @@ mod tests {
             .max_header_bytes(100)
             .max_concurrent_streams(0)
             .max_buffered_body_bytes(1)
-            .header_read_timeout(Duration::from_millis(250));
+            .header_read_timeout(Duration::from_millis(250))
+            .write_timeout(Duration::ZERO);
         assert_eq!(
             config.limits(),
             Limits {
                 max_in_flight: 1,
                 max_connections: 1,
                 header_read_timeout: Duration::from_millis(250),
+                write_timeout: Duration::from_millis(1),
                 max_header_bytes: 8 * 1024,
                 max_concurrent_streams: 1,
                 max_buffered_body_bytes: 1,

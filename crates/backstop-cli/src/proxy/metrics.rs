@@ -65,6 +65,7 @@ pub struct Counters {
     fallbacks: AtomicU64,
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
+    write_timeouts: AtomicU64,
 }
 
 /// The counters' values at one moment.
@@ -88,6 +89,9 @@ pub struct CounterValues {
     pub connections_open: u64,
     /// Connections refused (503 or closed at once) at the connection limit.
     pub connections_refused: u64,
+    /// Connections closed because a write to the client waited out the write
+    /// timeout.
+    pub write_timeouts: u64,
 }
 
 impl Counters {
@@ -115,6 +119,11 @@ impl Counters {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A connection was closed: its client took no bytes for the write timeout.
+    pub fn write_timed_out(&self) {
+        self.write_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The current values.
     pub fn values(&self) -> CounterValues {
         CounterValues {
@@ -127,6 +136,7 @@ impl Counters {
             max_buffered_body_bytes: 0,
             connections_open: self.connections_open.load(Ordering::Relaxed),
             connections_refused: self.connections_refused.load(Ordering::Relaxed),
+            write_timeouts: self.write_timeouts.load(Ordering::Relaxed),
         }
     }
 }
@@ -179,7 +189,10 @@ pub fn render(
          backstop_proxy_connections_open {}\n\
          # HELP backstop_proxy_connections_refused_total Connections refused at the connection limit.\n\
          # TYPE backstop_proxy_connections_refused_total counter\n\
-         backstop_proxy_connections_refused_total {}",
+         backstop_proxy_connections_refused_total {}\n\
+         # HELP backstop_proxy_write_timeouts_total Connections closed because the client took no bytes for the write timeout.\n\
+         # TYPE backstop_proxy_write_timeouts_total counter\n\
+         backstop_proxy_write_timeouts_total {}",
         counters.attempts,
         counters.fallbacks,
         counters.in_flight,
@@ -187,7 +200,8 @@ pub fn render(
         counters.buffered_body_bytes,
         counters.max_buffered_body_bytes,
         counters.connections_open,
-        counters.connections_refused
+        counters.connections_refused,
+        counters.write_timeouts
     );
     let _ = writeln!(
         out,
@@ -295,6 +309,7 @@ mod tests {
         counters.connection_closed();
         counters.connection_refused();
         counters.connection_refused();
+        counters.write_timed_out();
         assert_eq!(
             counters.values(),
             CounterValues {
@@ -307,6 +322,7 @@ mod tests {
                 max_buffered_body_bytes: 0,
                 connections_open: 1,
                 connections_refused: 2,
+                write_timeouts: 1,
             }
         );
     }
@@ -323,6 +339,7 @@ mod tests {
             max_buffered_body_bytes: 268_435_456,
             connections_open: 12,
             connections_refused: 3,
+            write_timeouts: 2,
         };
         let mut budget = BudgetSnapshot::new("windowed");
         budget.deposits = 9;
@@ -341,6 +358,7 @@ mod tests {
             "backstop_proxy_max_buffered_body_bytes 268435456",
             "backstop_proxy_connections_open 12",
             "backstop_proxy_connections_refused_total 3",
+            "backstop_proxy_write_timeouts_total 2",
             "backstop_proxy_upstream_attempts_total 11",
             "backstop_proxy_fallbacks_total 1",
             "backstop_budget_deposits_total{model=\"windowed\"} 9",

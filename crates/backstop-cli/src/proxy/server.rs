@@ -24,6 +24,7 @@ use super::admission::{Admitted, connection_limit_answer};
 use super::config::Limits;
 use super::handshake::{Prefixed, Protocol, read_preface};
 use super::service::{Shared, handle};
+use super::write_timeout::{WriteStalled, WriteTimeout};
 
 /// A running proxy. [`shutdown`](Self::shutdown) stops it and waits; dropping the
 /// handle starts the same graceful shutdown without waiting for it.
@@ -158,6 +159,8 @@ struct Protocols {
     preface_timeout: Duration,
     /// How long an HTTP/2 connection may stay open with no stream open.
     idle_timeout: Duration,
+    /// How long one write to the client may wait.
+    write_timeout: Duration,
 }
 
 impl Protocols {
@@ -188,6 +191,7 @@ impl Protocols {
             // The bound HTTP/1.1's header read timeout puts on an idle keep-alive
             // connection.
             idle_timeout: limits.header_read_timeout,
+            write_timeout: limits.write_timeout,
         }
     }
 }
@@ -309,7 +313,18 @@ async fn serve_connection(
             return;
         }
     };
-    let io = TokioIo::new(Prefixed::new(first, stream));
+    let counters = shared.clone();
+    // The client stopped taking its response: the write fails, hyper ends the
+    // connection and drops its streams, and with them the upstream requests.
+    let on_stall = move |stalled: WriteStalled| {
+        counters.counters.write_timed_out();
+        tracing::info!(target: "backstop::proxy", %peer, %stalled, "the client stopped reading; closing its connection");
+    };
+    let io = TokioIo::new(WriteTimeout::new(
+        Prefixed::new(first, stream),
+        protocols.write_timeout,
+        on_stall,
+    ));
     let served = match protocol {
         Protocol::Http1 => {
             let service = hyper::service::service_fn(move |request| {
