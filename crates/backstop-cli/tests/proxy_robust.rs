@@ -1092,3 +1092,57 @@ async fn an_http2_client_that_stops_reading_its_connection_is_closed_at_the_writ
     proxy.shutdown().await;
     mock.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_leaves_its_only_stream_unread_is_closed_at_the_write_timeout() {
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", huge_stream()), |c| {
+        c.write_timeout(Duration::from_millis(300))
+    })
+    .await;
+    // The client's HTTP/2 stack keeps reading its socket and answering pings, but
+    // the application never reads the body: the stream's 64 KiB window fills and is
+    // never released. The socket never makes the proxy's writes wait.
+    let io = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(chat(&proxy, "gpt-4o", true))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
+
+    assert_cut_at_the_write_timeout(&mock, &proxy).await;
+    drop(response);
+    proxy.shutdown().await;
+    mock.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_whose_provider_pauses_past_the_write_timeout_arrives_whole() {
+    // Five chunks 500 ms apart, on a 200 ms write timeout: the stream waits for its
+    // provider, not for the client, and is never cut.
+    let plan = ModelPlan::ok()
+        .stream_chunks(5)
+        .chunk_delay(Duration::from_millis(500));
+    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", plan), |c| {
+        c.write_timeout(Duration::from_millis(200))
+    })
+    .await;
+    let response = h2c().request(chat(&proxy, "gpt-4o", true)).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(text.matches("data: {").count(), 5, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_write_timeouts_total").await,
+        0
+    );
+    proxy.shutdown().await;
+    mock.shutdown().await;
+}

@@ -164,19 +164,19 @@ pub fn connection_limit_answer(max_connections: usize) -> Bytes {
 }
 
 pin_project! {
-    /// A response body that keeps a guard (its request's in-flight slot, its
-    /// stream's place on an HTTP/2 connection) until the body ends or the caller
-    /// leaves (hyper drops the body then): a stream is in flight until its last byte.
-    pub struct Admitted<B, G = InFlightGuard> {
+    /// A response body that keeps its request's in-flight slot until the body ends
+    /// or the caller leaves (hyper drops the body then): a stream is in flight
+    /// until its last byte.
+    pub struct Admitted<B> {
         #[pin]
         inner: B,
-        guard: Option<G>,
+        guard: Option<InFlightGuard>,
     }
 }
 
-impl<B, G> Admitted<B, G> {
+impl<B> Admitted<B> {
     /// Ties `guard` to `inner`'s lifetime.
-    pub fn new(inner: B, guard: G) -> Self {
+    pub fn new(inner: B, guard: InFlightGuard) -> Self {
         Admitted {
             inner,
             guard: Some(guard),
@@ -192,7 +192,7 @@ impl Admitted<ProxyBody> {
     }
 }
 
-impl<B, G> Body for Admitted<B, G>
+impl<B> Body for Admitted<B>
 where
     B: Body<Data = Bytes>,
 {

@@ -202,8 +202,11 @@ impl ProxyConfig {
     /// SDK that abandoned a stream without closing it) loses its connection, and the
     /// upstream request behind it is cancelled. The clock runs only while a write
     /// waits and restarts at every write that completes, so a slow reader, or a
-    /// stream whose provider is silent for minutes, is never cut. Raised to 1 ms if
-    /// zero (the timer's resolution).
+    /// stream whose provider is silent for minutes, is never cut. On HTTP/2 a
+    /// connection is also closed when every stream open on it has waited this long
+    /// for the client's flow-control window (its application stopped reading while
+    /// its HTTP/2 stack still reads the socket). Raised to 1 ms if zero (the
+    /// timer's resolution).
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.limits.write_timeout = timeout.max(Duration::from_millis(1));
         self

@@ -43,7 +43,7 @@
 //! | chat requests in flight ([`ProxyConfig::max_in_flight`], `--max-in-flight`) | 1024 | answered at once, body unread: 503 `proxy_overloaded`, `Retry-After: 1`, `x-should-retry: true` |
 //! | open connections ([`ProxyConfig::max_connections`], `--max-connections`) | 4096 | answered at once, request unread: HTTP/1.1 503 `proxy_connection_limit`, `Retry-After: 1`, `x-should-retry: true`, then closed (64 such answers at a time, each within 500 ms; beyond, closed at once) |
 //! | time to send the preface and each HTTP/1.1 head; time a connection stays idle ([`ProxyConfig::header_read_timeout`]) | 30 s | connection closed (an idle HTTP/1.1 keep-alive connection too); an HTTP/2 connection with no stream open for that long is sent GOAWAY and closed |
-//! | time one write to the client may wait: the client taking no bytes of its response ([`ProxyConfig::write_timeout`], `--write-timeout`) | 60 s | connection closed; its streams, and the upstream requests behind them, are dropped (`backstop_proxy_write_timeouts_total`). The clock runs only while a write waits and restarts at every write that completes |
+//! | time one write to the client may wait: the client taking no bytes of its response ([`ProxyConfig::write_timeout`], `--write-timeout`) | 60 s | connection closed; its streams, and the upstream requests behind them, are dropped (`backstop_proxy_write_timeouts_total`). The clock runs only while a write waits and restarts at every write that completes. On HTTP/2 also when every open stream has waited that long for the client's flow-control window (a stream waiting for its provider is not waiting for the client) |
 //! | request head size ([`ProxyConfig::max_header_bytes`]) | 64 KiB | HTTP/1.1: 431 and close; HTTP/2: the advertised header list size |
 //! | HTTP/1.1 headers per request | 100 (hyper's) | 431 and close |
 //! | streams per HTTP/2 connection ([`ProxyConfig::max_concurrent_streams`]) | 256 | refused by HTTP/2 flow control (the client waits) |
@@ -179,6 +179,7 @@ mod body;
 mod body_budget;
 mod config;
 mod error;
+mod h2_streams;
 mod handshake;
 mod metrics;
 mod outcome;

@@ -1,11 +1,10 @@
 //! The listening side: accepting connections (HTTP/1.1 and h2c, chosen per
 //! connection) up to a bound, the per-connection limits (head size and read time,
-//! HTTP/2 streams, idle time), and a graceful shutdown that stops accepting, lets
+//! HTTP/2 streams, idle time, write time), and a graceful shutdown that stops accepting, lets
 //! in-flight requests finish within a bound, then closes what is left.
 
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
@@ -20,8 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::admission::{Admitted, connection_limit_answer};
+use super::admission::connection_limit_answer;
 use super::config::Limits;
+use super::h2_streams::{OpenStreams, StreamBody};
 use super::handshake::{Prefixed, Protocol, read_preface};
 use super::service::{Shared, handle};
 use super::write_timeout::{WriteStalled, WriteTimeout};
@@ -235,46 +235,6 @@ async fn refuse(mut stream: TcpStream, max_connections: usize, _refusal: OwnedSe
     let _ = tokio::time::timeout(REFUSAL_LINGER, deliver).await;
 }
 
-/// The streams open on one HTTP/2 connection (a stream is open from its request
-/// head to its response's last byte), for the connection's idle timeout: hyper has
-/// none for HTTP/2, and a client answers keep-alive pings however long it stays
-/// idle.
-#[derive(Clone, Default)]
-struct OpenStreams(Arc<watch::Sender<usize>>);
-
-/// One open stream; closed when dropped.
-struct OpenStream(OpenStreams);
-
-impl OpenStreams {
-    fn open(&self) -> OpenStream {
-        self.0.send_modify(|open| *open += 1);
-        OpenStream(self.clone())
-    }
-
-    /// Resolves once no stream has been open for `timeout` (at once counting from
-    /// now, if none is).
-    fn idle_for(&self, timeout: Duration) -> impl Future<Output = ()> + use<> {
-        let mut open = self.0.subscribe();
-        async move {
-            loop {
-                // Errors mean the connection's service is gone: nothing is open.
-                let _ = open.wait_for(|open| *open == 0).await;
-                let busy_again = tokio::time::timeout(timeout, open.wait_for(|open| *open > 0));
-                match busy_again.await {
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(_)) | Err(_) => return,
-                }
-            }
-        }
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        (self.0).0.send_modify(|open| *open -= 1);
-    }
-}
-
 /// How often an HTTP/2 connection is pinged, and how long the answer may take.
 const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -314,8 +274,8 @@ async fn serve_connection(
         }
     };
     let counters = shared.clone();
-    // The client stopped taking its response: the write fails, hyper ends the
-    // connection and drops its streams, and with them the upstream requests.
+    // The client stopped taking its response: the connection ends, which drops its
+    // streams and, with them, the upstream requests.
     let on_stall = move |stalled: WriteStalled| {
         counters.counters.write_timed_out();
         tracing::info!(target: "backstop::proxy", %peer, %stalled, "the client stopped reading; closing its connection");
@@ -323,7 +283,7 @@ async fn serve_connection(
     let io = TokioIo::new(WriteTimeout::new(
         Prefixed::new(first, stream),
         protocols.write_timeout,
-        on_stall,
+        on_stall.clone(),
     ));
     let served = match protocol {
         Protocol::Http1 => {
@@ -338,12 +298,13 @@ async fn serve_connection(
         Protocol::Http2 => {
             let streams = OpenStreams::default();
             let idle = streams.idle_for(protocols.idle_timeout);
+            let stalled = streams.stalled_for(protocols.write_timeout);
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
                 let open = streams.open();
                 async move {
                     let response = handle(shared, request).await;
-                    Ok::<_, Infallible>(response.map(|body| Admitted::new(body, open)))
+                    Ok::<_, Infallible>(response.map(|body| StreamBody::new(body, open)))
                 }
             });
             // Asked to close (GOAWAY: the open streams finish, no new one starts)
@@ -352,10 +313,18 @@ async fn serve_connection(
             let _watcher = watcher;
             let mut connection = pin!(protocols.http2.serve_connection(io, service));
             let mut idle = pin!(idle);
+            let mut stalled = pin!(stalled);
             let mut closing = false;
             loop {
                 tokio::select! {
                     served = connection.as_mut() => break served,
+                    // The client's HTTP/2 stack reads the socket but has taken no
+                    // data for the write timeout: closed at once, since its streams
+                    // would never finish a graceful close.
+                    () = &mut stalled => {
+                        on_stall(WriteStalled { after: protocols.write_timeout });
+                        break Ok(());
+                    }
                     () = &mut idle, if !closing => {
                         tracing::debug!(target: "backstop::proxy", %peer, "HTTP/2 connection idle; closing it");
                         closing = true;
