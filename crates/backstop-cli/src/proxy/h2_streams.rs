@@ -115,7 +115,7 @@ impl OpenStreams {
                     return std::future::pending().await;
                 }
                 let now = Instant::now();
-                let check_again = match stalled_until(streams.waiting_since(), timeout) {
+                let check_again = match streams.stalled_at(timeout) {
                     Some(at) if at <= now => return,
                     Some(at) => at,
                     // A stream that starts waiting from now on cannot have waited
@@ -132,27 +132,29 @@ impl OpenStreams {
         }
     }
 
-    /// Since when each open stream has waited for the client (`None`: it is not
-    /// waiting).
-    fn waiting_since(&self) -> Vec<Option<Instant>> {
+    /// When the connection counts as stalled, as [`stalled_until`] says of its open
+    /// streams now.
+    fn stalled_at(&self, timeout: Duration) -> Option<Instant> {
         let origin = self.0.origin;
-        self.0
+        let waiting = self
+            .0
             .waiting
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        let since = waiting
             .iter()
             .map(|waiting| match waiting.0.load(Ordering::Relaxed) {
                 0 => None,
                 since => Some(origin + Duration::from_nanos(since - 1)),
-            })
-            .collect()
+            });
+        stalled_until(since, timeout)
     }
 }
 
 /// When a connection whose open streams have waited for the client since
 /// `waiting_since` counts as stalled: `timeout` after the last of them started
 /// waiting, or never (`None`) while one is not waiting or none is open.
-pub(crate) fn stalled_until(
+fn stalled_until(
     waiting_since: impl IntoIterator<Item = Option<Instant>>,
     timeout: Duration,
 ) -> Option<Instant> {
