@@ -382,19 +382,26 @@ async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
     let timeout = Duration::from_millis(300);
     let (_mock, proxy) = start(Scenario::new(1), |c| c.header_read_timeout(timeout)).await;
 
-    // Never used after its handshake.
-    let (_unused, never_used) = h2c_connection(&proxy).await;
+    // Never used after its handshake. Measured from before it connects: the proxy's
+    // idle clock starts once it has read the preface, before the client sees the
+    // handshake done.
     let opened = Instant::now();
-    // Used once, then idle (its client answers the proxy's pings all the while).
+    let (_unused, never_used) = h2c_connection(&proxy).await;
+    // Used once, two thirds of the timeout after it opened, then idle (its client
+    // answers the proxy's pings all the while). Its idle time is measured from the
+    // request: the proxy's idle clock starts when it has sent the response, which
+    // the client cannot see, and a clock started when the client has read it runs
+    // a little behind the proxy's.
     let (mut sender, used_once) = h2c_connection(&proxy).await;
+    tokio::time::sleep(timeout * 2 / 3).await;
     let request = http::Request::get(format!("http://{}/healthz", proxy.local_addr()))
         .body(Full::new(Bytes::new()))
         .unwrap();
+    let idle_from = Instant::now();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "ok");
-    let idle_from = Instant::now();
 
     for (who, elapsed) in [
         ("never used", closed_after(never_used, opened).await),

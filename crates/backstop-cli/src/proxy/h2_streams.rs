@@ -43,11 +43,19 @@ use tokio::time::Instant;
 pub(crate) struct OpenStreams(Arc<Streams>);
 
 struct Streams {
-    open: watch::Sender<usize>,
+    open: watch::Sender<Count>,
     /// Each open stream's [`Waiting`] mark.
     waiting: Mutex<Vec<Arc<Waiting>>>,
     /// The instant `Waiting` marks count from.
     origin: Instant,
+}
+
+/// The streams open now, and how many were ever opened: a stream that opens and
+/// closes before the idle timer's task looks still shows in the second.
+#[derive(Clone, Copy, Default)]
+struct Count {
+    open: usize,
+    opened: u64,
 }
 
 /// Since when a stream has waited for the client: nanoseconds after the
@@ -64,7 +72,7 @@ pub(crate) struct OpenStream {
 impl Default for OpenStreams {
     fn default() -> Self {
         OpenStreams(Arc::new(Streams {
-            open: watch::Sender::new(0),
+            open: watch::Sender::new(Count::default()),
             waiting: Mutex::new(Vec::new()),
             origin: Instant::now(),
         }))
@@ -79,7 +87,10 @@ impl OpenStreams {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(waiting.clone());
-        self.0.open.send_modify(|open| *open += 1);
+        self.0.open.send_modify(|count| {
+            count.open += 1;
+            count.opened += 1;
+        });
         OpenStream {
             streams: self.clone(),
             waiting,
@@ -93,8 +104,13 @@ impl OpenStreams {
         async move {
             loop {
                 // Errors mean the connection's service is gone: nothing is open.
-                let _ = open.wait_for(|open| *open == 0).await;
-                let busy_again = tokio::time::timeout(timeout, open.wait_for(|open| *open > 0));
+                let Ok(idle) = open.wait_for(|count| count.open == 0).await.map(|c| *c) else {
+                    return;
+                };
+                let busy_again = tokio::time::timeout(
+                    timeout,
+                    open.wait_for(|count| count.open > 0 || count.opened != idle.opened),
+                );
                 match busy_again.await {
                     Ok(Ok(_)) => continue,
                     Ok(Err(_)) | Err(_) => return,
@@ -110,7 +126,7 @@ impl OpenStreams {
         let mut open = self.0.open.subscribe();
         async move {
             loop {
-                if open.wait_for(|open| *open > 0).await.is_err() {
+                if open.wait_for(|count| count.open > 0).await.is_err() {
                     // The connection's service is gone: no stream will open again.
                     return std::future::pending().await;
                 }
@@ -190,7 +206,7 @@ impl Drop for OpenStream {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|waiting| !Arc::ptr_eq(waiting, &self.waiting));
-        streams.open.send_modify(|open| *open -= 1);
+        streams.open.send_modify(|count| count.open -= 1);
     }
 }
 
@@ -362,6 +378,20 @@ mod tests {
         stalled.await;
         assert_eq!(ended.elapsed(), Duration::ZERO);
         drop(unread);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_opens_and_closes_between_two_looks_restarts_the_idle_clock() {
+        let streams = OpenStreams::default();
+        let idle = streams.idle_for(TIMEOUT);
+        let mut idle = std::pin::pin!(idle);
+        let started = Instant::now();
+        let early = Duration::from_secs(40);
+        assert!(tokio::time::timeout(early, idle.as_mut()).await.is_err());
+        // A request answered at once: the idle timer's task never sees it open.
+        drop(streams.open());
+        idle.await;
+        assert_eq!(started.elapsed(), early + TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
