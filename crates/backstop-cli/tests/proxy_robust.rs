@@ -953,10 +953,23 @@ async fn a_stream_the_provider_leaves_silent_ends_with_an_error_event_at_the_idl
     mock.shutdown().await;
 }
 
-/// A stream far larger than every buffer between the proxy and a client (socket
-/// buffers, hyper's): about 36 MB of SSE.
-fn huge_stream() -> ModelPlan {
-    ModelPlan::ok().stream_chunks(200_000)
+/// The mock answering gpt-4o with a stream far larger than every buffer between
+/// the proxy and a client (socket buffers, hyper's), about 36 MB of SSE, and a
+/// proxy with a 300 ms write timeout.
+async fn start_cutting_at_300ms() -> (MockServer, ProxyHandle) {
+    let huge_stream = ModelPlan::ok().stream_chunks(200_000);
+    start(Scenario::new(1).model("gpt-4o", huge_stream), |c| {
+        c.write_timeout(Duration::from_millis(300))
+    })
+    .await
+}
+
+/// A client socket with a 4 KiB receive buffer: what it leaves unread soon fills
+/// the proxy's socket.
+fn small_receive_buffer() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
 }
 
 /// What a client that stopped reading leaves behind once the write timeout has
@@ -981,14 +994,10 @@ async fn assert_cut_at_the_write_timeout(mock: &MockServer, proxy: &ProxyHandle)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_that_stops_reading_is_closed_at_the_write_timeout() {
-    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", huge_stream()), |c| {
-        c.write_timeout(Duration::from_millis(300))
-    })
-    .await;
+    let (mock, proxy) = start_cutting_at_300ms().await;
     // A client with a small receive buffer, which reads the status line and then
     // nothing more.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    let socket = small_receive_buffer();
     let mut stream = socket.connect(proxy.local_addr()).await.unwrap();
     let body = chat_body("gpt-4o", true);
     let request = format!(
@@ -1065,12 +1074,8 @@ impl tokio::io::AsyncWrite for StopsReading {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_stops_reading_its_connection_is_closed_at_the_write_timeout() {
-    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", huge_stream()), |c| {
-        c.write_timeout(Duration::from_millis(300))
-    })
-    .await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    let (mock, proxy) = start_cutting_at_300ms().await;
+    let socket = small_receive_buffer();
     let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let io = StopsReading {
         inner: socket.connect(proxy.local_addr()).await.unwrap(),
@@ -1102,10 +1107,7 @@ async fn an_http2_client_that_stops_reading_its_connection_is_closed_at_the_writ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_leaves_its_only_stream_unread_is_closed_at_the_write_timeout() {
-    let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", huge_stream()), |c| {
-        c.write_timeout(Duration::from_millis(300))
-    })
-    .await;
+    let (mock, proxy) = start_cutting_at_300ms().await;
     // The client's HTTP/2 stack keeps reading its socket and answering pings, but
     // the application never reads the body: the stream's 64 KiB window fills and is
     // never released. The socket never makes the proxy's writes wait.
