@@ -1072,6 +1072,31 @@ impl tokio::io::AsyncWrite for StopsReading {
     }
 }
 
+/// Opens an HTTP/2 connection on `io` (its client set up by `configure`), asks it
+/// for a gpt-4o stream and returns the 200 response with its body unread.
+async fn unread_h2_stream<I>(
+    proxy: &ProxyHandle,
+    io: I,
+    configure: impl FnOnce(&mut hyper::client::conn::http2::Builder<TokioExecutor>),
+) -> http::Response<hyper::body::Incoming>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut client = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    configure(&mut client);
+    let (mut sender, connection) = client
+        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(chat(proxy, "gpt-4o", true))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_stops_reading_its_connection_is_closed_at_the_write_timeout() {
     let (mock, proxy) = start_cutting_at_300ms().await;
@@ -1083,18 +1108,12 @@ async fn an_http2_client_that_stops_reading_its_connection_is_closed_at_the_writ
     };
     // Flow-control windows far larger than the stream: what stops the proxy is the
     // socket, not HTTP/2 flow control.
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(1 << 30)
-        .initial_connection_window_size(1 << 30)
-        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let response = sender
-        .send_request(chat(&proxy, "gpt-4o", true))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let response = unread_h2_stream(&proxy, io, |client| {
+        client
+            .initial_stream_window_size(1 << 30)
+            .initial_connection_window_size(1 << 30);
+    })
+    .await;
     // The client freezes, its response held but never read.
     reading.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
@@ -1112,17 +1131,10 @@ async fn an_http2_client_that_leaves_its_only_stream_unread_is_closed_at_the_wri
     // the application never reads the body: the stream's 64 KiB window fills and is
     // never released. The socket never makes the proxy's writes wait.
     let io = TcpStream::connect(proxy.local_addr()).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
-        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let response = sender
-        .send_request(chat(&proxy, "gpt-4o", true))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let response = unread_h2_stream(&proxy, io, |client| {
+        client.initial_stream_window_size(65_535);
+    })
+    .await;
     assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
 
     assert_cut_at_the_write_timeout(&mock, &proxy).await;
