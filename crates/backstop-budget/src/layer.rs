@@ -115,6 +115,7 @@ impl<M: BudgetModel> RetryBudgetLayerBuilder<M> {
                 model: self.model,
                 throttle: self.throttle,
                 observer: Observer::new(self.name),
+                origin: tokio::time::Instant::now(),
             }),
         }
     }

@@ -20,7 +20,12 @@
 //! 3. **adds** a [`RetryBudgetHandle`] to the request's extensions. The retry layer
 //!    calls [`RetryBudget::try_withdraw`] on it before every retry and, when refused,
 //!    does not retry: it returns the last outcome, its stop reason
-//!    `StopReason::BudgetExhausted`;
+//!    `StopReason::BudgetExhausted`. The budget caps the retries *sent*: when an
+//!    allowed retry is then not made (the upstream's pace has no slot for it after
+//!    its wait, the inner service is not ready before the deadline, or the caller
+//!    drops the request during the wait), the retry layer calls
+//!    [`RetryBudget::refund`] and the withdrawal is given back
+//!    ([`BudgetModel::give_back`]; counted in `retries_refunded`);
 //! 4. calls the inner service and, when the call completes, **reads the outcome** (the
 //!    response's [`Classification`](backstop_classify::Classification) extension, the
 //!    status when there is none, or the error's classification) to feed the model and
@@ -45,7 +50,9 @@
 //!   balance a `window` later; a reserve of `min_retries_per_sec × window` is always
 //!   there. Lock-free: deposits and withdrawals go into rings of time slots, each
 //!   update one compare-and-swap; a withdrawal is decided by one compare-and-swap on
-//!   the total spent, so concurrent retries never overdraw it.
+//!   the total spent, so concurrent retries never overdraw it. A refund takes the
+//!   withdrawal back out of the slot it went into, while that slot is still in the
+//!   window (after that it no longer counts anyway).
 //! * [`RetryThrottle`]: gRPC retry throttling. Tokens start at `max_tokens`, −1 per
 //!   failed attempt, +`token_ratio` per success; retries only while tokens > max/2.
 //!
@@ -113,11 +120,12 @@
 //! ## Observability
 //!
 //! * [`RetryBudgetLayer::snapshot`] ([`BudgetSnapshot`]: balance, retries available,
-//!   deposits, retries allowed and refused) and
+//!   deposits, retries allowed, refused and refunded) and
 //!   [`RetryBudgetLayer::throttle_snapshot`] ([`ThrottleSnapshot`]).
 //! * Counters through the [`metrics`] facade, labelled `budget = <name>`:
 //!   [`METRIC_DEPOSITS`], [`METRIC_RETRIES_ALLOWED`], [`METRIC_RETRIES_REFUSED`],
-//!   [`METRIC_LOCAL_REJECTIONS`]. They are registered when the layer is built.
+//!   [`METRIC_RETRIES_REFUNDED`], [`METRIC_LOCAL_REJECTIONS`]. They are registered
+//!   when the layer is built.
 //! * Tracing: a `warn` when the budget becomes exhausted (at most one per 10 s) and
 //!   when throttling starts; `debug`/`info` when they end. Never per request.
 //!
@@ -202,7 +210,8 @@ pub use future::ResponseFuture;
 pub use layer::{RetryBudgetLayer, RetryBudgetLayerBuilder};
 pub use model::{BudgetModel, BudgetSnapshot, ConfigError};
 pub use observe::{
-    METRIC_DEPOSITS, METRIC_LOCAL_REJECTIONS, METRIC_RETRIES_ALLOWED, METRIC_RETRIES_REFUSED,
+    METRIC_DEPOSITS, METRIC_LOCAL_REJECTIONS, METRIC_RETRIES_ALLOWED, METRIC_RETRIES_REFUNDED,
+    METRIC_RETRIES_REFUSED,
 };
 pub use outcome::Outcome;
 pub use retry_throttle::{RetryThrottle, RetryThrottleConfig};

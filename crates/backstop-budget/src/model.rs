@@ -12,17 +12,37 @@ use backstop_classify::RetryBudget;
 /// The layer calls, for every logical request it lets through:
 ///
 /// 1. [`deposit`](BudgetModel::deposit) once, before the request goes in;
-/// 2. [`try_withdraw`](RetryBudget::try_withdraw) (from the classify crate's
-///    [`RetryBudget`]) each time the retry layer wants to retry, that is, each time
-///    an attempt has just failed in a retryable way;
+/// 2. [`try_withdraw_at`](BudgetModel::try_withdraw_at) each time the retry layer
+///    wants to retry, that is, each time an attempt has just failed in a retryable
+///    way; and [`give_back`](BudgetModel::give_back) for an allowed withdrawal whose retry
+///    the retry layer then did not make (see [`RetryBudget::refund`]);
 /// 3. once the logical request has ended, [`record_success`](BudgetModel::record_success)
 ///    if it succeeded, or [`record_failure`](BudgetModel::record_failure) if its last
 ///    attempt failed for a reason that reflects the upstream's health *and* that
-///    attempt was not already reported through a refused `try_withdraw`. So every
-///    attempt that failed is reported exactly once, whichever way it ended.
+///    attempt was not already reported through a `try_withdraw_at` that no attempt
+///    followed (refused, or refunded). So every attempt that failed is reported
+///    exactly once, whichever way it ended.
 pub trait BudgetModel: RetryBudget {
     /// A logical request is about to be sent.
     fn deposit(&self);
+
+    /// [`RetryBudget::try_withdraw`] at `now`, the instant a later
+    /// [`give_back`](BudgetModel::give_back) of this withdrawal names. The default ignores
+    /// `now`.
+    fn try_withdraw_at(&self, now: tokio::time::Instant) -> bool {
+        let _ = now;
+        self.try_withdraw()
+    }
+
+    /// Gives back a withdrawal allowed at `withdrawn_at` whose retry was not made.
+    /// Called at most once per allowed withdrawal; a model counts it in
+    /// [`BudgetSnapshot::retries_refunded`]. The default does nothing, keeping the
+    /// withdrawal (fewer retries, never more). [`RetryThrottle`](crate::RetryThrottle)
+    /// counts it and gives no token back: its withdrawal recorded a failure, which
+    /// happened, rather than spent anything on the retry.
+    fn give_back(&self, withdrawn_at: tokio::time::Instant) {
+        let _ = withdrawn_at;
+    }
 
     /// A logical request ended in success.
     fn record_success(&self) {}
@@ -54,6 +74,10 @@ pub struct BudgetSnapshot {
     pub retries_allowed: u64,
     /// Retries the budget refused.
     pub retries_refused: u64,
+    /// Allowed retries given back because they were not made (counted in
+    /// `retries_allowed` too): the retries sent are `retries_allowed −
+    /// retries_refunded`.
+    pub retries_refunded: u64,
 }
 
 impl BudgetSnapshot {
@@ -66,6 +90,7 @@ impl BudgetSnapshot {
             deposits: 0,
             retries_allowed: 0,
             retries_refused: 0,
+            retries_refunded: 0,
         }
     }
 }

@@ -13,6 +13,9 @@ pub const METRIC_DEPOSITS: &str = "backstop_budget_deposits_total";
 pub const METRIC_RETRIES_ALLOWED: &str = "backstop_budget_retries_allowed_total";
 /// Counter: retries the budget refused.
 pub const METRIC_RETRIES_REFUSED: &str = "backstop_budget_retries_refused_total";
+/// Counter: retries the budget allowed that were then not made, and so given back
+/// (also counted in [`METRIC_RETRIES_ALLOWED`]).
+pub const METRIC_RETRIES_REFUNDED: &str = "backstop_budget_retries_refunded_total";
 /// Counter: requests the adaptive throttle rejected before they reached the provider.
 pub const METRIC_LOCAL_REJECTIONS: &str = "backstop_budget_local_rejections_total";
 
@@ -29,6 +32,7 @@ pub(crate) struct Observer {
     deposits: Counter,
     retries_allowed: Counter,
     retries_refused: Counter,
+    retries_refunded: Counter,
     local_rejections: Counter,
     exhausted: AtomicBool,
     throttling: AtomicBool,
@@ -44,6 +48,7 @@ impl Observer {
             deposits: metrics::counter!(METRIC_DEPOSITS, "budget" => label()),
             retries_allowed: metrics::counter!(METRIC_RETRIES_ALLOWED, "budget" => label()),
             retries_refused: metrics::counter!(METRIC_RETRIES_REFUSED, "budget" => label()),
+            retries_refunded: metrics::counter!(METRIC_RETRIES_REFUNDED, "budget" => label()),
             local_rejections: metrics::counter!(METRIC_LOCAL_REJECTIONS, "budget" => label()),
             name,
             exhausted: AtomicBool::new(false),
@@ -85,6 +90,11 @@ impl Observer {
                  until new requests deposit or old retries leave the window"
             );
         }
+    }
+
+    /// Counts an allowed retry given back because it was not made.
+    pub(crate) fn retry_refunded(&self) {
+        self.retries_refunded.increment(1);
     }
 
     fn warning_due(&self) -> bool {

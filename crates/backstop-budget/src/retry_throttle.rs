@@ -64,6 +64,7 @@ pub struct RetryThrottle {
     requests: AtomicU64,
     retries_allowed: AtomicU64,
     retries_refused: AtomicU64,
+    retries_refunded: AtomicU64,
 }
 
 impl RetryThrottle {
@@ -84,6 +85,7 @@ impl RetryThrottle {
             requests: AtomicU64::new(0),
             retries_allowed: AtomicU64::new(0),
             retries_refused: AtomicU64::new(0),
+            retries_refunded: AtomicU64::new(0),
         })
     }
 
@@ -144,6 +146,12 @@ impl BudgetModel for RetryThrottle {
         self.take_failure();
     }
 
+    /// Counted, but no token comes back: the withdrawal recorded the failed attempt,
+    /// which did happen, rather than spent anything on the retry.
+    fn give_back(&self, _withdrawn_at: tokio::time::Instant) {
+        self.retries_refunded.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> BudgetSnapshot {
         let tokens = self.tokens.load(Ordering::Acquire);
         // Retry k (k = 1, 2, …) is allowed while tokens − k·TOKEN > max / 2.
@@ -161,6 +169,7 @@ impl BudgetModel for RetryThrottle {
             deposits: self.requests.load(Ordering::Relaxed),
             retries_allowed: self.retries_allowed.load(Ordering::Relaxed),
             retries_refused: self.retries_refused.load(Ordering::Relaxed),
+            retries_refunded: self.retries_refunded.load(Ordering::Relaxed),
         }
     }
 }

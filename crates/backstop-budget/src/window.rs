@@ -157,6 +157,35 @@ impl SlotRing {
         self.update(tick, amount, Overflow::Refuse)
     }
 
+    /// Takes `amount` back out of the slot of `tick` (a refund of an event recorded
+    /// there), and returns whether it did. Only when the slot still belongs to `tick`
+    /// and holds at least `amount`: an event that has left the window (its slot was
+    /// cleared or reused) no longer counts and is not taken back, so a refund never
+    /// takes out more than the window holds. The caller names an event it recorded
+    /// itself and has not taken back before (values are per-slot sums: the ring cannot
+    /// tell one event from another).
+    pub(crate) fn take_back(&self, tick: u64, amount: i64) -> bool {
+        let slot = &self.slots[(tick % SLOTS as u64) as usize];
+        let mut word = slot.load(Ordering::Acquire);
+        loop {
+            let (tag, value) = unpack(word);
+            if tag != tick as u32 || i64::from(value) < amount {
+                return false;
+            }
+            // In range: `value - amount` lies between 0 and `value`.
+            let new = (i64::from(value) - amount) as i32;
+            match slot.compare_exchange_weak(
+                word,
+                pack(tag, new),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(current) => word = current,
+            }
+        }
+    }
+
     fn update(&self, tick: u64, amount: i64, overflow: Overflow) -> Option<i64> {
         let slot = &self.slots[(tick % SLOTS as u64) as usize];
         let mut word = slot.load(Ordering::Acquire);
@@ -266,6 +295,30 @@ mod tests {
         assert_eq!(ring.sum(11), 3);
         assert_eq!(ring.add(2, 1), 1, "joins the later tick's slot");
         assert_eq!(ring.sum(12), 4);
+    }
+
+    #[test]
+    fn take_back_removes_only_what_its_slot_still_holds() {
+        let ring = SlotRing::new();
+        ring.add(4, 3000);
+        assert!(ring.take_back(4, 1000));
+        assert_eq!(ring.sum(4), 2000);
+        assert!(!ring.take_back(4, 2001), "more than the slot holds");
+        assert!(!ring.take_back(5, 1000), "another tick's slot");
+        assert!(
+            !ring.take_back(4 + SLOTS as u64, 1000),
+            "the same slot index, a window later"
+        );
+        assert_eq!(ring.sum(4), 2000, "refusals change nothing");
+        // Once the slot's tick has left the window, nothing of it is taken back.
+        assert_eq!(ring.expire(4 + SLOTS as u64), 2000);
+        assert!(!ring.take_back(4, 1000));
+        ring.add(4 + SLOTS as u64, 1000);
+        assert!(
+            !ring.take_back(4, 1000),
+            "the slot now belongs to a later tick"
+        );
+        assert_eq!(ring.sum(4 + SLOTS as u64), 1000);
     }
 
     #[test]

@@ -95,6 +95,7 @@ pub struct WindowedBudget {
     deposits: AtomicU64,
     retries_allowed: AtomicU64,
     retries_refused: AtomicU64,
+    retries_refunded: AtomicU64,
 }
 
 impl WindowedBudget {
@@ -132,6 +133,7 @@ impl WindowedBudget {
             deposits: AtomicU64::new(0),
             retries_allowed: AtomicU64::new(0),
             retries_refused: AtomicU64::new(0),
+            retries_refunded: AtomicU64::new(0),
         }
     }
 
@@ -207,6 +209,24 @@ impl WindowedBudget {
         taken
     }
 
+    /// Gives back, at `now`, one retry withdrawn at `withdrawn_at` (an instant
+    /// [`WindowedBudget::try_withdraw_at`] allowed a retry at) whose retry was not
+    /// made; returns whether it did. A withdrawal that has already left the window
+    /// no longer counts and is not given back (`false`, nothing changed). Name each
+    /// allowed withdrawal at most once: the budget counts withdrawals per tenth of
+    /// the window, not one by one, so a second refund would give back another
+    /// caller's retry.
+    pub fn refund_at(&self, withdrawn_at: Instant, now: Instant) -> bool {
+        self.advance(now);
+        let tick = self.ticker.tick(withdrawn_at);
+        let given_back = self.withdrawn.take_back(tick, RETRY_COST);
+        if given_back {
+            self.spent.fetch_sub(RETRY_COST, Ordering::AcqRel);
+            self.retries_refunded.fetch_add(1, Ordering::Relaxed);
+        }
+        given_back
+    }
+
     /// [`BudgetModel::snapshot`] at `now`.
     pub fn snapshot_at(&self, now: Instant) -> BudgetSnapshot {
         let tick = self.advance(now);
@@ -218,6 +238,7 @@ impl WindowedBudget {
             deposits: self.deposits.load(Ordering::Relaxed),
             retries_allowed: self.retries_allowed.load(Ordering::Relaxed),
             retries_refused: self.retries_refused.load(Ordering::Relaxed),
+            retries_refunded: self.retries_refunded.load(Ordering::Relaxed),
         }
     }
 }
@@ -238,6 +259,14 @@ impl RetryBudget for WindowedBudget {
 impl BudgetModel for WindowedBudget {
     fn deposit(&self) {
         self.deposit_at(Instant::now());
+    }
+
+    fn try_withdraw_at(&self, now: Instant) -> bool {
+        WindowedBudget::try_withdraw_at(self, now)
+    }
+
+    fn give_back(&self, withdrawn_at: Instant) {
+        self.refund_at(withdrawn_at, Instant::now());
     }
 
     fn snapshot(&self) -> BudgetSnapshot {
@@ -267,6 +296,31 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    #[test]
+    fn a_refund_gives_a_withdrawal_back_only_while_it_is_in_the_window() {
+        let t0 = Instant::now();
+        let b = budget(10, 0.0, 1.0, t0);
+        b.deposit_at(t0);
+        b.deposit_at(t0 + Duration::from_secs(5));
+        assert!(b.try_withdraw_at(t0));
+        // Within the window the withdrawal comes back: two retries' worth again.
+        let t1 = t0 + Duration::from_secs(6);
+        assert!(b.refund_at(t0, t1));
+        assert_eq!(b.snapshot_at(t1).balance, 2.0);
+        // Withdrawn again at 0 s; at 10 s that withdrawal (and the first deposit)
+        // have left the window: giving it back then would credit a retry nobody
+        // paid for.
+        assert!(b.try_withdraw_at(t0));
+        let t2 = t0 + Duration::from_secs(10);
+        assert_eq!(b.snapshot_at(t2).balance, 1.0);
+        assert!(!b.refund_at(t0, t2));
+        let s = b.snapshot_at(t2);
+        assert_eq!(
+            (s.balance, s.retries_allowed, s.retries_refunded),
+            (1.0, 2, 1)
+        );
     }
 
     #[test]
@@ -380,15 +434,17 @@ mod tests {
         }
         assert_eq!(withdraw_all(&b, t0), 2);
         assert!(!b.try_withdraw_at(t0));
+        assert!(b.refund_at(t0, t0));
         assert_eq!(
             b.snapshot_at(t0),
             BudgetSnapshot {
                 model: "windowed",
-                balance: 0.0,
-                retries_available: 0,
+                balance: 1.0,
+                retries_available: 1,
                 deposits: 4,
                 retries_allowed: 2,
                 retries_refused: 2,
+                retries_refunded: 1,
             }
         );
     }

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use backstop_budget::{
     AdaptiveThrottle, AdaptiveThrottleConfig, BudgetModel, ClassifiedError, FailureKind,
-    METRIC_DEPOSITS, METRIC_LOCAL_REJECTIONS, METRIC_RETRIES_ALLOWED, METRIC_RETRIES_REFUSED,
-    RetryBudgetHandle, RetryBudgetLayer, RetryThrottle, RetryThrottleConfig, WindowedBudget,
-    WindowedBudgetConfig,
+    METRIC_DEPOSITS, METRIC_LOCAL_REJECTIONS, METRIC_RETRIES_ALLOWED, METRIC_RETRIES_REFUNDED,
+    METRIC_RETRIES_REFUSED, RetryBudgetHandle, RetryBudgetLayer, RetryThrottle,
+    RetryThrottleConfig, WindowedBudget, WindowedBudgetConfig,
 };
 use backstop_classify::{Failure, FallbackRoute};
 use support::{Provider, ScriptedRetry, request};
@@ -219,6 +219,85 @@ async fn retry_throttle_hears_of_each_failed_attempt_exactly_once() {
     let bare = layer.layer(Provider::always(503));
     bare.oneshot(request(3)).await.unwrap();
     assert_eq!(layer.snapshot().balance, 1.5);
+}
+
+/// An inner service that does what the retry layer does for a retry it decides on
+/// and then does not make (its upstream's pace had no slot, the caller gave up during
+/// the wait): asks the budget, gives an allowed withdrawal back, and answers with the
+/// failure that led to it.
+fn withdraws_then_refunds() -> impl Service<
+    http::Request<String>,
+    Response = http::Response<String>,
+    Error = ClassifiedError,
+    Future: Send,
+> + Clone {
+    service_fn(|req: http::Request<String>| async move {
+        let handle = req
+            .extensions()
+            .get::<RetryBudgetHandle>()
+            .cloned()
+            .unwrap();
+        let allowed = handle.0.try_withdraw();
+        handle.0.refund();
+        // The retry layer gives a withdrawal back once; a second call changes nothing.
+        handle.0.refund();
+        let mut response = http::Response::new(allowed.to_string());
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, ClassifiedError>(response)
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_given_back_restores_the_retry_and_is_counted() {
+    let recorded = Recorded::default();
+    let layer = metrics::with_local_recorder(&recorded, || {
+        RetryBudgetLayer::builder(ratio_budget(0.5))
+            .name("openai")
+            .build()
+    });
+    let svc = layer.layer(withdraws_then_refunds());
+    // Two requests at 50 %: the first finds half a retry (refused, so there is
+    // nothing to give back), the second one retry, allowed and given back.
+    let first = svc.clone().oneshot(request(1)).await.unwrap();
+    let second = svc.clone().oneshot(request(2)).await.unwrap();
+    assert_eq!(
+        (first.body().as_str(), second.body().as_str()),
+        ("false", "true")
+    );
+    let s = layer.snapshot();
+    assert_eq!(
+        (
+            s.deposits,
+            s.retries_allowed,
+            s.retries_refused,
+            s.retries_refunded
+        ),
+        (2, 1, 1, 1)
+    );
+    assert_eq!(s.balance, 1.0, "the retry that was not made is not spent");
+    assert_eq!(s.retries_available, 1);
+    assert_eq!(recorded.get(METRIC_RETRIES_REFUNDED, "openai"), 1);
+    assert_eq!(recorded.get(METRIC_RETRIES_ALLOWED, "openai"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_throttle_counts_a_refund_but_hears_of_the_failure_once() {
+    let layer = RetryBudgetLayer::new(
+        RetryThrottle::new(RetryThrottleConfig {
+            max_tokens: 4,
+            token_ratio: 0.5,
+        })
+        .unwrap(),
+    );
+    let svc = layer.layer(withdraws_then_refunds());
+    // The withdrawal recorded the failed attempt (4 → 3) and allowed the retry; the
+    // retry was not made, so the request ends on that same failure: not counted again,
+    // and no token comes back (the failure happened).
+    let response = svc.oneshot(request(0)).await.unwrap();
+    assert_eq!(response.body(), "true");
+    let s = layer.snapshot();
+    assert_eq!(s.balance, 3.0);
+    assert_eq!((s.retries_allowed, s.retries_refunded), (1, 1));
 }
 
 /// A metrics recorder keeping each counter in an atomic, keyed by name and labels.

@@ -102,9 +102,20 @@ pub fn is_idempotent<B>(request: &http::Request<B>) -> bool {
 /// puts a [`RetryBudgetHandle`] in the request's extensions; the retry layer asks
 /// [`RetryBudget::try_withdraw`] before every retry and does not retry when refused.
 /// Without a handle the retry layer retries on its own caps alone.
+///
+/// The budget caps the retries that are *sent*: a withdrawal whose retry is then not
+/// made (the upstream's pace had no slot for it after the wait, the inner service did
+/// not become ready before the deadline, or the caller dropped the request during the
+/// wait) is given back with [`RetryBudget::refund`].
 pub trait RetryBudget: Send + Sync + 'static {
     /// Takes the right to make one retry; `false` means the retry must not be made.
     fn try_withdraw(&self) -> bool;
+
+    /// Gives back the withdrawal this handle allowed last, whose retry was not made.
+    /// The retry layer calls it at most once per allowed withdrawal, and never for a
+    /// retry it sent. The default keeps the withdrawal: a budget that cannot give one
+    /// back errs towards fewer retries, never more.
+    fn refund(&self) {}
 }
 
 /// The request extension through which the retry layer reaches the budget.

@@ -255,12 +255,16 @@ pub fn render(
          # HELP backstop_budget_retries_total Retries asked of the budget, by decision.\n\
          # TYPE backstop_budget_retries_total counter\n\
          backstop_budget_retries_total{{model=\"{model}\",decision=\"allowed\"}} {}\n\
-         backstop_budget_retries_total{{model=\"{model}\",decision=\"refused\"}} {}",
+         backstop_budget_retries_total{{model=\"{model}\",decision=\"refused\"}} {}\n\
+         # HELP backstop_budget_retries_refunded_total Allowed retries given back because they were not made (counted as allowed too).\n\
+         # TYPE backstop_budget_retries_refunded_total counter\n\
+         backstop_budget_retries_refunded_total{{model=\"{model}\"}} {}",
         budget.balance,
         budget.retries_available,
         budget.deposits,
         budget.retries_allowed,
-        budget.retries_refused
+        budget.retries_refused,
+        budget.retries_refunded
     );
     if let Some(throttle) = throttle {
         let _ = writeln!(
@@ -344,6 +348,7 @@ mod tests {
         let mut budget = BudgetSnapshot::new("windowed");
         budget.deposits = 9;
         budget.retries_refused = 2;
+        budget.retries_refunded = 1;
         let text = render(&values, &[], &budget, None);
         for line in [
             "backstop_proxy_requests_total{outcome=\"served\"} 5",
@@ -363,6 +368,7 @@ mod tests {
             "backstop_proxy_fallbacks_total 1",
             "backstop_budget_deposits_total{model=\"windowed\"} 9",
             "backstop_budget_retries_total{model=\"windowed\",decision=\"refused\"} 2",
+            "backstop_budget_retries_refunded_total{model=\"windowed\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
