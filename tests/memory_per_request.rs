@@ -426,8 +426,10 @@ const STACK_SUCCESS_ALLOCATIONS: usize = 21;
 /// Bytes the full stack allocates for the first retry of a request (with the boxed
 /// retry state, whose future holds the slot for a failure kept across a paced
 /// retry's wait: 8 bytes; and 8 more since session 6, the retry layer's response
-/// body carrying the stream idle timeout's slot).
-const STACK_FIRST_RETRY_BYTES: usize = 4_691;
+/// body carrying the stream idle timeout's slot; and 56 more since session 8, the
+/// budget's withdrawal held until the retry is sent, so that one not sent is given
+/// back).
+const STACK_FIRST_RETRY_BYTES: usize = 4_747;
 /// Bytes the full stack allocates for each later retry.
 const STACK_LATER_RETRY_BYTES: usize = 3_275;
 /// Bytes the full stack allocates for a request the primary refuses with

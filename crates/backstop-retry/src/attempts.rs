@@ -87,10 +87,53 @@ pub(crate) struct Sent<F> {
 pub(crate) enum Next<RB> {
     /// Hand this to the caller (the attempt log is on it).
     Return(Outcome<RB>),
-    /// Wait, then make another attempt. The failed outcome comes along only when the
-    /// upstream's pace ([`PaceHandle`]) may refuse that attempt: it is then what the
-    /// caller gets.
-    Retry(Waited, Option<Kept<RB>>),
+    /// Wait, then make another attempt.
+    Retry(Planned<RB>),
+}
+
+/// A retry the policy decided on, until it is sent.
+pub(crate) struct Planned<RB> {
+    /// The wait before it.
+    pub(crate) waited: Waited,
+    /// The failed outcome, kept only when the upstream's pace ([`PaceHandle`]) may
+    /// still refuse the retry: it is then what the caller gets.
+    kept: Option<Kept<RB>>,
+    /// The budget's withdrawal for it, given back if it is not sent.
+    drawn: Option<Drawn>,
+}
+
+impl<RB> Planned<RB> {
+    /// A retry after `wait`, with nothing kept and nothing drawn.
+    #[cfg(test)]
+    pub(crate) fn after(wait: Duration) -> Self {
+        Planned {
+            waited: Waited { wait, hint: None },
+            kept: None,
+            drawn: None,
+        }
+    }
+}
+
+/// The budget's withdrawal for a retry that has not been sent yet. Dropped unsent
+/// (the pace refused the retry after its wait, the inner service was not ready
+/// before the deadline, the caller dropped the request during the wait), it gives
+/// the withdrawal back ([`RetryBudget::refund`](backstop_classify::RetryBudget::refund)):
+/// the budget caps the retries sent.
+pub(crate) struct Drawn(Option<RetryBudgetHandle>);
+
+impl Drawn {
+    /// The retry has been handed to the inner service: the withdrawal stands.
+    fn spend(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Drawn {
+    fn drop(&mut self) {
+        if let Some(RetryBudgetHandle(budget)) = self.0.take() {
+            budget.refund();
+        }
+    }
 }
 
 /// A failed outcome kept across the wait before a paced retry (boxed: only a paced
@@ -109,9 +152,8 @@ pub(crate) enum Resume<RB> {
         /// The wait before this attempt (`None` for the first).
         waited: Option<Waited>,
     },
-    /// A failure the policy said to retry, after this wait (with the failed outcome
-    /// when the retry is paced, see [`Next::Retry`]).
-    Wait(Waited, Option<Kept<RB>>),
+    /// A failure the policy said to retry.
+    Wait(Planned<RB>),
 }
 
 /// How an attempt stands once its response head (or error) is in.
@@ -352,6 +394,7 @@ impl<S, B> Attempts<S, B> {
             },
             rng,
         );
+        let mut drawn = None;
         // The layer's own limits hold whatever the policy said.
         if let Decision::RetryAfter(wait, hint) = decision {
             // tokio's timer counts whole milliseconds: round up, so the wait that is
@@ -374,14 +417,13 @@ impl<S, B> Attempts<S, B> {
                 // The upstream's pace has no slot for the retry before the deadline:
                 // hand the failure on now rather than after a wait that ends in it.
                 decision = Decision::Stop(StopReason::PaceRefused);
-            } else if self
-                .parts
-                .extensions
-                .get::<RetryBudgetHandle>()
-                .is_some_and(|b| !b.0.try_withdraw())
-            {
+            } else if let Some(budget) = self.parts.extensions.get::<RetryBudgetHandle>() {
                 // Looked up here, not at the start: only a retry needs the budget.
-                decision = Decision::Stop(StopReason::BudgetExhausted);
+                if budget.0.try_withdraw() {
+                    drawn = Some(Drawn(Some(budget.clone())));
+                } else {
+                    decision = Decision::Stop(StopReason::BudgetExhausted);
+                }
             }
         }
         match decision {
@@ -406,7 +448,11 @@ impl<S, B> Attempts<S, B> {
                     .get::<PaceHandle>()
                     .is_some()
                     .then(|| Box::new(outcome));
-                Next::Retry(Waited { wait, hint }, kept)
+                Next::Retry(Planned {
+                    waited: Waited { wait, hint },
+                    kept,
+                    drawn,
+                })
             }
         }
     }
@@ -569,32 +615,34 @@ impl<S, B> Attempts<S, B> {
         RB: Body<Data = Bytes> + Unpin + Send + 'static,
         RB::Error: Into<BoxError>,
     {
-        let (mut waited, mut kept) = match from {
+        let mut planned = match from {
             Resume::Held {
                 first_event,
                 waited,
             } => match self.conclude_held(first_event.await, waited) {
                 Next::Return(outcome) => return outcome,
-                Next::Retry(next, kept) => (next, kept),
+                Next::Retry(planned) => planned,
             },
-            Resume::Wait(waited, kept) => (waited, kept),
+            Resume::Wait(planned) => planned,
         };
+        // Every return before the retry is sent drops `planned`, giving its budget
+        // withdrawal back; so does dropping this future during the wait.
         loop {
             tracing::debug!(
-                wait_ms = waited.wait.as_millis() as u64,
+                wait_ms = planned.waited.wait.as_millis() as u64,
                 "waiting before retry"
             );
             // Boxed, like every future only a retry needs: this state machine stays
             // small.
-            Box::pin(sleep(waited.wait)).await;
+            Box::pin(sleep(planned.waited.wait)).await;
 
             // A paced upstream: the retry takes a slot like a new call would.
-            if let Some(last) = kept.take() {
+            if let Some(last) = planned.kept.take() {
                 let pace = self.parts.extensions.get::<PaceHandle>().cloned();
                 let longest = self.shared.config.max_hint;
                 let min_left = self.shared.config.min_attempt_time;
                 match Box::pin(pace_slot(pace, self.deadline, min_left, longest)).await {
-                    Some(extra) => waited.wait = waited.wait.saturating_add(extra),
+                    Some(extra) => planned.waited.wait = planned.waited.wait.saturating_add(extra),
                     None => {
                         self.log_mut().stop = Some(StopReason::PaceRefused);
                         return self.finish(*last);
@@ -632,6 +680,9 @@ impl<S, B> Attempts<S, B> {
                 }
             }
 
+            if let Some(drawn) = planned.drawn.take() {
+                drawn.spend();
+            }
             // A block, so its locals (the attempt's future, the outcome) are not
             // stored in this future across the wait.
             let next = {
@@ -648,16 +699,16 @@ impl<S, B> Attempts<S, B> {
                     AfterHead::Done {
                         outcome,
                         classification,
-                    } => self.conclude(outcome, classification, None, Some(waited)),
+                    } => self.conclude(outcome, classification, None, Some(planned.waited)),
                     AfterHead::Hold(held) => {
                         let first = held.wait_for_first_event(started, until).await;
-                        self.conclude_held(first, Some(waited))
+                        self.conclude_held(first, Some(planned.waited))
                     }
                 }
             };
             match next {
                 Next::Return(outcome) => return outcome,
-                Next::Retry(next, last) => (waited, kept) = (next, last),
+                Next::Retry(next) => planned = next,
             }
         }
     }

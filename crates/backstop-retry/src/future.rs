@@ -156,7 +156,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(outcome);
                     }
-                    Next::Retry(waited, kept) => Resume::Wait(waited, kept),
+                    Next::Retry(planned) => Resume::Wait(planned),
                 },
                 AfterHead::Hold(held) => Resume::Held {
                     first_event: held.wait_for_first_event(started, until),

@@ -22,7 +22,7 @@
 //! - From the request's extensions: a [`Deadline`](backstop_classify::Deadline) (the
 //!   sooner of it and the layer's own deadline applies), a
 //!   [`RetryBudgetHandle`](backstop_classify::RetryBudgetHandle) (asked before every
-//!   retry), a [`PaceHandle`](backstop_classify::PaceHandle) (the breaker's, on a
+//!   retry; a withdrawal whose retry is then not sent is given back), a [`PaceHandle`](backstop_classify::PaceHandle) (the breaker's, on a
 //!   call admitted while its key is paced: see below),
 //!   [`Idempotent`](backstop_classify::Idempotent), [`StreamRequest`],
 //!   [`ModelRoute`](backstop_classify::ModelRoute) (for the trace's
@@ -69,7 +69,8 @@
 //!   includes that); when the pace has no slot before the deadline (or within
 //!   `max_hint`, as for a hint), the last failure is handed on untouched with
 //!   [`StopReason::PaceRefused`](backstop_classify::StopReason): at once when that is
-//!   known at the failure (the budget is then not drawn), or after the wait. Each 429
+//!   known at the failure (the budget is then not drawn), or after the wait (the
+//!   budget's withdrawal is then given back). Each 429
 //!   an attempt gets is reported to the pace as it arrives, so the pace slows down
 //!   within one response time rather than when the call finishes; 503s are left to
 //!   the call's outcome (see `backstop-breaker`'s pacing for why).
@@ -161,6 +162,12 @@
 //! the layer still enforces `max_attempts`, the deadline and the retry budget. A
 //! budget refusal returns the last outcome (the provider's response keeps its own
 //! classification; the log says [`BudgetExhausted`](backstop_classify::StopReason::BudgetExhausted)).
+//! The budget is drawn when the retry is decided, before its wait, and the
+//! withdrawal stands only once the retry is handed to the inner service: if it is
+//! not (the pace refuses it after the wait, the inner service fails or is not ready
+//! before the deadline, the caller drops the request during the wait), the layer
+//! gives it back with [`RetryBudget::refund`](backstop_classify::RetryBudget::refund),
+//! so the budget counts the retries sent.
 //!
 //! ## Streams
 //!

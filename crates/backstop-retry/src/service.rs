@@ -138,7 +138,7 @@ mod tests {
     use tower_layer::Layer;
     use tower_service::Service;
 
-    use crate::attempts::{Attempts, Resume, Waited};
+    use crate::attempts::{Attempts, Planned, Resume};
 
     fn provider() -> impl tower_service::Service<
         http::Request<backstop_classify::ReplayBody>,
@@ -166,13 +166,7 @@ mod tests {
             retry.shared.clone(),
             http::Request::new(backstop_classify::ReplayBody::default()),
         );
-        let future = attempts.resume(Resume::Wait(
-            Waited {
-                wait: Duration::from_millis(1),
-                hint: None,
-            },
-            None,
-        ));
+        let future = attempts.resume(Resume::Wait(Planned::after(Duration::from_millis(1))));
         let size = std::mem::size_of_val(&future);
         assert!(size <= 1280, "the retry loop's future is {size} bytes");
     }

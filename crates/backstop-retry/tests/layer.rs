@@ -610,13 +610,64 @@ async fn budget_is_not_asked_for_non_retryable_failures() {
     assert_eq!(budget.0.load(Ordering::SeqCst), 5);
 }
 
+/// A budget that allows every retry and counts the withdrawals and the refunds.
+#[derive(Default)]
+struct Ledger {
+    withdrawn: AtomicU32,
+    refunded: AtomicU32,
+}
+
+impl Ledger {
+    /// Withdrawals made, and how many of them were given back.
+    fn counts(&self) -> (u32, u32) {
+        (
+            self.withdrawn.load(Ordering::SeqCst),
+            self.refunded.load(Ordering::SeqCst),
+        )
+    }
+
+    /// A request carrying this budget.
+    fn request(self: &Arc<Self>) -> http::Request<backstop_classify::ReplayBody> {
+        let mut req = request("{}");
+        req.extensions_mut().insert(RetryBudgetHandle(self.clone()));
+        req
+    }
+}
+
+impl RetryBudget for Ledger {
+    fn try_withdraw(&self) -> bool {
+        self.withdrawn.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn refund(&self) {
+        self.refunded.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_that_are_sent_keep_their_withdrawals() {
+    let fake = Fake::new(vec![Step::status(500), Step::status(503), Step::ok("{}")]);
+    let ledger = Arc::new(Ledger::default());
+    let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
+    let response = svc.oneshot(ledger.request()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fake.attempts(), 3);
+    assert_eq!(ledger.counts(), (2, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_the_future_during_a_wait_makes_no_further_attempt() {
     let fake = Fake::new(vec![Step::status(500), Step::ok("{}")]);
+    let ledger = Arc::new(Ledger::default());
     let svc = RetryLayer::new(RetryConfig::batch()).layer(fake.clone());
-    let call = svc.oneshot(request("{}"));
-    let outcome = tokio::time::timeout(secs(1.0), call).await;
+    let mut call = Box::pin(svc.oneshot(ledger.request()));
+    let outcome = tokio::time::timeout(secs(1.0), call.as_mut()).await;
     assert!(outcome.is_err(), "still waiting its 2 s backoff");
+    assert_eq!(ledger.counts(), (1, 0), "drawn for the retry it waits for");
+    drop(call);
+    // The retry that will not be made gives its withdrawal back.
+    assert_eq!(ledger.counts(), (1, 1));
     tokio::time::sleep(secs(60.0)).await;
     assert_eq!(fake.attempts(), 1);
 }
@@ -865,14 +916,18 @@ async fn readiness_for_a_retry_is_awaited_only_until_the_latest_start() {
             .with_min_attempt_time(secs(min_left))
             .unwrap();
         let start = Instant::now();
+        let ledger = Arc::new(Ledger::default());
         let result = RetryLayer::new(config)
             .layer(svc)
-            .oneshot(request("{}"))
+            .oneshot(ledger.request())
             .await;
         assert_eq!(
             fake.starts(start),
             starts.iter().copied().map(secs).collect::<Vec<_>>()
         );
+        // The retry was drawn at the 500; given back when it was not sent.
+        let refunded = u32::from(outcome.is_err());
+        assert_eq!(ledger.counts(), (1, refunded), "min {min_left}");
         match outcome {
             Ok(status) => assert_eq!(result.unwrap().status(), status),
             Err(at) => {
@@ -889,6 +944,57 @@ async fn readiness_for_a_retry_is_awaited_only_until_the_latest_start() {
             }
         }
     }
+}
+
+/// Ready for the first call; after it, its readiness fails (a pool that closed).
+#[derive(Clone)]
+struct ClosesAfterOneCall {
+    inner: Fake,
+    called: bool,
+}
+
+impl tower::Service<http::Request<backstop_classify::ReplayBody>> for ClosesAfterOneCall {
+    type Response =
+        <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Response;
+    type Error = backstop_classify::BoxError;
+    type Future = <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(match self.called {
+            false => Ok(()),
+            true => Err("connection pool closed".into()),
+        })
+    }
+
+    fn call(&mut self, request: http::Request<backstop_classify::ReplayBody>) -> Self::Future {
+        self.called = true;
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_whose_service_fails_readiness_is_not_sent_and_gives_its_withdrawal_back() {
+    let fake = Fake::new(vec![Step::status(500), Step::ok("{}")]);
+    let ledger = Arc::new(Ledger::default());
+    let svc = ClosesAfterOneCall {
+        inner: fake.clone(),
+        called: false,
+    };
+    // The layer keeps the service that made the first attempt for the retry.
+    let error = RetryLayer::new(RetryConfig::batch())
+        .layer(svc)
+        .oneshot(ledger.request())
+        .await
+        .unwrap_err();
+    assert_eq!(fake.attempts(), 1);
+    assert_eq!(
+        error.attempt_log().unwrap().stop,
+        Some(StopReason::NotRetryable)
+    );
+    assert_eq!(ledger.counts(), (1, 1));
 }
 
 mod deadline_property {

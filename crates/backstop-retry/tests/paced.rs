@@ -76,14 +76,31 @@ impl UpstreamPace for ScriptedPace {
     }
 }
 
-/// A budget that allows everything and counts the withdrawals.
+/// A budget that allows everything and counts the withdrawals and the refunds.
 #[derive(Default)]
-struct CountingBudget(AtomicU32);
+struct CountingBudget {
+    withdrawn: AtomicU32,
+    refunded: AtomicU32,
+}
+
+impl CountingBudget {
+    /// Withdrawals made, and how many of them were given back.
+    fn counts(&self) -> (u32, u32) {
+        (
+            self.withdrawn.load(Ordering::SeqCst),
+            self.refunded.load(Ordering::SeqCst),
+        )
+    }
+}
 
 impl RetryBudget for CountingBudget {
     fn try_withdraw(&self) -> bool {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        self.withdrawn.fetch_add(1, Ordering::SeqCst);
         true
+    }
+
+    fn refund(&self) {
+        self.refunded.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -154,7 +171,8 @@ async fn a_paced_retry_waits_for_its_slot_after_the_hint() {
     assert!(log.attempts[1].hint_used.is_some());
     // The 429 was reported to the pace as it came, once.
     assert_eq!(pace.slowed(), [Duration::ZERO]);
-    assert_eq!(budget.0.load(Ordering::SeqCst), 1);
+    // The retry was sent: its withdrawal stands.
+    assert_eq!(budget.counts(), (1, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -169,7 +187,7 @@ async fn no_slot_before_the_deadline_hands_the_429_on_at_once_without_drawing_th
     assert_eq!(mock.attempt_count(), 1);
     assert_eq!(log.stop, Some(StopReason::PaceRefused));
     assert!(pace.asked().is_empty());
-    assert_eq!(budget.0.load(Ordering::SeqCst), 0);
+    assert_eq!(budget.counts(), (0, 0));
     // The provider's own response, byte for byte: what one attempt alone returns.
     let alone = mock_body_of_one_attempt().await;
     assert_eq!(body, alone);
@@ -189,8 +207,9 @@ async fn a_slot_refused_after_the_wait_returns_the_kept_429_untouched() {
     assert_eq!(log.stop, Some(StopReason::PaceRefused));
     assert_eq!(log.attempts.len(), 1);
     assert_eq!(pace.asked(), [Duration::from_secs(1)]);
-    // The budget was drawn at the decision, before the wait.
-    assert_eq!(budget.0.load(Ordering::SeqCst), 1);
+    // The budget was drawn at the decision, before the wait, and given back when the
+    // retry was not made.
+    assert_eq!(budget.counts(), (1, 1));
     assert_eq!(body, mock_body_of_one_attempt().await);
 }
 
@@ -267,6 +286,7 @@ async fn a_retry_whose_booked_slots_keep_going_to_others_gives_up_after_eight() 
     // The 1 s wait, then eight bookings of 100 ms each.
     assert_eq!(pace.asked().len(), 8);
     assert_eq!(took, Duration::from_millis(1800));
+    assert_eq!(budget.counts(), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -296,7 +316,7 @@ async fn a_paced_slot_that_leaves_less_than_the_minimum_is_refused_at_once() {
         assert_eq!(log.stop, Some(stop), "min {min_left:?}");
         // Refused at the failure: the budget is not drawn. (Taken, the retry goes
         // after the 1 s hint: the scripted pace admits it when asked then.)
-        assert_eq!(budget.0.load(Ordering::SeqCst) as usize, attempts - 1);
+        assert_eq!(budget.counts(), (attempts as u32 - 1, 0));
         assert_eq!(elapsed, took, "min {min_left:?}");
     }
 }
@@ -319,6 +339,9 @@ async fn a_slot_booked_past_the_latest_start_is_refused_after_the_wait() {
         let (status, body, log, elapsed) = send(config, &mock, Some(&pace), &budget).await;
         assert_eq!(mock.attempt_count(), attempts, "min {min_left:?}");
         assert_eq!(elapsed, took, "min {min_left:?}");
+        // Drawn at the 429; given back when the retry was not made.
+        let refunded = u32::from(attempts == 1);
+        assert_eq!(budget.counts(), (1, refunded), "min {min_left:?}");
         if attempts == 1 {
             assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(log.stop, Some(StopReason::PaceRefused));
