@@ -27,6 +27,18 @@ fn ratio_budget(ratio: f64) -> WindowedBudget {
     .unwrap()
 }
 
+/// The bodies of two requests sent one after the other (the inner services below
+/// answer whether the budget allowed their retry).
+async fn two_requests<S>(svc: S) -> [String; 2]
+where
+    S: Service<http::Request<String>, Response = http::Response<String>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let first = svc.clone().oneshot(request(1)).await.unwrap();
+    let second = svc.oneshot(request(2)).await.unwrap();
+    [first.into_body(), second.into_body()]
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_request_gets_a_handle_to_the_shared_budget_after_its_deposit() {
     let layer = RetryBudgetLayer::new(ratio_budget(0.5));
@@ -41,12 +53,7 @@ async fn every_request_gets_a_handle_to_the_shared_budget_after_its_deposit() {
         Ok::<_, ClassifiedError>(http::Response::new(allowed.to_string()))
     });
     let svc = layer.layer(inner);
-    let first = svc.clone().oneshot(request(1)).await.unwrap();
-    let second = svc.clone().oneshot(request(2)).await.unwrap();
-    assert_eq!(
-        (first.body().as_str(), second.body().as_str()),
-        ("false", "true")
-    );
+    assert_eq!(two_requests(svc).await, ["false", "true"]);
     let s = layer.snapshot();
     assert_eq!(
         (s.deposits, s.retries_allowed, s.retries_refused),
@@ -255,15 +262,10 @@ async fn a_withdrawal_given_back_restores_the_retry_and_is_counted() {
             .name("openai")
             .build()
     });
-    let svc = layer.layer(withdraws_then_refunds());
     // Two requests at 50 %: the first finds half a retry (refused, so there is
     // nothing to give back), the second one retry, allowed and given back.
-    let first = svc.clone().oneshot(request(1)).await.unwrap();
-    let second = svc.clone().oneshot(request(2)).await.unwrap();
-    assert_eq!(
-        (first.body().as_str(), second.body().as_str()),
-        ("false", "true")
-    );
+    let svc = layer.layer(withdraws_then_refunds());
+    assert_eq!(two_requests(svc).await, ["false", "true"]);
     let s = layer.snapshot();
     assert_eq!(
         (

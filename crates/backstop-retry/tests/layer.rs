@@ -775,6 +775,11 @@ async fn malformed_hints_fall_back_to_backoff() {
     }
 }
 
+// The wrappers below change only the readiness of the scripted service.
+type FakeRequest = http::Request<backstop_classify::ReplayBody>;
+type FakeResponse = <Fake as tower::Service<FakeRequest>>::Response;
+type FakeFuture = <Fake as tower::Service<FakeRequest>>::Future;
+
 /// Pending on its first `poll_ready` after every call, then ready; counts calls made
 /// on an instance that was not driven to ready. A clone starts not ready.
 struct Picky {
@@ -797,11 +802,10 @@ impl Clone for Picky {
     }
 }
 
-impl tower::Service<http::Request<backstop_classify::ReplayBody>> for Picky {
-    type Response =
-        <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Response;
+impl tower::Service<FakeRequest> for Picky {
+    type Response = FakeResponse;
     type Error = backstop_classify::BoxError;
-    type Future = <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Future;
+    type Future = FakeFuture;
 
     fn poll_ready(
         &mut self,
@@ -819,7 +823,7 @@ impl tower::Service<http::Request<backstop_classify::ReplayBody>> for Picky {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<backstop_classify::ReplayBody>) -> Self::Future {
+    fn call(&mut self, request: FakeRequest) -> Self::Future {
         if !self.ready {
             self.unready_calls.fetch_add(1, Ordering::SeqCst);
         }
@@ -867,11 +871,10 @@ impl Clone for SlowToReady {
     }
 }
 
-impl tower::Service<http::Request<backstop_classify::ReplayBody>> for SlowToReady {
-    type Response =
-        <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Response;
+impl tower::Service<FakeRequest> for SlowToReady {
+    type Response = FakeResponse;
     type Error = backstop_classify::BoxError;
-    type Future = <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Future;
+    type Future = FakeFuture;
 
     fn poll_ready(
         &mut self,
@@ -887,7 +890,7 @@ impl tower::Service<http::Request<backstop_classify::ReplayBody>> for SlowToRead
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<backstop_classify::ReplayBody>) -> Self::Future {
+    fn call(&mut self, request: FakeRequest) -> Self::Future {
         self.ready_at = Some(Instant::now() + self.delay);
         self.sleep = None;
         self.inner.call(request)
@@ -953,11 +956,10 @@ struct ClosesAfterOneCall {
     called: bool,
 }
 
-impl tower::Service<http::Request<backstop_classify::ReplayBody>> for ClosesAfterOneCall {
-    type Response =
-        <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Response;
+impl tower::Service<FakeRequest> for ClosesAfterOneCall {
+    type Response = FakeResponse;
     type Error = backstop_classify::BoxError;
-    type Future = <Fake as tower::Service<http::Request<backstop_classify::ReplayBody>>>::Future;
+    type Future = FakeFuture;
 
     fn poll_ready(
         &mut self,
@@ -969,7 +971,7 @@ impl tower::Service<http::Request<backstop_classify::ReplayBody>> for ClosesAfte
         })
     }
 
-    fn call(&mut self, request: http::Request<backstop_classify::ReplayBody>) -> Self::Future {
+    fn call(&mut self, request: FakeRequest) -> Self::Future {
         self.called = true;
         self.inner.call(request)
     }
