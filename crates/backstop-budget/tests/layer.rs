@@ -27,6 +27,14 @@ fn ratio_budget(ratio: f64) -> WindowedBudget {
     .unwrap()
 }
 
+/// The budget handle the layer put on `req`.
+fn budget_of(req: &http::Request<String>) -> RetryBudgetHandle {
+    req.extensions()
+        .get::<RetryBudgetHandle>()
+        .cloned()
+        .expect("the budget layer adds a handle to every request")
+}
+
 /// The bodies of two requests sent one after the other (the inner services below
 /// answer whether the budget allowed their retry).
 async fn two_requests<S>(svc: S) -> [String; 2]
@@ -43,11 +51,7 @@ where
 async fn every_request_gets_a_handle_to_the_shared_budget_after_its_deposit() {
     let layer = RetryBudgetLayer::new(ratio_budget(0.5));
     let inner = service_fn(|req: http::Request<String>| async move {
-        let handle = req
-            .extensions()
-            .get::<RetryBudgetHandle>()
-            .cloned()
-            .unwrap();
+        let handle = budget_of(&req);
         // Two requests at 50 %: the second one finds one retry's worth.
         let allowed = handle.0.try_withdraw();
         Ok::<_, ClassifiedError>(http::Response::new(allowed.to_string()))
@@ -239,11 +243,7 @@ fn withdraws_then_refunds() -> impl Service<
     Future: Send,
 > + Clone {
     service_fn(|req: http::Request<String>| async move {
-        let handle = req
-            .extensions()
-            .get::<RetryBudgetHandle>()
-            .cloned()
-            .unwrap();
+        let handle = budget_of(&req);
         let allowed = handle.0.try_withdraw();
         handle.0.refund();
         // The retry layer gives a withdrawal back once; a second call changes nothing.
