@@ -28,6 +28,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::first_event::{FirstEvent, read_first_event};
+use crate::kept::KeptRequest;
 use crate::policy::starts_in_time;
 use crate::service::Shared;
 use crate::{
@@ -49,11 +50,11 @@ pub(crate) struct Attempts<S, B> {
     /// The service that makes the next attempt (driven to ready before each retry).
     inner: S,
     shared: Arc<Shared>,
-    /// The request as the caller sent it (plus the effective deadline and the
-    /// idempotency key): every attempt gets a copy.
-    parts: http::request::Parts,
+    /// What a retry is built from: a copy of the request as the first attempt got it
+    /// (the caller's request, plus the effective deadline and the idempotency key).
+    kept: KeptRequest,
     body: B,
-    /// Whether the request is idempotent, noted when the last attempt takes `parts`.
+    /// Whether the request is idempotent, noted when an attempt takes what is kept.
     idempotent: Option<bool>,
     deadline: Option<Instant>,
     hold: HoldChoice,
@@ -169,48 +170,59 @@ pub(crate) enum AfterHead<RB> {
 
 impl<S, B> Attempts<S, B> {
     /// The set-up before the first attempt: the effective deadline, the idempotency
-    /// key, whether streams are held.
+    /// key, whether streams are held. The first attempt sends the caller's own
+    /// `request` ([`send_first`](Self::send_first)), with those set on it; the state
+    /// keeps a copy for retries.
     #[inline(always)]
-    pub(crate) fn new(inner: S, shared: Arc<Shared>, request: Request<B>) -> Self {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>, request: &mut Request<B>) -> Self
+    where
+        B: Clone,
+    {
         let config = &shared.config;
-        let (mut parts, body) = request.into_parts();
 
         // The clock is read only when a deadline needs it (it is not free: a
         // thread-local lookup, and a lock under tokio's test clock).
         let deadline = earliest(
             config.deadline.map(|d| Instant::now() + d),
-            parts.extensions.get::<Deadline>().map(|d| d.0),
+            request.extensions().get::<Deadline>().map(|d| d.0),
         );
         if let Some(deadline) = deadline {
             // The layers inside (attempt timeout, transport) see the same deadline.
-            parts.extensions.insert(Deadline(deadline));
+            request.extensions_mut().insert(Deadline(deadline));
         }
 
         let mut rng: Option<SmallRng> = None;
-        if config.idempotency_key && !parts.headers.contains_key(IDEMPOTENCY_KEY) {
+        if config.idempotency_key && !request.headers().contains_key(IDEMPOTENCY_KEY) {
             let key = rng
                 .get_or_insert_with(|| shared.request_rng())
                 .random::<u128>();
             if let Ok(value) = HeaderValue::try_from(format!("backstop-{key:032x}")) {
-                parts.headers.insert(IDEMPOTENCY_KEY, value);
+                request.headers_mut().insert(IDEMPOTENCY_KEY, value);
             }
         }
         let hold = match config.hold_first_event {
             HoldFirstEvent::Never => HoldChoice::Decided(false),
             HoldFirstEvent::Always => HoldChoice::Decided(true),
-            HoldFirstEvent::Auto if parts.extensions.get::<StreamRequest>().is_some() => {
+            HoldFirstEvent::Auto if request.extensions().get::<StreamRequest>().is_some() => {
                 HoldChoice::Decided(true)
             }
             // The body scan costs a pass over the body: done only if a stream answers.
             HoldFirstEvent::Auto => HoldChoice::ScanBody,
         };
+        let (kept, idempotent) = if config.max_attempts > 1 {
+            (KeptRequest::copy_of(request), None)
+        } else {
+            // No retry follows: nothing is kept. The policy may still ask whether
+            // the request was idempotent.
+            (KeptRequest::nothing(), Some(is_idempotent(request)))
+        };
 
         Attempts {
             inner,
             shared,
-            parts,
-            body,
-            idempotent: None,
+            kept,
+            body: request.body().clone(),
+            idempotent,
             deadline,
             hold,
             rng,
@@ -223,30 +235,45 @@ impl<S, B> Attempts<S, B> {
     /// was written.
     fn idempotent(&self) -> bool {
         self.idempotent.unwrap_or_else(|| {
-            self.parts.extensions.get::<Idempotent>().is_some()
-                || self.parts.headers.contains_key(IDEMPOTENCY_KEY)
+            self.kept.extensions.get::<Idempotent>().is_some()
+                || self.kept.has_header(&IDEMPOTENCY_KEY)
         })
     }
 
-    /// Hands the next attempt to the inner service, which the caller has driven to
-    /// ready.
+    /// Hands the first attempt, the request [`new`](Self::new) prepared, to the
+    /// inner service, which the caller has driven to ready.
+    #[inline]
+    pub(crate) fn send_first(&mut self, first: Request<B>) -> Sent<S::Future>
+    where
+        S: Service<Request<B>>,
+    {
+        self.dispatch(first)
+    }
+
+    /// Hands a retry to the inner service, which the caller has driven to ready.
+    /// [`KeptRequest::prepare_replay`] said yes when the retry was decided.
     #[inline]
     pub(crate) fn send<RB>(&mut self) -> Sent<S::Future>
     where
         S: Service<Request<B>, Response = Response<RB>>,
         B: Clone,
     {
+        let last = self.number + 1 >= self.shared.config.max_attempts;
+        if last {
+            // It takes what is kept instead of a copy.
+            self.idempotent = Some(self.idempotent());
+        }
+        let parts = self.kept.replay(last);
+        self.dispatch(Request::from_parts(parts, self.body.clone()))
+    }
+
+    #[inline]
+    fn dispatch(&mut self, mut attempt: Request<B>) -> Sent<S::Future>
+    where
+        S: Service<Request<B>>,
+    {
         self.number += 1;
         let config = &self.shared.config;
-        let parts = if self.number >= config.max_attempts {
-            // No attempt follows this one: it takes the request instead of a copy.
-            // The policy may still ask whether the request was idempotent.
-            self.idempotent = Some(self.idempotent());
-            std::mem::replace(&mut self.parts, Request::new(()).into_parts().0)
-        } else {
-            self.parts.clone()
-        };
-        let mut attempt = Request::from_parts(parts, self.body.clone());
         if let Some(name) = &config.attempt_header {
             attempt
                 .headers_mut()
@@ -373,7 +400,7 @@ impl<S, B> Attempts<S, B> {
         // A paced upstream hears of its slow-downs at once, not when the whole
         // call finishes.
         if matches!(failure.kind, FailureKind::RateLimited)
-            && let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>()
+            && let Some(PaceHandle(pace)) = self.kept.extensions.get::<PaceHandle>()
         {
             pace.slowed_down(Instant::now());
         }
@@ -409,7 +436,7 @@ impl<S, B> Attempts<S, B> {
                 // The hint as the provider gave it (before the jitter), so the
                 // threshold means what it says.
                 && hint.is_some_and(|h| h.source.is_from_provider() && h.delay >= at_least)
-                && self.parts.extensions.get::<FallbackAvailable>().is_some()
+                && self.kept.extensions.get::<FallbackAvailable>().is_some()
             {
                 // The provider said "not now" and another model can answer now.
                 decision = Decision::Stop(StopReason::HandedToFallback);
@@ -417,7 +444,11 @@ impl<S, B> Attempts<S, B> {
                 // The upstream's pace has no slot for the retry before the deadline:
                 // hand the failure on now rather than after a wait that ends in it.
                 decision = Decision::Stop(StopReason::PaceRefused);
-            } else if let Some(budget) = self.parts.extensions.get::<RetryBudgetHandle>() {
+            } else if !self.kept.prepare_replay() {
+                // The kept headers do not parse back (only a bug in `http` could do
+                // that): the retry cannot send what the first attempt sent.
+                decision = Decision::Stop(StopReason::NotRetryable);
+            } else if let Some(budget) = self.kept.extensions.get::<RetryBudgetHandle>() {
                 // Looked up here, not at the start: only a retry needs the budget.
                 if budget.0.try_withdraw() {
                     drawn = Some(Drawn(Some(budget.clone())));
@@ -443,7 +474,7 @@ impl<S, B> Attempts<S, B> {
                 // upstream's pace may refuse the retry, when it is what the caller
                 // gets (its body is an error body the classify layer has read).
                 let kept = self
-                    .parts
+                    .kept
                     .extensions
                     .get::<PaceHandle>()
                     .is_some()
@@ -468,7 +499,7 @@ impl<S, B> Attempts<S, B> {
     /// `wait` before the deadline, or none within `max_hint`: known before the wait,
     /// so the failure is handed on at once and the budget is not drawn.
     fn pace_refuses(&self, wait: Duration, time_left: Option<Duration>) -> bool {
-        let Some(PaceHandle(pace)) = self.parts.extensions.get::<PaceHandle>() else {
+        let Some(PaceHandle(pace)) = self.kept.extensions.get::<PaceHandle>() else {
             return false;
         };
         let config = &self.shared.config;
@@ -577,7 +608,7 @@ impl<S, B> Attempts<S, B> {
 
     #[inline]
     fn put_on<RB>(&mut self, response: &mut Response<RB>, log: AttemptLog) {
-        let spare = &mut self.parts.extensions;
+        let spare = &mut self.kept.extensions;
         if response.extensions().is_empty() && !spare.is_empty() {
             // The request's extensions map is no longer needed: emptied, it carries
             // the log, which then costs no map of its own (a box, a table: two
@@ -638,7 +669,7 @@ impl<S, B> Attempts<S, B> {
 
             // A paced upstream: the retry takes a slot like a new call would.
             if let Some(last) = planned.kept.take() {
-                let pace = self.parts.extensions.get::<PaceHandle>().cloned();
+                let pace = self.kept.extensions.get::<PaceHandle>().cloned();
                 let longest = self.shared.config.max_hint;
                 let min_left = self.shared.config.min_attempt_time;
                 match Box::pin(pace_slot(pace, self.deadline, min_left, longest)).await {
@@ -766,6 +797,13 @@ impl<RB> AfterHead<RB> {
             outcome: Err(error),
         }
     }
+}
+
+/// Whether the request may be sent again after a failure that happened once it was
+/// written: it says so with the [`Idempotent`] marker or an `Idempotency-Key`.
+fn is_idempotent<B>(request: &Request<B>) -> bool {
+    request.extensions().get::<Idempotent>().is_some()
+        || request.headers().contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Whether to hold a stream for its first event, decided when first needed.

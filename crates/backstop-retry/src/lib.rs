@@ -80,9 +80,16 @@
 //! - Never allocates for the retry machinery when the first attempt settles the
 //!   request: that attempt is polled inside the [`ResponseFuture`], and the retry
 //!   loop is boxed only when a retry (or a stream held for its first event) needs
-//!   it. A success allocates the copy of the request kept for a retry and the
+//!   it. A success allocates the copy of the request kept for a retry (its headers
+//!   packed in one buffer, a clone of its extensions if it has any) and the
 //!   [`AttemptLog`](backstop_classify::AttemptLog), nothing else (a counting-allocator
 //!   test checks the exact count); with `max_attempts` 1 there is no copy.
+//! - Never sends a retry that differs from the first attempt: the same method, URI,
+//!   version, extensions and body, and the same headers in the same order with the
+//!   same bytes and sensitivity (tested, for packed and cloned headers, and against
+//!   `http`'s own rule for which values can be packed). If the packed headers could
+//!   not be read back (only a bug in `http` could cause it), the request is not
+//!   retried: the caller gets the failed attempt.
 //!
 //! ## Example
 //!
@@ -208,8 +215,8 @@
 //! retries on a 5xx), and through this layer (`RetryConfig::interactive()`); plus the
 //! [`AttemptLog`](backstop_classify::AttemptLog) alone, built, put on a response and
 //! dropped. One run of
-//! `cargo bench -p backstop-retry --bench retry_overhead -- --warm-up-time 1 --measurement-time 3`,
-//! 2026-11-24 13:46 UTC, load average 0.8–0.9 (the best of interleaved rounds, which
+//! `cargo bench -p backstop-retry --bench retry_overhead -- --warm-up-time 1 --measurement-time 2`,
+//! 2026-11-24 22:34 UTC, load average 1.0 (the best of interleaved rounds, which
 //! filters out preemption). Instruction counts (callgrind, the bench binary's
 //! `RETRY_OVERHEAD_CALLS` mode, see the bench's docs) and allocations
 //! (`tests/allocations.rs`) do not depend on load:
@@ -217,31 +224,37 @@
 //! | per request | interleaved best | added over bare | instructions added over bare | allocations |
 //! |---|---|---|---|---|
 //! | bare service | 90 ns | — | — | 0 |
-//! | `tower::retry::Retry` | 266 ns | +175 ns | +1,731 | 4 |
-//! | backstop `Retry` | 421 ns | +330 ns | +3,261 | 7 |
-//! | the attempt log alone | 63 ns | | 956 | 3 |
+//! | `tower::retry::Retry` | 263 ns | +174 ns | +1,743 | 4 |
+//! | backstop `Retry` | 372 ns | +282 ns | +2,890 | 4 |
+//! | the attempt log alone | 63 ns | | 957 | 3 |
 //!
-//! **The target is not met**: 1.58× tower's retry in time (1.41×, +303 ns, in a later
-//! run of the same code), 1.26× in instructions (target ≤ 1.0), and about 300–330 ns
-//! added (target < 200 ns). Where the difference goes:
+//! **The target is not met**: 1.41× tower's retry in time in that run (1.31× in
+//! another run of the same code), 1.20× in instructions (target ≤ 1.0), and about
+//! 260–280 ns added (target < 200 ns). Where the difference goes:
 //!
-//! - Both make the one copy of the request a retry needs (tower's policy clones it;
-//!   this layer keeps the parts): 4 allocations here (the header map's two, and the
-//!   first clone of each of the two header values' bytes), and the same cost to drop.
-//! - The [`AttemptLog`](backstop_classify::AttemptLog) every response carries is most
-//!   of the rest. Its first record is stored inline, but on a response that has no
-//!   extensions yet the map costs its box, its table and the value's box: 3
-//!   allocations, about 960 instructions and 63 ns with the frees, which tower's retry
-//!   does not spend. It is the layer's contract (the fallback layer, the proxy and
-//!   callers read it), so it stays. With hyper-util's `HttpConnector` as the
+//! - Tower's policy clones the request for a retry: 4 allocations here (the header
+//!   map's two, and the first clone of each of the two header values' bytes, which
+//!   moves them to a shared buffer), and as many frees. This layer hands the caller's
+//!   own request to the first attempt and keeps its headers packed in one buffer
+//!   (1 allocation; a request with more than four headers, such as the fourteen an
+//!   SDK sends, keeps a clone of its map, which costs less than packing when hyper
+//!   has parsed the values: both are measured in `BENCHMARKS.md`). So the copy for
+//!   a retry costs about 500 instructions less than tower's.
+//! - The [`AttemptLog`](backstop_classify::AttemptLog) every response carries is all
+//!   of the rest, and more. Its first record is stored inline, but on a response
+//!   that has no extensions yet the map costs its box, its table and the value's box:
+//!   3 allocations, about 960 instructions and 63 ns with the frees, which tower's
+//!   retry does not spend. It is the layer's contract (the fallback layer, the proxy
+//!   and callers read it), so it stays. With hyper-util's `HttpConnector` as the
 //!   transport every response carries its `HttpInfo`, so the map exists already and
-//!   the log costs its value's box alone. When the request carries extensions (in the full
-//!   stack: the budget's handle, the fallback's model route) and the response none,
-//!   the log goes into the request's emptied map instead, and costs 1 allocation
-//!   (tested); in the full stack the classify layer has made the map already.
-//! - The remaining ≈ 570 instructions are the layer's own bookkeeping: the per-request
-//!   span, the effective deadline and stream decision, the content-type and request-id
-//!   lookups for the record, and the state a retry would need.
+//!   the log costs its value's box alone. When the request carries extensions (in
+//!   the full stack: the budget's handle, the fallback's model route) and the
+//!   response none, the log goes into the emptied map of the request's copy instead,
+//!   and costs 1 allocation (tested); in the full stack the classify layer has made
+//!   the map already.
+//! - The layer's own bookkeeping (the per-request span, the effective deadline and
+//!   stream decision, the content-type and request-id lookups for the record) is
+//!   about as much again as the copy saves.
 //!
 //! The history, and the same run with the request as it arrives inside a stack
 //! (1.37×), are in the repository's `BENCHMARKS.md`. What brought it from 2.1–2.3× to
@@ -251,7 +264,9 @@
 //! copy; a first-attempt success is settled where it lies; the provider request-id
 //! lookups use constant header names (a `&str` name is parsed on every lookup, about
 //! 400 instructions); the budget handle is looked up only when a retry needs it; the
-//! log's first record is stored inline.
+//! log's first record is stored inline; the request's headers are kept packed for a
+//! retry, and the caller's own request goes to the first attempt (1.28× → 1.20× in
+//! instructions).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -262,6 +277,7 @@ mod config;
 mod error;
 mod first_event;
 mod future;
+mod kept;
 mod layer;
 mod policy;
 mod replay;

@@ -108,7 +108,7 @@ where
             .map_err(|e| verdict::classified_error(e.into()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The service that was driven to ready makes the first attempt, now; `self`
         // keeps a fresh clone that its next `poll_ready` will drive.
         let clone = self.inner.clone();
@@ -122,10 +122,10 @@ where
         {
             span.record("gen_ai.request.model", &*route.model);
         }
-        let mut attempts = Attempts::new(inner, self.shared.clone(), request);
+        let mut attempts = Attempts::new(inner, self.shared.clone(), &mut request);
         let first = {
             let _entered = span.enter();
-            attempts.send()
+            attempts.send_first(request)
         };
         ResponseFuture::first(first, attempts, span)
     }
@@ -164,7 +164,7 @@ mod tests {
         let attempts = Attempts::new(
             retry.get_ref().clone(),
             retry.shared.clone(),
-            http::Request::new(backstop_classify::ReplayBody::default()),
+            &mut http::Request::new(backstop_classify::ReplayBody::default()),
         );
         let future = attempts.resume(Resume::Wait(Planned::after(Duration::from_millis(1))));
         let size = std::mem::size_of_val(&future);
@@ -177,9 +177,9 @@ mod tests {
     #[tokio::test]
     async fn the_response_future_holds_only_the_request_and_the_first_attempt() {
         let mut retry = crate::RetryLayer::new(crate::RetryConfig::interactive()).layer(provider());
-        let request = http::Request::new(backstop_classify::ReplayBody::default());
+        let mut request = http::Request::new(backstop_classify::ReplayBody::default());
         let future = retry.call(request.clone());
-        let attempts = Attempts::new(retry.get_ref().clone(), retry.shared.clone(), request);
+        let attempts = Attempts::new(retry.get_ref().clone(), retry.shared.clone(), &mut request);
         let first_attempt = retry.get_mut().call(http::Request::default());
         let size = std::mem::size_of_val(&future);
         let parts = size_of_val(&attempts) + size_of_val(&first_attempt);
@@ -194,9 +194,9 @@ mod tests {
     #[test]
     fn the_request_state_is_the_request_plus_a_few_words() {
         let retry = crate::RetryLayer::new(crate::RetryConfig::interactive()).layer(provider());
-        let request = http::Request::new(backstop_classify::ReplayBody::default());
+        let mut request = http::Request::new(backstop_classify::ReplayBody::default());
         let request_size = size_of_val(&request);
-        let attempts = Attempts::new(retry.get_ref().clone(), retry.shared.clone(), request);
+        let attempts = Attempts::new(retry.get_ref().clone(), retry.shared.clone(), &mut request);
         let size = size_of_val(&attempts);
         assert!(
             size <= request_size + 160,
