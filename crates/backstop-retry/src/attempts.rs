@@ -214,7 +214,11 @@ impl<S, B> Attempts<S, B> {
         } else {
             // No retry follows: nothing is kept. The policy may still ask whether
             // the request was idempotent.
-            (KeptRequest::nothing(), Some(is_idempotent(request)))
+            let has_key = || request.headers().contains_key(IDEMPOTENCY_KEY);
+            (
+                KeptRequest::nothing(),
+                Some(says_idempotent(request.extensions(), has_key)),
+            )
         };
 
         Attempts {
@@ -235,8 +239,9 @@ impl<S, B> Attempts<S, B> {
     /// was written.
     fn idempotent(&self) -> bool {
         self.idempotent.unwrap_or_else(|| {
-            self.kept.extensions.get::<Idempotent>().is_some()
-                || self.kept.has_header(&IDEMPOTENCY_KEY)
+            says_idempotent(&self.kept.extensions, || {
+                self.kept.has_header(&IDEMPOTENCY_KEY)
+            })
         })
     }
 
@@ -800,10 +805,10 @@ impl<RB> AfterHead<RB> {
 }
 
 /// Whether the request may be sent again after a failure that happened once it was
-/// written: it says so with the [`Idempotent`] marker or an `Idempotency-Key`.
-fn is_idempotent<B>(request: &Request<B>) -> bool {
-    request.extensions().get::<Idempotent>().is_some()
-        || request.headers().contains_key(IDEMPOTENCY_KEY)
+/// written: it says so with the [`Idempotent`] marker or an `Idempotency-Key`
+/// (`has_key`, asked only without the marker), in the caller's request or the copy kept.
+fn says_idempotent(extensions: &http::Extensions, has_key: impl FnOnce() -> bool) -> bool {
+    extensions.get::<Idempotent>().is_some() || has_key()
 }
 
 /// Whether to hold a stream for its first event, decided when first needed.

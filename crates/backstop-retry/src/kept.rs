@@ -9,8 +9,10 @@
 //! built with `HeaderValue::try_from`, as a client builds its `authorization` header:
 //! its first clone moves its bytes to a shared buffer), and as many frees. On the
 //! success path that was more than the rest of the layer's work together. The packed
-//! copy is one allocation and one free however many headers there are, and a copy of
-//! their bytes.
+//! copy is one allocation and one free, and a copy of the headers' bytes. Packing
+//! costs a pass over every header, so only short lists are packed
+//! ([`PACK_AT_MOST`]); a longer one, typically parsed by hyper with values that clone
+//! by reference count, keeps a clone of its map.
 //!
 //! The first retry unpacks it into a map (names parsed again, values slices of the
 //! packed buffer); every retry after it clones that map, as the layer did before.

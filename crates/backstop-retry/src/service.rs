@@ -189,8 +189,9 @@ mod tests {
         );
     }
 
-    /// What a request keeps between attempts is its own parts and body, the inner
-    /// service and a few words (deadline, log, random source).
+    /// What a request keeps between attempts is its copy of the request's head (the
+    /// headers packed), its body, the inner service and a few words (deadline, log,
+    /// random source).
     #[test]
     fn the_request_state_is_the_request_plus_a_few_words() {
         let retry = crate::RetryLayer::new(crate::RetryConfig::interactive()).layer(provider());
