@@ -68,9 +68,10 @@ fn request_with_route() -> Req {
 }
 
 /// The request as the sidecar proxy hands it on: the headers an official SDK sends
-/// (a project key, the client's `x-stainless-*` set), their values slices of one
-/// shared buffer as hyper's parser makes them, so a clone of one costs a reference
-/// count, not an allocation.
+/// (a project key, the client's `x-stainless-*` set) as hyper's parser makes them:
+/// each value a slice of one shared buffer (a clone costs a reference count), each
+/// name through `HeaderName::from_bytes` (a custom name is a copy of its bytes,
+/// which its first clone moves to a shared buffer: an allocation).
 fn request_from_sdk() -> Req {
     const SDK_HEADERS: [(&str, &str); 14] = [
         ("host", "api.provider.test"),
@@ -100,7 +101,7 @@ fn request_from_sdk() -> Req {
         let bytes = shared.slice(at..at + value.len());
         at += value.len();
         request.headers_mut().append(
-            http::HeaderName::from_static(name),
+            http::HeaderName::from_bytes(name.as_bytes()).expect("valid name"),
             http::HeaderValue::from_maybe_shared(bytes).expect("valid value"),
         );
     }

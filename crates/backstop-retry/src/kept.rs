@@ -5,14 +5,15 @@
 //! is made for replay, not for sending: the headers are packed into one buffer.
 //!
 //! An `http::HeaderMap` clone costs two allocations (its index and its entries), plus
-//! one for every header value whose bytes came from a `&str` or `String` (a value
-//! built with `HeaderValue::try_from`, as a client builds its `authorization` header:
-//! its first clone moves its bytes to a shared buffer), and as many frees. On the
-//! success path that was more than the rest of the layer's work together. The packed
-//! copy is one allocation and one free, and a copy of the headers' bytes. Packing
-//! costs a pass over every header, so only short lists are packed
-//! ([`PACK_AT_MOST`]); a longer one, typically parsed by hyper with values that clone
-//! by reference count, keeps a clone of its map.
+//! one for every name or value whose bytes are not shared yet: a value built from a
+//! `&str` or `String` (as a client builds its `authorization` header), and every
+//! custom name hyper's parser made (the `x-stainless-*` set an SDK sends through the
+//! proxy), move their bytes to a shared buffer on their first clone. And as many
+//! frees. On the success path that was more than the rest of the layer's work
+//! together. The packed copy is one allocation and one free, whatever the number of
+//! headers, and one pass over the headers' bytes. (Only when every name and value is
+//! shared already, `from_static` or cloned before, is a clone a little cheaper: see
+//! BENCHMARKS.md.)
 //!
 //! The first retry unpacks it into a map (names parsed again, values slices of the
 //! packed buffer); every retry after it clones that map, as the layer did before.
@@ -41,9 +42,9 @@ enum KeptHeaders {
     /// (little-endian) followed by the name and the value, in the map's order.
     Packed(Vec<u8>),
     /// A map: the packed records unpacked by the first retry, or a clone of the
-    /// headers of a request that has too many to pack or one the packing cannot
-    /// vouch for.
-    Map(HeaderMap),
+    /// headers of a request with a value the packing cannot vouch for. Boxed: only
+    /// a retry needs it, and every request's state stays small.
+    Map(Box<HeaderMap>),
 }
 
 /// Flags, name length, value length.
@@ -80,7 +81,7 @@ impl KeptRequest {
     pub(crate) fn prepare_replay(&mut self) -> bool {
         if let KeptHeaders::Packed(packed) = &mut self.headers {
             match unpack(std::mem::take(packed)) {
-                Some(map) => self.headers = KeptHeaders::Map(map),
+                Some(map) => self.headers = KeptHeaders::Map(Box::new(map)),
                 None => return false,
             }
         }
@@ -105,8 +106,8 @@ impl KeptRequest {
         parts.uri = self.uri.clone();
         parts.version = self.version;
         let headers = match &mut self.headers {
-            KeptHeaders::Map(map) if last => std::mem::take(map),
-            KeptHeaders::Map(map) => map.clone(),
+            KeptHeaders::Map(map) if last => std::mem::take(&mut **map),
+            KeptHeaders::Map(map) => HeaderMap::clone(map),
             // Not prepared: the layer prepares every retry when it decides on it.
             KeptHeaders::Packed(packed) => {
                 debug_assert!(false, "a retry's headers were not prepared");
@@ -128,46 +129,40 @@ impl KeptHeaders {
         if headers.is_empty() {
             return KeptHeaders::Packed(Vec::new());
         }
-        if headers.len() > PACK_AT_MOST {
-            // See `PACK_AT_MOST`: a long list is cheaper to clone.
-            return KeptHeaders::Map(headers.clone());
-        }
         // One pass: a guess at the size (most requests' headers fit), grown if not.
         let mut packed = Vec::with_capacity(headers.len() * PACKED_BYTES_PER_HEADER);
-        let mut packable = true;
+        // Set if some value holds a control byte (a tab, or one `http` refuses).
+        let mut control = 0;
         for (name, value) in headers {
             let name = name.as_str().as_bytes();
             let value_bytes = value.as_bytes();
-            // `&`, not `&&`: no branch per byte, so the check runs over whole vectors.
-            packable &= u32::try_from(value_bytes.len()).is_ok() & is_valid_value(value_bytes);
-            let flags = if value.is_sensitive() { SENSITIVE } else { 0 };
+            // A value longer than `u32::MAX` is not packed.
+            let Ok(value_len) = u32::try_from(value_bytes.len()) else {
+                return KeptHeaders::Map(Box::new(headers.clone()));
+            };
+            control |= control_bytes(value_bytes);
             let mut head = [0; RECORD_HEAD];
-            head[0] = flags;
-            // A header name is at most 65,535 bytes (`http` refuses longer ones); a
-            // value longer than `u32::MAX` is not packed.
+            head[0] = if value.is_sensitive() { SENSITIVE } else { 0 };
+            // A header name is at most 65,535 bytes (`http` refuses longer ones).
             head[1..3].copy_from_slice(&(name.len() as u16).to_le_bytes());
-            head[3..].copy_from_slice(&(value_bytes.len() as u32).to_le_bytes());
+            head[3..].copy_from_slice(&value_len.to_le_bytes());
+            packed.reserve(RECORD_HEAD + name.len() + value_bytes.len());
             packed.extend_from_slice(&head);
             packed.extend_from_slice(name);
             packed.extend_from_slice(value_bytes);
         }
-        if !packable {
-            return KeptHeaders::Map(headers.clone());
+        // A tab is valid: only when some value holds a control byte is each checked
+        // byte by byte.
+        if control != 0
+            && !headers
+                .values()
+                .all(|value| is_valid_value(value.as_bytes()))
+        {
+            return KeptHeaders::Map(Box::new(headers.clone()));
         }
         KeptHeaders::Packed(packed)
     }
 }
-
-/// The most headers that are packed; a request with more keeps a clone of its map.
-///
-/// Packing costs a pass over every header; a clone costs the map's two allocations
-/// and, per value, either a reference count (a value hyper parsed, or one made from
-/// `Bytes` or a `&'static str`) or an allocation (a value made from a `&str` or
-/// `String`, on its first clone). Measured with the benchmark's two requests (see
-/// BENCHMARKS.md): two headers built in code are packed for less than half of what
-/// a clone costs; the fourteen an SDK sends through the proxy, which hyper parsed,
-/// cost more to pack than to clone.
-const PACK_AT_MOST: usize = 4;
 
 /// The packed bytes reserved per header: a record head, a name and a value of
 /// typical lengths.
@@ -176,28 +171,48 @@ const PACKED_BYTES_PER_HEADER: usize = 64;
 /// `http`'s own rule for a header value's bytes (`HeaderValue::from_bytes`): visible
 /// ASCII, space, tab and obs-text; no other control byte.
 fn is_valid_value(bytes: &[u8]) -> bool {
-    // Eight bytes at a time: a word with no byte below 0x20 and none equal to 0x7f
-    // is valid. (Each test is exact for "some byte is": a borrow can only mark
-    // bytes above one that truly is.) A tab is below 0x20 but valid, so a word
-    // that fails is checked again byte by byte.
+    control_bytes(bytes) == 0 || bytes.iter().all(|&b| is_valid_byte(b))
+}
+
+/// Not zero if and only if `bytes` holds a byte below 0x20 (a tab, or a byte `http`
+/// refuses) or the DEL byte; eight bytes at a time, with no branch per byte.
+fn control_bytes(bytes: &[u8]) -> u64 {
+    if let Some(last) = bytes.last_chunk::<8>() {
+        let mut words = bytes.chunks_exact(8);
+        let mut found = 0;
+        for word in &mut words {
+            found |= control_in_word(word.try_into().unwrap_or([0; 8]));
+        }
+        if !words.remainder().is_empty() {
+            // The tail: the last eight bytes, some of them checked already.
+            found |= control_in_word(*last);
+        }
+        found
+    } else if let (Some(first), Some(last)) = (bytes.first_chunk::<4>(), bytes.last_chunk::<4>()) {
+        // Four to seven: the first four and the last four, overlapping.
+        let [a, b, c, d] = *first;
+        let [e, f, g, h] = *last;
+        control_in_word([a, b, c, d, e, f, g, h])
+    } else if let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) {
+        // One to three: the first, the middle and the last, padded with spaces
+        // (which are valid).
+        let middle = bytes[bytes.len() / 2];
+        control_in_word([first, middle, last, b' ', b' ', b' ', b' ', b' '])
+    } else {
+        0
+    }
+}
+
+/// Not zero if and only if one of the eight bytes is below 0x20 or is 0x7f. (Each
+/// test is exact for "some byte is": a borrow can only mark bytes above one that
+/// truly is.)
+fn control_in_word(eight: [u8; 8]) -> u64 {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGHS: u64 = ONES << 7;
-    let mut words = bytes.chunks_exact(8);
-    let mut suspect = 0;
-    for word in &mut words {
-        let mut eight = [0; 8];
-        eight.copy_from_slice(word);
-        let x = u64::from_ne_bytes(eight);
-        let below_space = x.wrapping_sub(ONES * 0x20) & !x;
-        let del = x ^ (ONES * 0x7f);
-        suspect |= (below_space | (del.wrapping_sub(ONES) & !del)) & HIGHS;
-    }
-    let rest = words.remainder();
-    if suspect == 0 {
-        rest.iter().all(|&b| is_valid_byte(b))
-    } else {
-        bytes.iter().all(|&b| is_valid_byte(b))
-    }
+    let x = u64::from_ne_bytes(eight);
+    let below_space = x.wrapping_sub(ONES * 0x20) & !x;
+    let del = x ^ (ONES * 0x7f);
+    (below_space | (del.wrapping_sub(ONES) & !del)) & HIGHS
 }
 
 fn is_valid_byte(b: u8) -> bool {
@@ -285,7 +300,6 @@ mod tests {
 
     #[test]
     fn a_retry_gets_every_header_in_order_with_repeated_names_and_sensitivity() {
-        // No more than are packed.
         let mut map = headers(&[
             ("x-custom", "one"),
             ("accept", "text/event-stream"),
@@ -294,7 +308,6 @@ mod tests {
         let mut secret = HeaderValue::from_static("Bearer sk-test");
         secret.set_sensitive(true);
         map.insert(http::header::AUTHORIZATION, secret);
-        assert_eq!(map.len(), PACK_AT_MOST);
         let again = replayed(&map);
         assert_eq!(listing(&again), listing(&map));
         assert!(again[http::header::AUTHORIZATION].is_sensitive());
@@ -341,26 +354,44 @@ mod tests {
         assert!(kept.extensions.is_empty());
     }
 
+    /// The fourteen headers an SDK sends through the proxy, as hyper's parser makes
+    /// them: packed like two, and back in the same order.
     #[test]
-    fn a_long_header_list_is_cloned_not_packed() {
-        let pairs: Vec<(String, String)> = (0..=PACK_AT_MOST)
-            .map(|i| (format!("x-h{i}"), format!("v{i}")))
+    fn a_long_header_list_is_packed_too() {
+        let pairs: Vec<(String, String)> = (0..14)
+            .map(|i| (format!("x-stainless-h{i}"), format!("value {i}")))
             .collect();
-        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (&**n, &**v)).collect();
         let mut request = http::Request::new(());
-        *request.headers_mut() = headers(&pairs[..PACK_AT_MOST]);
-        assert!(matches!(
-            KeptRequest::copy_of(&request).headers,
-            KeptHeaders::Packed(_)
-        ));
-        *request.headers_mut() = headers(&pairs);
+        for (name, value) in &pairs {
+            request.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+                    .unwrap(),
+            );
+        }
         let kept = KeptRequest::copy_of(&request);
-        assert!(matches!(kept.headers, KeptHeaders::Map(_)));
-        assert!(kept.has_header(&HeaderName::from_static("x-h0")));
+        assert!(matches!(kept.headers, KeptHeaders::Packed(_)));
+        assert!(kept.has_header(&HeaderName::from_static("x-stainless-h13")));
         assert_eq!(
             listing(&replayed(request.headers())),
             listing(request.headers())
         );
+    }
+
+    /// A tab is a control byte `http` accepts: the quick test flags it, the byte
+    /// by byte check clears it, and the headers are packed.
+    #[test]
+    fn a_value_with_a_tab_is_packed() {
+        for value in ["a\tb", "tab\tin a value longer than eight bytes", "\t"] {
+            let mut request = http::Request::new(());
+            *request.headers_mut() = headers(&[("x-a", "plain"), ("x-b", value)]);
+            let kept = KeptRequest::copy_of(&request);
+            assert!(matches!(kept.headers, KeptHeaders::Packed(_)), "{value:?}");
+            assert_eq!(
+                listing(&replayed(request.headers())),
+                listing(request.headers())
+            );
+        }
     }
 
     #[test]
@@ -415,7 +446,7 @@ mod tests {
                 ("[a-z][a-z0-9-]{0,20}", proptest::collection::vec(
                     prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40),
                  any::<bool>()),
-                0..(PACK_AT_MOST + 3))
+                0..20)
         ) {
             let mut map = HeaderMap::new();
             for (name, value, sensitive) in &pairs {

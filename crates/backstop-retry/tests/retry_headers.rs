@@ -1,9 +1,10 @@
 //! A retry sends exactly the headers the first attempt sent: the same names in the
 //! same order, repeated names with their values in order, the same bytes, and the
-//! same sensitivity; whether the layer kept them packed (a short list) or as a
-//! clone of the map (a long one). A value `http` would refuse is kept as a clone
-//! too (the packing's rule is `http`'s, property-tested in `src/kept.rs`); such a
-//! value cannot be built in a test: `http` asserts against it in debug builds.
+//! same sensitivity, for a short list and for the fourteen headers an SDK sends (the
+//! layer packs both into one buffer). A value `http` would refuse is kept as a
+//! clone of the map instead (the packing's rule is `http`'s, tested for every byte
+//! in `src/kept.rs`); such a value cannot be built in a test: `http` asserts
+//! against it in debug builds.
 
 mod common;
 
