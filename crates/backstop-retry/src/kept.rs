@@ -15,6 +15,10 @@
 //! shared already, `from_static` or cloned before, is a clone a little cheaper: see
 //! BENCHMARKS.md.)
 //!
+//! The packed copy holds the headers' bytes a second time while the request is in
+//! flight: its size is the header list's, which the caller's HTTP server caps (the
+//! sidecar proxy's `--max-header-bytes`), plus seven bytes per header.
+//!
 //! The first retry unpacks it into a map (names parsed again, values slices of the
 //! packed buffer); every retry after it clones that map, as the layer did before.
 //! A header value that `http` itself would refuse (only `unsafe` code builds one) is
