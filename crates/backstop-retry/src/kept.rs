@@ -182,12 +182,12 @@ fn is_valid_value(bytes: &[u8]) -> bool {
 /// refuses) or the DEL byte; eight bytes at a time, with no branch per byte.
 fn control_bytes(bytes: &[u8]) -> u64 {
     if let Some(last) = bytes.last_chunk::<8>() {
-        let mut words = bytes.chunks_exact(8);
+        let (words, tail) = bytes.as_chunks::<8>();
         let mut found = 0;
-        for word in &mut words {
-            found |= control_in_word(word.try_into().unwrap_or([0; 8]));
+        for word in words {
+            found |= control_in_word(*word);
         }
-        if !words.remainder().is_empty() {
+        if !tail.is_empty() {
             // The tail: the last eight bytes, some of them checked already.
             found |= control_in_word(*last);
         }
