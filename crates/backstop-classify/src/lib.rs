@@ -142,6 +142,7 @@ mod envelope;
 mod error;
 mod future;
 mod hint;
+mod instant;
 mod layer;
 mod profile;
 mod response_body;
@@ -163,6 +164,9 @@ pub use context::{
 pub use error::{BoxError, ClassifiedError};
 pub use future::ResponseFuture;
 pub use hint::{DelayHint, HintSource, parse_delay_hint};
+/// `now + delay` for any delay, capped at a century instead of overflowing: how
+/// every layer turns a configured or provider-sent delay into a deadline.
+pub use instant::{MAX_INSTANT_DELAY, instant_after};
 pub use layer::ClassifyLayer;
 pub use profile::{Profile, UnknownProfile};
 pub use response_body::ClassifiedBody;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use backstop_classify::{
     AttemptLog, BoxError, Classification, ClassifiedError, Deadline, DelayHint, Failure,
     FailureKind, FallbackAvailable, HintSource, LatestStart, ModelRoute, ReplayBody, Retryable,
-    classify_transport_error,
+    classify_transport_error, instant_after,
 };
 use http::{Request, Response};
 use tokio::time::Instant;
@@ -349,7 +349,7 @@ impl<RB> Journey<RB> {
         let reopen = failure
             .as_ref()
             .and_then(|f| f.hint)
-            .map(|h| (instant_after(h.delay), h.source));
+            .map(|h| (instant_after(Instant::now(), h.delay), h.source));
         self.reopen.push(reopen);
         self.record_hop(attempts, failure);
     }
@@ -402,16 +402,6 @@ pub(crate) fn into_classified(error: BoxError) -> ClassifiedError {
             ClassifiedError::new(failure, other)
         }
     }
-}
-
-/// `now + delay`, for a delay hint as a provider sent it: a hint too large to add
-/// (`retry-after: 99999999999999`) becomes a century, not an overflow panic.
-fn instant_after(delay: std::time::Duration) -> Instant {
-    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
-    let now = Instant::now();
-    now.checked_add(delay.min(CENTURY))
-        .or_else(|| now.checked_add(std::time::Duration::from_secs(3600)))
-        .unwrap_or(now)
 }
 
 /// Tells the layers inside that another model can take this request if this hop
