@@ -151,7 +151,11 @@ impl HintJitter {
 
     /// The largest extra for a hint of `hint`.
     pub fn max_extra(&self, hint: Duration) -> Duration {
-        hint.mul_f64(self.fraction).min(self.max)
+        // `hint.mul_f64(fraction)`, the same arithmetic, without its panic: a hint of
+        // 2^64 - 1024 s or more is 2^64 s as an `f64`, which no `Duration` holds.
+        Duration::try_from_secs_f64(self.fraction * hint.as_secs_f64())
+            .unwrap_or(Duration::MAX)
+            .min(self.max)
     }
 }
 

@@ -164,7 +164,9 @@ impl RetryPolicy for StandardPolicy {
                 if hint.delay > self.max_hint || !fits(hint.delay) {
                     return Decision::Stop(StopReason::HintTooLong);
                 }
-                let with_extra = hint.delay + self.extra(hint.delay, rng);
+                // Saturating: with no cap on hints (`max_hint` = `Duration::MAX`) a
+                // provider's hint may be the largest `Duration` there is.
+                let with_extra = hint.delay.saturating_add(self.extra(hint.delay, rng));
                 // The jitter never pushes a hint that fits past the deadline.
                 let wait = if fits(with_extra) {
                     with_extra
@@ -175,7 +177,7 @@ impl RetryPolicy for StandardPolicy {
             }
             Some(hint) if hint.delay > backoff => {
                 if hint.delay <= self.max_hint && fits(hint.delay) {
-                    let with_extra = hint.delay + self.extra(hint.delay, rng);
+                    let with_extra = hint.delay.saturating_add(self.extra(hint.delay, rng));
                     let wait = if fits(with_extra) {
                         with_extra
                     } else {
@@ -201,7 +203,9 @@ impl StandardPolicy {
         if max.is_zero() {
             return Duration::ZERO;
         }
-        max.mul_f64(rng.random::<f64>())
+        // `max.mul_f64(..)` without its panic: the factor is below 1, so the product
+        // fits even for `Duration::MAX`, but the arithmetic is in `f64`.
+        Duration::try_from_secs_f64(rng.random::<f64>() * max.as_secs_f64()).unwrap_or(max)
     }
 }
 

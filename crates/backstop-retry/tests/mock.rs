@@ -298,3 +298,93 @@ async fn a_stream_reset_before_its_first_byte_is_retried_only_with_a_key() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b"data: [DONE]\n\n"));
 }
+
+/// `retry-after-ms: 18446744073709551615999`: u64::MAX seconds and 999 ms, the
+/// largest hint a provider can send in whole milliseconds.
+const HUGE_MS: &str = "18446744073709551615999";
+
+/// The longest wait the layer records (it counts waits in whole milliseconds, as
+/// tokio's timer does).
+const LONGEST_RECORDED_WAIT: Duration = Duration::from_millis(u64::MAX);
+
+fn huge_hint() -> Duration {
+    Duration::new(u64::MAX, 999_000_000)
+}
+
+/// With no cap on hints (`Duration::MAX`), a provider's absurd hint is waited out like
+/// any other: the hint plus its jitter saturates instead of overflowing, the retries
+/// happen (in virtual time, decades later), and the caller gets the provider's last
+/// response with its hint untouched.
+#[tokio::test(start_paused = true)]
+async fn a_hint_of_u64_max_seconds_with_no_hint_cap_is_waited_out_without_a_panic() {
+    let overloaded = Fault::Status {
+        status: 503,
+        headers: vec![("retry-after-ms".into(), HUGE_MS.into())],
+        body: String::new(),
+    };
+    let jitters = [
+        // The default: up to a tenth of the hint, at most a second.
+        HintJitter::default(),
+        // Up to the whole hint: the jitter's own product does not fit a `Duration`.
+        HintJitter::new(1.0, Duration::MAX).unwrap(),
+    ];
+    for jitter in jitters {
+        let mock = mock(ModelPlan::always(overloaded.clone()));
+        let config = RetryConfig::interactive()
+            .with_max_hint(Duration::MAX)
+            .with_hint_jitter(jitter);
+        let svc = stack!(config, Rules::openai(), mock);
+        let response = svc.oneshot(request(PLAIN)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after-ms"], HUGE_MS);
+        assert_eq!(mock.attempts_for("gpt-4o"), 3, "{jitter:?}");
+        let log = response.extensions().get::<AttemptLog>().unwrap();
+        assert_eq!(log.stop, Some(StopReason::MaxAttempts));
+        for retry in &log.attempts.as_slice()[1..] {
+            assert_eq!(retry.hint_used.map(|h| h.delay), Some(huge_hint()));
+            // The saturated wait, in the whole milliseconds the layer records.
+            assert_eq!(retry.waited, LONGEST_RECORDED_WAIT, "{jitter:?}");
+        }
+    }
+}
+
+/// The same for a rate-limit reset (`x-ratelimit-reset-requests`, waited as
+/// `max(backoff, hint)`) and for Gemini's `retryDelay`, each near `Duration::MAX`.
+#[tokio::test(start_paused = true)]
+async fn a_reset_or_retry_delay_near_duration_max_with_no_hint_cap_is_waited_out_without_a_panic() {
+    let reset = Fault::Status {
+        status: 429,
+        headers: vec![(
+            "x-ratelimit-reset-requests".into(),
+            "5124095576030431h15.999999999s".into(),
+        )],
+        body: String::new(),
+    };
+    let gemini = Fault::GeminiResourceExhausted {
+        retry_delay: Some("18446744073709551615.999999999s".into()),
+        per_day: false,
+    };
+    // Gemini's long retry delay would make the 429 a quota by default: not retried.
+    let cases = [
+        (reset, Rules::openai()),
+        (gemini, Rules::gemini().with_quota_wait_threshold(None)),
+    ];
+    for (fault, rules) in cases {
+        let mock = mock(ModelPlan::always(fault.clone()));
+        let config = RetryConfig::interactive().with_max_hint(Duration::MAX);
+        let svc = stack!(config, rules, mock);
+        let response = svc.oneshot(request(PLAIN)).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{fault:?}"
+        );
+        assert_eq!(mock.attempts_for("gpt-4o"), 3, "{fault:?}");
+        let log = response.extensions().get::<AttemptLog>().unwrap();
+        assert_eq!(log.stop, Some(StopReason::MaxAttempts));
+        for retry in &log.attempts.as_slice()[1..] {
+            assert_eq!(retry.hint_used.map(|h| h.delay), Some(Duration::MAX));
+            assert_eq!(retry.waited, LONGEST_RECORDED_WAIT, "{fault:?}");
+        }
+    }
+}
