@@ -236,18 +236,20 @@
 //! the record: a closed key that is not paced admits without the time; a paced one
 //! reads it to find its slot), and allocates nothing
 //! (`benches/breaker.rs`, `-- --warm-up-time 1 --measurement-time 2`, on the 2-core
-//! development VM while other engineers' builds ran, load average about 3):
-//!
-//! The figures below predate pacing (which adds one bucket update to every record).
+//! development VM on 2026-11-24 at 10:43 UTC, load average 0.0–0.4, after pacing came
+//! in; later breaker changes have not been re-measured; BENCHMARKS.md has the first
+//! session's figures beside these):
 //!
 //! | case | time per call |
 //! |---|---|
-//! | admit + record, the instant passed in | 78 ns |
-//! | admit + record reading the clock, as the layer does | 93 ns |
-//! | 2 threads, same key / two keys | 170 ns / 188 ns |
+//! | admit + record, the instant passed in | 68 ns |
+//! | admit + record reading the clock, as the layer does | 92 ns |
+//! | 2 threads, same key / two keys | 290 ns / 97 ns |
 //!
-//! The two-thread figures are wall time per call with both threads competing for the
-//! two cores with those builds, so they overstate contention.
+//! The two-thread figures are wall time per call. Two threads on one key contend for
+//! its lock: both write the one-second window pacing learns from under it, so its
+//! cache line moves between the cores (170 ns before pacing, measured then under
+//! load).
 //!
 //! ## Example
 //!

@@ -61,8 +61,10 @@
 //! buffered bodies of at most `max_request_body` each and
 //! `max_buffered_body_bytes` in all (each body is held until the stack has answered;
 //! the bytes counted are the body's; the buffer a body sent in many chunks is
-//! joined in may have up to twice that capacity), and per connection one read buffer of
-//! at most `max(max_header_bytes, 16 KiB)`.
+//! joined in is at most 9/8 of its length, since one with more than an eighth unused
+//! at the end is copied to the exact length; a body that arrives in one chunk is kept
+//! as hyper read it, a slice of the connection's read buffer), and per connection one
+//! read buffer of at most `max(max_header_bytes, 16 KiB)`.
 //!
 //! ## What it adds to every answer from the stack
 //!
