@@ -15,7 +15,7 @@ use std::time::Duration;
 use backstop_classify::{
     AttemptLog, AttemptRecord, BoxError, Classification, ClassifiedError, Deadline, DelayHint,
     Failure, FailureKind, FallbackAvailable, Idempotent, LatestStart, PaceHandle, ReplayBody,
-    RetryBudgetHandle, Rules, StopReason,
+    RetryBudgetHandle, Rules, StopReason, instant_after,
 };
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -183,7 +183,8 @@ impl<S, B> Attempts<S, B> {
         // The clock is read only when a deadline needs it (it is not free: a
         // thread-local lookup, and a lock under tokio's test clock).
         let deadline = earliest(
-            config.deadline.map(|d| Instant::now() + d),
+            // Never overflowing: a deadline of centuries is a setting, not a panic.
+            config.deadline.map(|d| instant_after(Instant::now(), d)),
             request.extensions().get::<Deadline>().map(|d| d.0),
         );
         if let Some(deadline) = deadline {
@@ -290,7 +291,7 @@ impl<S, B> Attempts<S, B> {
             config
                 .attempt_timeout
                 .zip(started)
-                .map(|(t, start)| start + t),
+                .map(|(t, start)| instant_after(start, t)),
             self.deadline,
         );
         Sent {
@@ -785,7 +786,9 @@ async fn pace_slot(
             "waiting for a paced slot"
         );
         Box::pin(sleep(wait)).await;
-        waited += wait;
+        // `waited + wait` is at most `longest` (checked above, saturating), unless
+        // `longest` is `Duration::MAX`.
+        waited = waited.saturating_add(wait);
     }
     None
 }

@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop_classify::{BoxError, ClassifiedError, Failure, FailureKind, Rules};
+use backstop_classify::{BoxError, ClassifiedError, Failure, FailureKind, Rules, instant_after};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -73,7 +73,10 @@ impl IdleLimit {
         }
         if !*this.armed {
             // The silence the caller waits through starts now.
-            this.timer.as_mut().reset(Instant::now() + *this.limit);
+            // Never overflowing: any limit is a setting, however long.
+            this.timer
+                .as_mut()
+                .reset(instant_after(Instant::now(), *this.limit));
             *this.armed = true;
         }
         let elapsed = this.timer.poll(cx).is_ready();

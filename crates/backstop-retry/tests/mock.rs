@@ -388,3 +388,33 @@ async fn a_reset_or_retry_delay_near_duration_max_with_no_hint_cap_is_waited_out
         }
     }
 }
+
+/// Time limits far past any real one (`deadline = "300000000000y"`, an attempt timeout
+/// or stream idle timeout of `Duration::MAX`): their instants are capped instead of
+/// overflowing, and a request that fails once and then streams is served as usual.
+#[tokio::test(start_paused = true)]
+async fn time_limits_near_duration_max_serve_a_request_as_usual() {
+    // As humantime reads "300000000000y": years of 365.25 days.
+    let three_hundred_billion_years = Duration::from_secs(300_000_000_000 * 31_557_600);
+    let configs = [
+        RetryConfig::interactive().with_deadline(Some(three_hundred_billion_years)),
+        RetryConfig::interactive().with_deadline(Some(Duration::MAX)),
+        RetryConfig::interactive().with_attempt_timeout(Some(Duration::MAX)),
+        RetryConfig::interactive().with_stream_idle_timeout(Some(Duration::MAX)),
+    ];
+    for config in configs {
+        let config = config.unwrap().with_hint_jitter(HintJitter::none());
+        let plan = ModelPlan::script([Fault::OpenAiServerError])
+            .stream_chunks(3)
+            .chunk_delay(Duration::from_millis(10));
+        let mock = mock(plan);
+        let svc = stack!(config.clone(), Rules::openai(), mock);
+        let response = svc.oneshot(request(STREAM)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{config:?}");
+        let log = response.extensions().get::<AttemptLog>().unwrap().clone();
+        assert_eq!(log.stop, Some(StopReason::Succeeded));
+        assert_eq!(mock.attempts_for("gpt-4o"), 2);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b"data: [DONE]\n\n"), "{config:?}");
+    }
+}
