@@ -272,6 +272,11 @@ where
     }
 }
 
+/// The most [`collect`] reserves for a body before its bytes arrive: the default
+/// cap, which every ordinary body fits. A longer declared body grows past it as it is
+/// read.
+const MAX_UP_FRONT: usize = DEFAULT_MAX_BODY_BYTES;
+
 /// Reads `body` whole, refusing more than `limit` bytes. A one-frame body (the usual
 /// case for `Full<Bytes>` and hyper's small requests) is kept without a copy.
 ///
@@ -280,10 +285,13 @@ where
 ///
 /// - a body that declares its length (`Content-Length`, seen through
 ///   [`Body::size_hint`]; at most `limit`) is read into one buffer of that length,
-///   allocated once;
-/// - a body that does not is read into a growing buffer, which is copied to one of
-///   the exact length at the end when more than an eighth of it is unused (doubling
-///   can leave up to half).
+///   allocated once, when that is at most [`DEFAULT_MAX_BODY_BYTES`]; a longer one
+///   starts in a buffer of that size, which grows as the bytes arrive;
+/// - a body that does not is read into a growing buffer;
+/// - a grown buffer is copied to one of the exact length at the end when more than
+///   an eighth of it is unused (doubling can leave up to half).
+///
+/// Either way the buffer kept is at most 9/8 of the body's length.
 pub async fn collect<B>(body: B, limit: usize) -> Result<Bytes, BodyLimitError>
 where
     B: Body,
@@ -294,10 +302,14 @@ where
         return Err(BodyLimitError::TooLarge { limit });
     }
     // What the joined buffer is sized for: the declared length, never above the cap
-    // (a body that declares more than it sends fails in its transport, not here).
+    // (a body that declares more than it sends fails in its transport, not here),
+    // nor above `MAX_UP_FRONT`: a client's `Content-Length` under a cap of a
+    // terabyte would otherwise be reserved in full before its bytes arrive, and an
+    // allocation that fails aborts the process.
     let expected = usize::try_from(declared.exact().unwrap_or(declared.lower()))
         .unwrap_or(usize::MAX)
-        .min(limit);
+        .min(limit)
+        .min(MAX_UP_FRONT);
     let mut body = std::pin::pin!(body);
     let mut first: Option<Bytes> = None;
     let mut rest: Option<BytesMut> = None;

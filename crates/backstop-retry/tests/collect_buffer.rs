@@ -1,7 +1,8 @@
 //! The buffer `collect` leaves a many-frame body in, measured with a counting global
 //! allocator (this file is its own test binary): a body that declares its length
-//! is read into one allocation of that length, and a body that does not ends in a
-//! buffer at most an eighth larger than itself, whatever its growth left unused.
+//! is read into one allocation of that length (up to the default cap, 8 MiB), and a
+//! body that does not, or declares more, ends in a buffer at most an eighth larger
+//! than itself, whatever its growth left unused.
 //! The request holds that buffer for all its attempts, and the proxy's body budget
 //! counts body bytes, so the two must stay close.
 
@@ -82,12 +83,22 @@ struct Cost {
 /// bytes, with allocation tracking on (the body is built before it starts;
 /// the caller holds [`one_at_a_time`]). Returns the collected bytes, the bytes sent, the cost.
 fn collect_tracked(len: usize, frame: usize, declared: Option<usize>) -> (Bytes, Bytes, Cost) {
+    collect_tracked_under(8 * MIB, len, frame, declared)
+}
+
+/// [`collect_tracked`] under a cap of `limit` bytes.
+fn collect_tracked_under(
+    limit: usize,
+    len: usize,
+    frame: usize,
+    declared: Option<usize>,
+) -> (Bytes, Bytes, Cost) {
     let (whole, frames) = sliced(len, frame);
     let body = Frames {
         frames: &frames,
         declared: declared.map(|d| d as u64),
     };
-    let mut poll = std::pin::pin!(collect(body, 8 * MIB));
+    let mut poll = std::pin::pin!(collect(body, limit));
     let mut cx = Context::from_waker(std::task::Waker::noop());
     LIVE.store(0, Ordering::SeqCst);
     ALLOCATED.store(0, Ordering::SeqCst);
@@ -204,6 +215,37 @@ fn a_body_shorter_than_it_declared_is_not_kept_in_the_declared_buffer() {
     assert!(
         cost.held <= 100_000 + SLACK,
         "{} bytes held for a 100000-byte body",
+        cost.held
+    );
+}
+
+#[test]
+fn a_declared_length_past_the_default_cap_is_not_reserved_before_it_arrives() {
+    let _one = one_at_a_time();
+    // Under a cap of a gigabyte, a client declares 64 MiB and sends 100 kB: only the
+    // default cap's 8 MiB is reserved up front (a declared terabyte under a terabyte
+    // cap would otherwise be an allocation that aborts the process).
+    let (bytes, whole, cost) =
+        collect_tracked_under(1024 * MIB, 100_000, 16 * 1024, Some(64 * MIB));
+    assert_eq!(bytes, whole);
+    assert_eq!(cost.largest, 8 * MIB, "the up-front buffer");
+    assert!(
+        cost.held <= 100_000 + SLACK,
+        "{} bytes held for a 100000-byte body",
+        cost.held
+    );
+}
+
+#[test]
+fn a_declared_length_past_the_default_cap_ends_in_a_buffer_at_most_an_eighth_larger() {
+    let _one = one_at_a_time();
+    // Just past the up-front buffer: it grows by doubling, to nearly twice the body.
+    let len = 9 * MIB + 1000;
+    let (bytes, whole, cost) = collect_tracked_under(1024 * MIB, len, 16 * 1024, Some(len));
+    assert_eq!(bytes, whole);
+    assert!(
+        cost.held <= len + len / 8 + SLACK,
+        "{} bytes held for a {len}-byte body",
         cost.held
     );
 }
