@@ -35,6 +35,7 @@
 
 use std::time::Duration;
 
+use backstop_classify::{MAX_INSTANT_DELAY, instant_after};
 use tokio::time::Instant;
 
 /// How a key learns and applies its pace. See [`BreakerConfig::pacing`](crate::BreakerConfig::pacing).
@@ -46,7 +47,8 @@ pub struct Pacing {
     /// at or above its ceiling (probing for more), in (0, 1]. Default 0.03 (3 % a
     /// second).
     pub growth: f64,
-    /// The slowest pace, in calls per second (> 0). Default 0.5.
+    /// The slowest pace, in calls per second (> 0). Default 0.5. Slots are never
+    /// more than a century apart ([`MAX_INSTANT_DELAY`]), however low it is.
     pub min_rate: f64,
     /// How fast the rate regains its ceiling (what the upstream last proved it takes)
     /// while binding below it: per second it grows by `recovery` times the gap, in
@@ -122,8 +124,14 @@ impl Pace {
         self.generation
     }
 
+    /// The time between slots: `1 / rate`, at most a century ([`MAX_INSTANT_DELAY`]).
+    /// A floor as low as validation allows (any positive `min_rate`) makes intervals
+    /// no `Duration` holds (one call in 10^25 s); past a century every such pace
+    /// means "no more calls this lifetime" alike.
     fn interval(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / self.rate)
+        Duration::try_from_secs_f64(1.0 / self.rate)
+            .unwrap_or(MAX_INSTANT_DELAY)
+            .min(MAX_INSTANT_DELAY)
     }
 
     /// Takes a slot at `now`, or books the next one. A call that could not come back
@@ -135,7 +143,8 @@ impl Pace {
             self.tail = self.cursor;
         }
         if self.cursor <= now {
-            self.cursor += interval;
+            // Never overflowing: a slot past the clock's end is a slot never due.
+            self.cursor = instant_after(self.cursor, interval);
             if self.tail < self.cursor {
                 self.tail = self.cursor;
             }
@@ -144,7 +153,9 @@ impl Pace {
         self.last_refusal = Some(now);
         let slot = self.tail;
         if deadline.is_none_or(|d| slot < d) {
-            self.tail += interval;
+            // Each refusal books a whole interval further: many of them at a
+            // century each would run past the clock's end.
+            self.tail = instant_after(self.tail, interval);
         }
         Err(Wait {
             retry_in: slot.saturating_duration_since(now),
@@ -466,5 +477,51 @@ mod tests {
         assert_eq!(Pace::new(0.0, 0.0, t0, 1, &pacing).rate(), 0.5);
         assert_eq!(Pace::new(f64::NAN, f64::NAN, t0, 1, &pacing).rate(), 0.5);
         assert_eq!(Pace::new(1e12, 1e12, t0, 1, &pacing).rate(), 1e6);
+    }
+
+    /// The last instant the clock can count to from `now` (to the nanosecond).
+    fn end_of_clock(now: Instant) -> Instant {
+        let (mut fits, mut overflows) = (0u128, Duration::MAX.as_nanos() + 1);
+        while overflows - fits > 1 {
+            let mid = fits + (overflows - fits) / 2;
+            let d = Duration::new((mid / 1_000_000_000) as u64, (mid % 1_000_000_000) as u32);
+            if now.checked_add(d).is_some() {
+                fits = mid;
+            } else {
+                overflows = mid;
+            }
+        }
+        let d = Duration::new((fits / 1_000_000_000) as u64, (fits % 1_000_000_000) as u32);
+        now + d
+    }
+
+    #[test]
+    fn slots_booked_up_to_the_end_of_the_clock_stay_there_instead_of_overflowing() {
+        let t0 = Instant::now();
+        let pacing = Pacing {
+            min_rate: 1e-15,
+            ..Pacing::default()
+        };
+        let mut pace = Pace::new(1e-15, 1e-15, t0, 1, &pacing);
+        assert_eq!(pace.interval(), MAX_INSTANT_DELAY);
+        // Slots booked so far ahead that the next is less than an interval from the
+        // clock's end (as billions of refusals would book them).
+        let end = end_of_clock(t0);
+        pace.cursor = end - Duration::from_secs(1);
+        pace.tail = pace.cursor;
+        let now = t0 + Duration::from_secs(1);
+        for _ in 0..3 {
+            assert_eq!(
+                pace.admit(now, None),
+                Err(Wait {
+                    retry_in: pace.tail - now,
+                })
+            );
+            assert!(pace.tail >= pace.cursor && pace.tail <= end);
+        }
+        // Due at last (at the clock's end): taken, and the next one cannot be later.
+        let last = pace.cursor;
+        assert_eq!(pace.admit(last, None), Ok(()));
+        assert!(pace.cursor >= last);
     }
 }

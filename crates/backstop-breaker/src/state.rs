@@ -2,11 +2,14 @@
 //!
 //! Closed → Open → HalfOpen → Closed. Every deadline is compared against the `now`
 //! the caller passes, at every call, so a cooldown ends exactly when it should (never
-//! "at the next sweep") and tests drive it with exact instants.
+//! "at the next sweep") and tests drive it with exact instants. Every deadline is
+//! made with [`instant_after`]: a cooldown or timeout past a century (a provider's
+//! `retry-after: 10000000000000000000` under no hint cap, a setting of
+//! `Duration::MAX`) ends a century later instead of overflowing the clock.
 
 use std::time::Duration;
 
-use backstop_classify::{DelayHint, FailureKind, HintSource};
+use backstop_classify::{DelayHint, FailureKind, HintSource, instant_after};
 use tokio::time::Instant;
 
 use crate::pace::Pace;
@@ -430,7 +433,7 @@ impl KeyState {
                                 BreakerState::Open,
                                 at,
                                 TransitionReason::ProbeTimedOut,
-                                Some(at + period),
+                                Some(instant_after(at, period)),
                                 emit,
                             )
                         }
@@ -494,7 +497,7 @@ impl KeyState {
                     self.next_probe = self.next_probe.wrapping_add(1);
                     self.probes.push(Probe {
                         id,
-                        deadline: now + config.probe_timeout,
+                        deadline: instant_after(now, config.probe_timeout),
                     });
                     Ok(self.ticket(Some(id), 0))
                 } else {
@@ -669,7 +672,7 @@ impl KeyState {
                     .quota_cooldown
                     .max(retry_instruction(hint, config).map_or(Duration::ZERO, |h| h.delay));
                 self.open_at_least(
-                    now + cooldown,
+                    instant_after(now, cooldown),
                     now,
                     TransitionReason::QuotaExhausted,
                     true,
@@ -708,7 +711,13 @@ impl KeyState {
                         // one, the open period scaled to the evidence so far.
                         let cooldown = hinted.map_or_else(|| self.open_period(config), |h| h.delay);
                         let upstream = slow_down || hinted.is_some();
-                        self.open_at_least(now + cooldown, now, reason, upstream, emit);
+                        self.open_at_least(
+                            instant_after(now, cooldown),
+                            now,
+                            reason,
+                            upstream,
+                            emit,
+                        );
                         return;
                     }
                 } else if current && self.state == BreakerState::HalfOpen && self.take_probe(ticket)
@@ -720,7 +729,7 @@ impl KeyState {
                     let own = self.open_period(config);
                     let cooldown = own.max(hinted.map_or(Duration::ZERO, |h| h.delay));
                     self.open_at_least(
-                        now + cooldown,
+                        instant_after(now, cooldown),
                         now,
                         TransitionReason::ProbeFailed,
                         slow_down || cooldown > own,
@@ -733,7 +742,7 @@ impl KeyState {
                 // provider said when it will take calls again.
                 if let Some(hint) = hinted.filter(|h| h.delay >= config.hint_opens_at) {
                     self.open_at_least(
-                        now + hint.delay,
+                        instant_after(now, hint.delay),
                         now,
                         TransitionReason::DelayHint {
                             delay: hint.delay,
