@@ -220,7 +220,9 @@ impl BackstopBuilder {
             });
         }
         if let Some(timeout) = attempt_timeout {
-            if breaker_config.window < timeout * 2 {
+            // Saturating, as in `fitted_breaker_defaults`: an attempt timeout of
+            // centuries is a setting, not an overflow.
+            if breaker_config.window < timeout.saturating_mul(2) {
                 return Err(ConfigError::BreakerWindowTooShort {
                     window: breaker_config.window,
                     attempt_timeout: timeout,

@@ -372,3 +372,20 @@ fn in_code_too_the_breaker_defaults_fit_a_long_attempt_timeout_but_a_given_confi
         Err(ConfigError::BreakerWindowTooShort { .. })
     ));
 }
+
+/// An attempt timeout past any real one ("no limit" written as a number) builds: the
+/// breaker's window must span two of them, a product that saturates instead of
+/// overflowing (the fitted default window is then the longest there is).
+#[test]
+fn an_attempt_timeout_of_ten_quintillion_seconds_builds_without_a_panic() {
+    let toml = "[retry]\nattempt_timeout = \"10000000000000000000s\"\n";
+    build(toml, &[]).expect("a huge attempt timeout is valid");
+    // An explicit window cannot span two of them: refused, by name.
+    let m = message(&format!("{toml}[breaker]\nwindow = \"30s\"\n"));
+    assert!(
+        m.starts_with(
+            "breaker.window (30s) must span at least two attempt timeouts (retry.attempt_timeout = 316880878140years 3months 14days 10h 5m 52s)"
+        ),
+        "{m}"
+    );
+}
