@@ -1,6 +1,5 @@
 //! The tower service: check, call, record.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use backstop_classify::{
@@ -102,14 +101,14 @@ where
     }
 }
 
-/// The key of a request that carries no [`ModelRoute`]: its URI's authority and an
-/// empty model (so every model behind one host shares a key).
+/// The key of a request that carries no [`ModelRoute`]: its URI's host and port
+/// (never user information) and an empty model (so every model behind one host
+/// shares a key).
 fn route_from_uri<B>(request: &Request<B>) -> ModelRoute {
-    let authority: Arc<str> = request
-        .uri()
-        .authority()
-        .map_or_else(|| Arc::from(""), |a| Arc::from(a.as_str()));
-    ModelRoute::new(authority, "")
+    match request.uri().authority() {
+        Some(authority) => ModelRoute::at_authority(authority, ""),
+        None => ModelRoute::new("", ""),
+    }
 }
 
 /// An inner error as a [`ClassifiedError`]: kept when it already is one (the classify

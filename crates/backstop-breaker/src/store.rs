@@ -217,13 +217,33 @@ impl KeyCell {
 /// The closed-state hot path hashes the route once, takes a shard's read lock for a
 /// binary search and the key's mutex to admit, and only the key's mutex to record;
 /// it allocates nothing. At most
-/// [`BreakerConfig::max_keys`] keys are tracked; calls for further keys pass untracked.
+/// [`BreakerConfig::max_keys`] keys are tracked; calls for further keys pass untracked,
+/// and so do calls for a route with a name longer than [`MAX_KEY_NAME_BYTES`].
 pub struct InProcessStore {
     config: Arc<BreakerConfig>,
     shards: Box<[Shard]>,
     route_hashing: RouteHashing,
     keys: AtomicUsize,
     overflow_warned: AtomicBool,
+    overlong_warned: AtomicBool,
+}
+
+/// The longest upstream, model or credential label a key is made for. A model name
+/// can come from the caller's request body (a request for a model no target is
+/// configured for goes where the caller sent it, keyed by its name): without this
+/// cap, `max_keys` junk names of megabytes each would be held for the life of the
+/// process and printed in every event and metric of their keys. Real names are
+/// under a hundred bytes; a host name is at most 253.
+pub const MAX_KEY_NAME_BYTES: usize = 512;
+
+/// Whether a key is made for `route` (see [`MAX_KEY_NAME_BYTES`]).
+fn fits_a_key(route: &ModelRoute) -> bool {
+    route.upstream.len() <= MAX_KEY_NAME_BYTES
+        && route.model.len() <= MAX_KEY_NAME_BYTES
+        && route
+            .credential
+            .as_ref()
+            .is_none_or(|label| label.len() <= MAX_KEY_NAME_BYTES)
 }
 
 impl std::fmt::Debug for InProcessStore {
@@ -266,6 +286,7 @@ impl InProcessStore {
             },
             keys: AtomicUsize::new(0),
             overflow_warned: AtomicBool::new(false),
+            overlong_warned: AtomicBool::new(false),
         })
     }
 
@@ -309,6 +330,17 @@ impl InProcessStore {
                 return Some(Arc::clone(&cells[i].1));
             }
         }
+        if !fits_a_key(route) {
+            if !self.overlong_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max_bytes = MAX_KEY_NAME_BYTES,
+                    upstream = %backstop_classify::printed_name(&route.upstream),
+                    model = %backstop_classify::printed_name(&route.model),
+                    "circuit breaker key name too long; calls for it pass untracked"
+                );
+            }
+            return None;
+        }
         let mut cells = shard.write().unwrap_or_else(PoisonError::into_inner);
         let at = match Self::find(&cells, hash, route) {
             Ok(i) => return Some(Arc::clone(&cells[i].1)),
@@ -321,8 +353,8 @@ impl InProcessStore {
             if first_time {
                 tracing::warn!(
                     max_keys = self.config.max_keys,
-                    upstream = %route.upstream,
-                    model = %route.model,
+                    upstream = %backstop_classify::printed_name(&route.upstream),
+                    model = %backstop_classify::printed_name(&route.model),
                     "circuit breaker key limit reached; calls for new keys pass untracked (raise `max_keys`)"
                 );
             }

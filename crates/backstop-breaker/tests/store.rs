@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use backstop_breaker::{Breaker, BreakerConfig, BreakerState, Outcome};
+use backstop_breaker::{Breaker, BreakerConfig, BreakerState, MAX_KEY_NAME_BYTES, Outcome};
 use backstop_classify::{FailureKind, ModelRoute};
 use tokio::time::Instant;
 
@@ -82,6 +82,39 @@ fn keys_beyond_max_keys_pass_untracked() {
     assert!(breaker.admit_at(&route(2), now).is_ok());
     assert!(breaker.key(&route(2)).is_none());
     assert_eq!(breaker.snapshot_at(now).len(), 2);
+}
+
+#[test]
+fn a_route_with_an_overlong_name_passes_untracked_and_takes_no_key() {
+    let breaker = Breaker::new(BreakerConfig {
+        max_keys: 2,
+        ..BreakerConfig::default()
+    })
+    .unwrap();
+    let now = Instant::now();
+    let longest = "m".repeat(MAX_KEY_NAME_BYTES);
+    let overlong_model = ModelRoute::new("upstream", "m".repeat(MAX_KEY_NAME_BYTES + 1));
+    let overlong_upstream = ModelRoute::new("u".repeat(MAX_KEY_NAME_BYTES + 1), "model");
+    let mut overlong_label = ModelRoute::new("upstream", "model");
+    overlong_label.credential = Some(Arc::from("k".repeat(MAX_KEY_NAME_BYTES + 1)));
+    for junk in [&overlong_model, &overlong_upstream, &overlong_label] {
+        for _ in 0..10 {
+            let permit = breaker.admit_at(junk, now).expect("never refused");
+            permit.record_at(server_error(), now);
+        }
+        assert!(breaker.key(junk).is_none());
+    }
+    assert!(breaker.snapshot_at(now).is_empty());
+    // The key cap is still all there for real routes; a name of the longest
+    // length is one.
+    for real in [ModelRoute::new("upstream", longest), route(1)] {
+        for _ in 0..10 {
+            if let Ok(permit) = breaker.admit_at(&real, now) {
+                permit.record_at(server_error(), now);
+            }
+        }
+        assert_eq!(breaker.state(&real), BreakerState::Open);
+    }
 }
 
 #[test]

@@ -74,6 +74,37 @@ impl ModelRoute {
             credential: None,
         }
     }
+
+    /// A route to `model` at the host (and port) of a request URI's authority,
+    /// for a request no configured upstream names. User information
+    /// (`user:password@`) is left out: the upstream goes into breaker keys, logs
+    /// and metrics labels.
+    pub fn at_authority(authority: &http::uri::Authority, model: impl Into<Arc<str>>) -> Self {
+        let host_and_port = authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, host)| host);
+        ModelRoute::new(host_and_port, model)
+    }
+}
+
+/// The longest name (a model, an upstream) that logs, span fields and error
+/// messages print whole. A model name comes from the caller's request body, which
+/// may be megabytes long; a real one is under a hundred bytes.
+pub const MAX_PRINTED_NAME: usize = 256;
+
+/// `name` as logs, span fields and error messages print it: whole when it is at
+/// most [`MAX_PRINTED_NAME`] bytes, otherwise its first bytes up to that length
+/// (cut at a character boundary) and `…`.
+pub fn printed_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_PRINTED_NAME {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut end = MAX_PRINTED_NAME;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &name[..end]))
 }
 
 impl std::fmt::Display for ModelRoute {
@@ -391,6 +422,36 @@ impl PartialEq<Vec<AttemptRecord>> for AttemptRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_from_an_authority_leaves_out_user_information() {
+        let with_user: http::uri::Authority = "user:s3cret@api.example.com:8443".parse().unwrap();
+        let route = ModelRoute::at_authority(&with_user, "m");
+        assert_eq!(&*route.upstream, "api.example.com:8443");
+        let plain: http::uri::Authority = "api.example.com".parse().unwrap();
+        assert_eq!(
+            &*ModelRoute::at_authority(&plain, "m").upstream,
+            "api.example.com"
+        );
+    }
+
+    #[test]
+    fn a_long_name_prints_cut_at_a_character_boundary() {
+        assert_eq!(printed_name("gpt-4o"), "gpt-4o");
+        let exact = "m".repeat(MAX_PRINTED_NAME);
+        assert_eq!(printed_name(&exact), exact);
+        let long = "m".repeat(8 << 20);
+        assert_eq!(
+            printed_name(&long),
+            format!("{}…", "m".repeat(MAX_PRINTED_NAME))
+        );
+        // A three-byte character straddling the cut is left out whole.
+        let straddling = format!("{}€tail", "m".repeat(MAX_PRINTED_NAME - 1));
+        assert_eq!(
+            printed_name(&straddling),
+            format!("{}…", "m".repeat(MAX_PRINTED_NAME - 1))
+        );
+    }
 
     fn record(number: u32) -> AttemptRecord {
         AttemptRecord::new(number, crate::Classification::Success)

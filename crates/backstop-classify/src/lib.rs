@@ -158,8 +158,8 @@ pub use classification::{
 };
 pub use context::{
     AttemptLog, AttemptRecord, AttemptRecords, Deadline, FallbackAvailable, Idempotent,
-    LatestStart, ModelRoute, PaceHandle, RetryBudget, RetryBudgetHandle, StopReason, UpstreamPace,
-    is_idempotent,
+    LatestStart, MAX_PRINTED_NAME, ModelRoute, PaceHandle, RetryBudget, RetryBudgetHandle,
+    StopReason, UpstreamPace, is_idempotent, printed_name,
 };
 pub use error::{BoxError, ClassifiedError};
 pub use future::ResponseFuture;

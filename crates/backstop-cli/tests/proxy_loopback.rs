@@ -507,6 +507,18 @@ async fn unknown_model_and_malformed_body_are_refused_without_an_upstream_call()
     assert_eq!(status, 404);
     assert_eq!(header(&headers, "x-should-retry"), Some("false"));
     assert_eq!(error_code(&body), "model_not_found");
+    // A model name as long as the body allows is echoed cut short, not whole.
+    let long_name = "m".repeat(1 << 20);
+    let (status, _, body) = rig.chat(&long_name, false).await;
+    assert_eq!(status, 404);
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error body");
+    let message = json["error"]["message"].as_str().expect("error.message");
+    assert!(
+        message.starts_with(&format!("the model `{}…` is not served", "m".repeat(256))),
+        "{}",
+        message.get(..300).unwrap_or(message)
+    );
+    assert!(message.len() < 1024, "{} bytes", message.len());
     let (status, _, body) = rig.send(rig.request("{not json")).await;
     assert_eq!(status, 400);
     assert_eq!(error_code(&body), "invalid_body");

@@ -126,8 +126,10 @@ impl<RB> Journey<RB> {
                 // The journey ends served: there is no "try again at" to work out, so
                 // no reopening instant to keep (and no list to allocate for it).
                 self.record_hop(attempts, None);
-                self.span
-                    .record("gen_ai.response.model", &*self.current.1.model);
+                self.span.record(
+                    "gen_ai.response.model",
+                    &*backstop_classify::printed_name(&self.current.1.model),
+                );
                 let served = self.served_by(true, None);
                 response.extensions_mut().insert(served);
                 return Step::Return(Ok(response));
@@ -332,7 +334,7 @@ impl<RB> Journey<RB> {
             .map_err(|HopError(why)| ChainStop::HopNotBuilt(why))?;
         tracing::info!(
             parent: &self.span,
-            from = %self.current.0,
+            from = %backstop_classify::printed_name(&self.current.0),
             to = %model,
             upstream = %route.upstream,
             reason = reason.map(FailureKind::as_str).unwrap_or("unknown"),

@@ -124,7 +124,10 @@ where
             Some((name, target)) => (Arc::clone(name), Some(target)),
             None => (Arc::from(decoded), None),
         };
-        span.record("gen_ai.request.model", &*model);
+        span.record(
+            "gen_ai.request.model",
+            &*backstop_classify::printed_name(&model),
+        );
 
         let caller_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
         // The clock is read only when there is a deadline to work out: most requests

@@ -120,7 +120,10 @@ where
         if !span.is_disabled()
             && let Some(route) = request.extensions().get::<ModelRoute>()
         {
-            span.record("gen_ai.request.model", &*route.model);
+            span.record(
+                "gen_ai.request.model",
+                &*backstop_classify::printed_name(&route.model),
+            );
         }
         let mut attempts = Attempts::new(inner, self.shared.clone(), &mut request);
         let first = {

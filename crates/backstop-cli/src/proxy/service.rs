@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use backstop::classify::ClassifiedError;
+use backstop::classify::{ClassifiedError, printed_name};
 use backstop::fallback::config::CREDENTIAL_HEADERS;
 use backstop::fallback::{ServedBy, read_model};
 use backstop::retry::{BodyLimitError, collect};
@@ -204,8 +204,10 @@ async fn admitted_chat(shared: Arc<Shared>, request: Request<Incoming>) -> Respo
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
+            // The name is the caller's, up to the whole body long: echoed cut short.
             &format!(
-                "the model `{model}` is not served by this proxy; configured models: {}",
+                "the model `{}` is not served by this proxy; configured models: {}",
+                printed_name(&model),
                 served.join(", ")
             ),
         );
@@ -304,7 +306,7 @@ fn rejected(
     shared.counters.record(Outcome::Rejected, 0, false);
     tracing::info!(
         target: "backstop::proxy",
-        requested_model = model.unwrap_or(""),
+        requested_model = %printed_name(model.unwrap_or("")),
         status = response.status().as_u16(),
         outcome = Outcome::Rejected.as_str(),
         latency_ms = started.elapsed().as_millis() as u64,
