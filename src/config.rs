@@ -56,7 +56,7 @@ use std::fmt;
 use std::time::Duration;
 
 use backstop_breaker::BreakerConfig;
-use backstop_classify::{Profile, Rules};
+use backstop_classify::{Profile, Rules, printed_name};
 use backstop_fallback::{Chains, FallbackConfig, Target};
 use backstop_retry::{Jitter, RetryConfig};
 use serde::{Deserialize, Deserializer};
@@ -189,7 +189,7 @@ pub struct BreakerSection {
     #[serde(default, deserialize_with = "human_duration_opt")]
     pub max_hinted_cooldown: Option<Duration>,
     /// Pacing after the provider's slow-down signals: `true` (the default tuning),
-    /// `false` (off), or `{ backoff, growth, min_rate }`.
+    /// `false` (off), or `{ backoff, growth, recovery, min_rate }`.
     pub pacing: Option<PacingSetting>,
     /// Concurrent trial requests when half-open.
     pub half_open_probes: Option<u32>,
@@ -227,7 +227,11 @@ pub struct PacingSection {
 }
 
 /// `[models.NAME]`: where a model is served.
-#[derive(Clone, Debug, Deserialize)]
+///
+/// Its `Debug` output prints the base URI without user information or query
+/// ([`redact_uri`](backstop_fallback::secret::redact_uri): either may hold a key)
+/// and the extra headers' names without their values.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// The upstream's name (for records and breaker keys).
@@ -241,6 +245,26 @@ pub struct ModelSection {
     /// Extra headers (`anthropic-version`, …).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ModelSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use backstop_fallback::secret::{REDACTED, redact_uri};
+        f.debug_struct("ModelSection")
+            .field("upstream", &self.upstream)
+            .field("base_uri", &redact_uri(&self.base_uri))
+            .field("model", &self.model)
+            .field("credential", &self.credential)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .keys()
+                    .map(|name| (name, REDACTED))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// A credential read from an environment variable.
@@ -378,10 +402,47 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `error` as "line L, column C (`key = …`): reason", without the quoted source
+/// line that `toml`'s own `Display` adds: the line's key (or table header) is
+/// named, its value never is.
+fn parse_error_without_source(text: &str, error: &toml::de::Error) -> String {
+    let reason = error.message().trim_end();
+    let Some(span) = error.span() else {
+        return reason.to_owned();
+    };
+    let bytes = text.as_bytes();
+    let start = span.start.min(bytes.len());
+    let line_start = bytes[..start]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line_end = bytes[line_start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| line_start + i);
+    let number = bytes[..start].iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = String::from_utf8_lossy(&bytes[line_start..start])
+        .chars()
+        .count()
+        + 1;
+    let source_line = String::from_utf8_lossy(&bytes[line_start..line_end]);
+    let source_line = source_line.trim();
+    let place = if source_line.starts_with('[') {
+        format!(" (`{}`)", printed_name(source_line))
+    } else if let Some((key, _)) = source_line.split_once('=') {
+        format!(" (`{} = …`)", printed_name(key.trim()))
+    } else {
+        String::new()
+    };
+    format!("line {number}, column {column}{place}: {reason}")
+}
+
 impl StackConfig {
-    /// Parses TOML (unknown keys are refused).
+    /// Parses TOML (unknown keys are refused). The error gives the line, column and
+    /// reason, but not the text of the line, which may hold a key (a base URI's
+    /// `?key=…`, an extra header's value).
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+        toml::from_str(text).map_err(|e| ConfigError::Parse(parse_error_without_source(text, &e)))
     }
 
     /// Builds the layer, reading credentials from the process environment.

@@ -161,6 +161,73 @@ fn no_config_type_prints_a_key() {
 }
 
 #[test]
+fn a_key_in_a_base_uri_or_an_extra_header_never_prints() {
+    // A gateway's key in an extra header, a key in the base URI's user information
+    // and Gemini's `?key=` in its query.
+    let target = Target::new(
+        "google",
+        format!("https://proxy-user:{OPENAI_KEY}@provider.local/v1?key={GEMINI_KEY}"),
+    )
+    .header("helicone-auth", format!("Bearer {ANTHROPIC_KEY}"));
+    assert_no_key("Target Debug", &format!("{target:?} {target:#?}"));
+    let fallback = FallbackConfig::builder()
+        .target(THIRD, target)
+        .build()
+        .expect("valid fallback config");
+    assert_no_key(
+        "FallbackConfig Debug",
+        &format!("{fallback:?} {fallback:#?}"),
+    );
+    let layer = backstop::fallback::FallbackLayer::new(fallback);
+    assert_no_key("FallbackLayer Debug", &format!("{layer:?} {layer:#?}"));
+
+    // A base URI that does not parse is named in the error, without its key.
+    let error = FallbackConfig::builder()
+        .target(
+            THIRD,
+            Target::new("google", format!("provider.local/v1 ?key={GEMINI_KEY}")),
+        )
+        .build()
+        .expect_err("not an absolute URI");
+    assert_no_key("InvalidBaseUri", &format!("{error} {error:?}"));
+    assert!(
+        error.to_string().contains("provider.local/v1 ?[redacted]"),
+        "{error}"
+    );
+
+    // The same through the stack's TOML.
+    let toml = format!(
+        r#"
+[models.gemini-flash]
+upstream = "google"
+base_uri = "https://provider.local/v1?key={GEMINI_KEY}"
+headers = {{ "helicone-auth" = "Bearer {ANTHROPIC_KEY}" }}
+"#
+    );
+    let config = StackConfig::from_toml_str(&toml).expect("valid TOML");
+    assert_no_key("StackConfig Debug", &format!("{config:?} {config:#?}"));
+    let layer = config.into_layer_with_env(env).expect("valid stack");
+    assert_no_key("BackstopLayer Debug", &format!("{layer:?} {layer:#?}"));
+}
+
+#[test]
+fn a_toml_error_on_a_line_with_a_key_does_not_quote_the_line() {
+    // An unterminated string on the line that holds the key.
+    let toml = format!(
+        "[models.gemini-flash]\nupstream = \"google\"\nbase_uri = \"https://provider.local/v1?key={GEMINI_KEY}\n"
+    );
+    let error = StackConfig::from_toml_str(&toml).expect_err("unterminated string");
+    let message = error.to_string();
+    assert_no_key("a TOML parse error", &format!("{message} {error:?}"));
+    // The place is named by line, column and key; the value is not quoted.
+    assert!(
+        message.starts_with("invalid configuration: line 3, column ")
+            && message.contains(" (`base_uri = …`): "),
+        "{message}"
+    );
+}
+
+#[test]
 fn config_errors_never_echo_a_key() {
     // A key that is not a valid header value (a pasted newline) is refused without
     // being repeated back.
@@ -471,11 +538,20 @@ async fn a_key_the_caller_sent_never_reaches_the_fallback_provider() {
             .model(PRIMARY, ModelPlan::always(Fault::OpenAiInsufficientQuota))
             .model(SECOND, ModelPlan::ok()),
     );
-    let request = http::Request::post("http://provider.local/v1/chat/completions")
-        .header("authorization", format!("Bearer {CALLER_KEY}"))
-        .header("x-api-key", CALLER_KEY)
-        .body(format!(r#"{{"model":"{PRIMARY}","messages":[]}}"#))
-        .expect("valid request");
+    // The caller's key in every form a provider or gateway takes one: headers, a
+    // session cookie, the account it bills to, Gemini's `?key=` in the query.
+    let request = http::Request::post(format!(
+        "http://provider.local/v1/chat/completions?trace=1&key={CALLER_KEY}"
+    ))
+    .header("authorization", format!("Bearer {CALLER_KEY}"))
+    .header("x-api-key", CALLER_KEY)
+    .header("cookie", format!("session={CALLER_KEY}"))
+    .header("openai-organization", format!("org-{CALLER_KEY}"))
+    .header("openai-project", format!("proj_{CALLER_KEY}"))
+    .header("helicone-auth", format!("Bearer {CALLER_KEY}"))
+    .header("ocp-apim-subscription-key", CALLER_KEY)
+    .body(format!(r#"{{"model":"{PRIMARY}","messages":[]}}"#))
+    .expect("valid request");
 
     let response = layer.layer(mock.clone()).oneshot(request).await;
     let text = printout(response).await;
@@ -492,6 +568,17 @@ async fn a_key_the_caller_sent_never_reaches_the_fallback_provider() {
     assert_eq!(attempts[1].model.as_deref(), Some(SECOND));
     assert_eq!(attempts[1].header("x-api-key"), Some(ANTHROPIC_KEY));
     assert_eq!(attempts[1].header("authorization"), None);
+    for name in [
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "helicone-auth",
+        "ocp-apim-subscription-key",
+    ] {
+        assert_eq!(attempts[1].header(name), None, "{name}");
+    }
+    // The rest of the caller's query goes on; its key does not.
+    assert_eq!(attempts[1].uri.query(), Some("trace=1"));
     for (name, value) in &attempts[1].headers {
         let value = String::from_utf8_lossy(value.as_bytes());
         assert!(

@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::ChainWalk;
-use crate::secret::{REDACTED, Secret};
+use crate::secret::{REDACTED, Secret, redact_uri};
 
 /// The default cap on a request body the layer will rewrite (Anthropic's edge
 /// refuses bodies over 32 MB, so no provider accepts more).
@@ -26,14 +26,60 @@ pub const DEFAULT_COOLDOWN_WAITS: u32 = 16;
 /// `/v1/chat/completions` shape); see [`FallbackConfig`] for how paths map.
 pub const DEFAULT_CALLER_PATH_PREFIX: &str = "/v1";
 
-/// Header names that carry credentials at the providers Backstop knows, always
-/// removed before a request goes to a configured target.
-pub const CREDENTIAL_HEADERS: [&str; 4] =
-    ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+/// Header names that carry credentials, or tie a request to the account of the
+/// provider it was first meant for, always removed before a request goes to a
+/// configured target (which gets its own credential and extra headers instead):
+///
+/// - the providers' keys: `authorization` (OpenAI, Groq, Mistral, most
+///   OpenAI-compatible APIs), `api-key` (Azure OpenAI), `x-api-key` (Anthropic),
+///   `x-goog-api-key` (Gemini), `ocp-apim-subscription-key` (Azure API Management);
+/// - the account a key bills to: `openai-organization`, `openai-project`,
+///   `x-goog-user-project`;
+/// - gateways' keys in front of a provider: `cf-aig-authorization` (Cloudflare AI
+///   Gateway), `helicone-auth`;
+/// - the caller's own session and proxy credentials: `cookie`,
+///   `proxy-authorization`.
+///
+/// A target that needs one of these sets it as its credential or in its extra
+/// headers. The query-string form of a key is [`CREDENTIAL_QUERY_PARAMS`].
+pub const CREDENTIAL_HEADERS: [&str; 12] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "openai-organization",
+    "openai-project",
+    "x-goog-user-project",
+    "cf-aig-authorization",
+    "helicone-auth",
+    "cookie",
+    "proxy-authorization",
+];
+
+/// Query parameters that carry a key (Gemini's `?key=`, and the spellings
+/// gateways and Azure Functions accept), removed from the caller's query before
+/// it goes to a configured target. Names are compared ignoring ASCII case, after
+/// decoding `%XX` escapes and `+`. The rest of the caller's query is kept, unless
+/// the target's base URI has a query of its own, which replaces it.
+pub const CREDENTIAL_QUERY_PARAMS: [&str; 8] = [
+    "key",
+    "api-key",
+    "api_key",
+    "apikey",
+    "access_token",
+    "token",
+    "code",
+    "sig",
+];
 
 /// Where one model is served: the upstream, its base URI, how it spells the model,
 /// and the credential to send.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its `Debug` output prints the base URI without user information or query (see
+/// [`redact_uri`]) and the extra headers' names without their values. Serialising
+/// it writes both as configured; only the credential is written redacted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
     /// A name for the upstream (`"openai"`, `"azure-eu"`); it goes into
@@ -53,6 +99,25 @@ pub struct Target {
     /// Headers this upstream needs besides the credential (`anthropic-version`, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra_headers: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("upstream", &self.upstream)
+            .field("base_uri", &redact_uri(&self.base_uri))
+            .field("model", &self.model)
+            .field("credential", &self.credential)
+            .field(
+                "extra_headers",
+                &self
+                    .extra_headers
+                    .keys()
+                    .map(|name| (name, REDACTED))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Target {
@@ -201,7 +266,8 @@ pub enum ConfigError {
     InvalidBaseUri {
         /// The target's model.
         model: String,
-        /// The URI as configured.
+        /// The URI as configured, with its user information and query redacted
+        /// ([`redact_uri`]): either may hold a key.
         uri: String,
     },
     /// A model name, upstream name or provider spelling is empty.
@@ -568,22 +634,17 @@ impl FallbackConfig {
         .to_owned();
 
         let mut targets = HashMap::new();
-        let mut credential_headers: Vec<HeaderName> = CREDENTIAL_HEADERS
-            .iter()
-            .map(|h| HeaderName::from_static(h))
-            .collect();
-        let mut target_headers: Vec<HeaderName> = Vec::new();
+        let mut removed_headers = RemovedHeaders::default();
+        for name in CREDENTIAL_HEADERS {
+            removed_headers.add(&HeaderName::from_static(name));
+        }
         for (model, target) in &raw.targets {
             let compiled = CompiledTarget::compile(model, target)?;
-            if let Some((name, _)) = &compiled.credential
-                && !credential_headers.contains(name)
-            {
-                credential_headers.push(name.clone());
+            if let Some((name, _)) = &compiled.credential {
+                removed_headers.add(name);
             }
             for (name, _) in &compiled.extra_headers {
-                if !target_headers.contains(name) {
-                    target_headers.push(name.clone());
-                }
+                removed_headers.add(name);
             }
             targets.insert(Arc::<str>::from(model.as_str()), compiled);
         }
@@ -629,8 +690,7 @@ impl FallbackConfig {
             default_chain,
             context_chain,
             content_chain,
-            credential_headers,
-            target_headers,
+            removed_headers,
             total_deadline,
             max_body_bytes,
             caller_path_prefix: caller_path_prefix.clone(),
@@ -675,16 +735,42 @@ pub(crate) struct Compiled {
     pub(crate) default_chain: Vec<Arc<str>>,
     pub(crate) context_chain: Vec<Arc<str>>,
     pub(crate) content_chain: Vec<Arc<str>>,
-    /// Every header that carries a credential anywhere: removed before any hop to a
-    /// configured target, so one provider's key never reaches another.
-    pub(crate) credential_headers: Vec<HeaderName>,
-    /// Every extra header any target sets: provider-specific, removed on a switch.
-    pub(crate) target_headers: Vec<HeaderName>,
+    /// Removed from the caller's headers before any hop to a configured target:
+    /// every header that carries a credential anywhere (so one provider's key never
+    /// reaches another), and every extra header any target sets (provider-specific).
+    pub(crate) removed_headers: RemovedHeaders,
     pub(crate) total_deadline: Option<Duration>,
     pub(crate) max_body_bytes: usize,
     pub(crate) caller_path_prefix: String,
     pub(crate) cooldown_waits: u32,
     pub(crate) min_hop_time: Duration,
+}
+
+/// A small set of header names, asked about every header of every hop: most of a
+/// request's headers have a length no listed name has, and are passed over
+/// without a comparison.
+#[derive(Default)]
+pub(crate) struct RemovedHeaders {
+    names: Vec<HeaderName>,
+    /// Bit `n` is set when a listed name is `n` bytes long (bit 63: 63 or more).
+    lengths: u64,
+}
+
+impl RemovedHeaders {
+    fn length_bit(name: &HeaderName) -> u64 {
+        1 << name.as_str().len().min(63)
+    }
+
+    fn add(&mut self, name: &HeaderName) {
+        if !self.names.contains(name) {
+            self.lengths |= Self::length_bit(name);
+            self.names.push(name.clone());
+        }
+    }
+
+    pub(crate) fn contains(&self, name: &HeaderName) -> bool {
+        self.lengths & Self::length_bit(name) != 0 && self.names.contains(name)
+    }
 }
 
 impl Compiled {
@@ -722,7 +808,7 @@ impl fmt::Debug for CompiledTarget {
         f.debug_struct("CompiledTarget")
             .field("upstream", &self.upstream)
             .field("provider_model", &self.provider_model)
-            .field("authority", &self.authority)
+            .field("authority", &redact_uri(self.authority.as_str()))
             .field(
                 "credential",
                 &self.credential.as_ref().map(|(n, _)| (n, REDACTED)),
@@ -741,7 +827,7 @@ impl CompiledTarget {
         }
         let bad_uri = || ConfigError::InvalidBaseUri {
             model: model.to_owned(),
-            uri: t.base_uri.clone(),
+            uri: redact_uri(&t.base_uri),
         };
         let uri: Uri = t.base_uri.parse().map_err(|_| bad_uri())?;
         let parts = uri.into_parts();
@@ -785,7 +871,10 @@ impl CompiledTarget {
                 header: name.clone(),
             };
             let n = HeaderName::try_from(name.trim()).map_err(|_| invalid())?;
-            let v = HeaderValue::try_from(value.as_str()).map_err(|_| invalid())?;
+            let mut v = HeaderValue::try_from(value.as_str()).map_err(|_| invalid())?;
+            // A gateway's key may ride in any header: HPACK never indexes these
+            // values, and `Debug` does not print them.
+            v.set_sensitive(true);
             extra_headers.push((n, v));
         }
         Ok(CompiledTarget {
@@ -815,7 +904,8 @@ impl CompiledTarget {
             _ if path == "/" => "",
             _ => path,
         };
-        let query = self.query.as_deref().or(original.query());
+        let caller_query = original.query().and_then(without_credentials);
+        let query = self.query.as_deref().or(caller_query.as_deref());
         // The usual case: the target's path prefix is the caller's, so the hop's path
         // and query are the caller's own. Reusing them skips an allocation and a
         // re-parse on every request.
@@ -852,6 +942,61 @@ impl CompiledTarget {
             .path_and_query(PathAndQuery::try_from(pq)?)
             .build()
     }
+}
+
+/// `query` without its [`CREDENTIAL_QUERY_PARAMS`]; borrowed when it has none (the
+/// usual case costs one pass over the query and no allocation), `None` when
+/// nothing else is left.
+fn without_credentials(query: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let is_credential = |pair: &str| {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        is_credential_param(name)
+    };
+    if !query.split('&').any(is_credential) {
+        return Some(std::borrow::Cow::Borrowed(query));
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !is_credential(pair))
+        .collect();
+    (!kept.is_empty()).then(|| std::borrow::Cow::Owned(kept.join("&")))
+}
+
+/// Whether a query parameter's (still encoded) name is one of
+/// [`CREDENTIAL_QUERY_PARAMS`].
+fn is_credential_param(encoded: &str) -> bool {
+    // The longest listed name is 12 bytes, and an escape encodes one byte in
+    // three: a longer encoded name cannot be one of them.
+    const LONGEST: usize = 12;
+    if encoded.len() > 3 * LONGEST {
+        return false;
+    }
+    let mut name = [0u8; 3 * LONGEST];
+    let mut len = 0;
+    let bytes = encoded.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = match bytes[i] {
+            b'%' => match (
+                bytes.get(i + 1).and_then(|h| (*h as char).to_digit(16)),
+                bytes.get(i + 2).and_then(|l| (*l as char).to_digit(16)),
+            ) {
+                (Some(high), Some(low)) => {
+                    i += 2;
+                    (high * 16 + low) as u8
+                }
+                _ => b'%',
+            },
+            b'+' => b' ',
+            other => other,
+        };
+        name[len] = byte.to_ascii_lowercase();
+        len += 1;
+        i += 1;
+    }
+    CREDENTIAL_QUERY_PARAMS
+        .iter()
+        .any(|listed| listed.as_bytes() == &name[..len])
 }
 
 #[cfg(test)]
@@ -984,6 +1129,61 @@ mod tests {
         assert_eq!(
             groq.uri_for(&other, "/v1").unwrap().to_string(),
             "https://api.groq.com/openai/v1/v10/chat"
+        );
+    }
+
+    #[test]
+    fn a_key_in_the_callers_query_never_reaches_a_target() {
+        let groq =
+            CompiledTarget::compile("m", &Target::new("groq", "https://api.groq.com/openai/v1"))
+                .unwrap();
+        let hop = |uri: &str| {
+            let original: Uri = uri.parse().unwrap();
+            groq.uri_for(&original, "/v1").unwrap().to_string()
+        };
+        let target = "https://api.groq.com/openai/v1/chat/completions";
+        assert_eq!(hop("/v1/chat/completions?key=AIzaS3CRET"), target);
+        assert_eq!(
+            hop("/v1/chat/completions?trace=1&key=AIzaS3CRET&alt=sse"),
+            format!("{target}?trace=1&alt=sse")
+        );
+        // Every listed spelling, in any case, escaped or not, with or without a value.
+        for pair in [
+            "KEY=s",
+            "api-key=s",
+            "api_key=s",
+            "apikey=s",
+            "Access_Token=s",
+            "token=s",
+            "code=s",
+            "sig=s",
+            "%6Bey=s",
+            "%6b%65%79=s",
+            "api%2Dkey=s",
+            "key",
+            "key=",
+        ] {
+            assert_eq!(
+                hop(&format!("/v1/chat/completions?{pair}&n=2")),
+                format!("{target}?n=2"),
+                "{pair}"
+            );
+        }
+        // Names that only look alike stay, and so does an empty pair's neighbour.
+        assert_eq!(
+            hop("/v1/chat/completions?keys=1&monkey=2&key_id=3&&n=4"),
+            format!("{target}?keys=1&monkey=2&key_id=3&&n=4")
+        );
+        assert_eq!(
+            hop("/v1/chat/completions?n=1&&key=s"),
+            format!("{target}?n=1")
+        );
+        // A broken escape is not decoded, and an overlong name is not a listed one.
+        assert_eq!(hop("/v1/chat/completions?%4=1"), format!("{target}?%4=1"));
+        let long = "k".repeat(100);
+        assert_eq!(
+            hop(&format!("/v1/chat/completions?{long}=1")),
+            format!("{target}?{long}=1")
         );
     }
 

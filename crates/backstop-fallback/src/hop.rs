@@ -33,10 +33,10 @@ impl Original {
         &self,
         deadline: Option<Deadline>,
     ) -> (Request<ReplayBody>, ModelRoute) {
-        let route = ModelRoute::new(
-            self.uri.authority().map(|a| a.as_str()).unwrap_or(""),
-            self.model.clone(),
-        );
+        let route = match self.uri.authority() {
+            Some(authority) => ModelRoute::at_authority(authority, self.model.clone()),
+            None => ModelRoute::new("", self.model.clone()),
+        };
         let mut request = Request::new(ReplayBody::new(self.body.clone()));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
@@ -82,10 +82,7 @@ impl Original {
         for name in self.headers.keys() {
             if name == CONTENT_LENGTH {
                 has_content_length = true;
-            } else if name == HOST
-                || config.credential_headers.contains(name)
-                || config.target_headers.contains(name)
-            {
+            } else if name == HOST || config.removed_headers.contains(name) {
                 headers.remove(name);
             }
         }

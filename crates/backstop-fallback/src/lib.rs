@@ -68,11 +68,20 @@
 //!   chain could be called at all (see below): nothing reached a provider, so the
 //!   wait adds no attempt the retry layer or the budget refused.
 //! - Send a provider any key but its own: before a hop to a configured target every
-//!   credential header goes (`authorization`, `api-key`, `x-api-key`,
-//!   `x-goog-api-key` and every header any target names as its credential), along
-//!   with every target's extra headers and `host`.
+//!   credential header goes ([`CREDENTIAL_HEADERS`](config::CREDENTIAL_HEADERS):
+//!   the providers' key headers, `cookie`, `proxy-authorization`, the headers that
+//!   name the account a key bills to, gateways' keys; and every header any target
+//!   names as its credential), along with every target's extra headers and `host`;
+//!   and the caller's query loses its key parameters
+//!   ([`CREDENTIAL_QUERY_PARAMS`](config::CREDENTIAL_QUERY_PARAMS): Gemini's `?key=`
+//!   and the like).
 //! - Print a credential: [`Secret`] redacts itself in `Debug`, `Display` and
-//!   serialisation, and credential header values are marked sensitive.
+//!   serialisation, and credential and extra header values are marked sensitive.
+//!   `Debug` output and configuration errors print a base URI without its user
+//!   information or query ([`redact_uri`](secret::redact_uri)), and extra headers
+//!   without their values. (Serialising a [`FallbackConfig`] is asking for the
+//!   configuration itself: it writes base URIs and extra headers as configured, an
+//!   Azure `?api-version=` included; only credentials are written redacted.)
 //! - Re-serialise a body, or touch the caller's bytes when a rewrite fails.
 //! - Start a hop to another model (or a new round after a cooldown wait) with less
 //!   than [`FallbackConfigBuilder::min_hop_time`] left before the deadline (default

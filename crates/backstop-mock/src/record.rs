@@ -51,12 +51,19 @@ impl Attempt {
     }
 }
 
-const CREDENTIAL_HEADERS: [&str; 5] = [
+/// The headers that carry a key or a session at a provider or a gateway in front
+/// of one (the secret ones of `backstop-fallback`'s `CREDENTIAL_HEADERS`; the mock
+/// does not depend on it).
+const CREDENTIAL_HEADERS: [&str; 9] = [
     "authorization",
     "proxy-authorization",
     "x-api-key",
     "api-key",
     "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "cf-aig-authorization",
+    "helicone-auth",
+    "cookie",
 ];
 
 /// Marks credential headers sensitive so no `Debug` output shows them.
@@ -81,6 +88,9 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("authorization", "Bearer sk-secret-123".parse().unwrap());
         headers.insert("x-api-key", "sk-ant-secret-456".parse().unwrap());
+        headers.append("cookie", "a=secret-1".parse().unwrap());
+        headers.append("cookie", "b=secret-2".parse().unwrap());
+        headers.insert("helicone-auth", "Bearer secret-789".parse().unwrap());
         headers.insert("x-attempt", "2".parse().unwrap());
         let shown = format!("{:?}", redact(headers));
         assert!(!shown.contains("secret"), "{shown}");
