@@ -190,3 +190,4 @@ pub use provider::{DEFAULT_RECORD_LIMIT, MAX_REQUEST_BODY_BYTES, MockProvider};
 pub use record::Attempt;
 pub use scenario::Scenario;
 pub use server::MockServer;
+pub use wire::MAX_STREAM_FRAMES;

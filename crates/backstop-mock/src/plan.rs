@@ -38,13 +38,16 @@ pub struct ModelPlan {
     pub outages: Vec<Outage>,
     /// An optional limit on concurrent or per-second requests.
     pub capacity: Option<Capacity>,
-    /// Chunks in a normal SSE stream (at least 1).
+    /// Chunks in a normal SSE stream (at least 1, at most
+    /// [`MAX_STREAM_FRAMES`](crate::MAX_STREAM_FRAMES)).
     pub stream_chunks: usize,
     /// Delay between consecutive SSE frames (the first frame goes with the head).
     #[serde(with = "human_duration")]
     pub chunk_delay: Duration,
     /// Anthropic-style `event: ping` keep-alive frames sent before the first chunk
-    /// of every stream (default 0); they count as frames for `chunk_delay`.
+    /// of every stream (default 0, at most
+    /// [`MAX_STREAM_FRAMES`](crate::MAX_STREAM_FRAMES)); they count as frames for
+    /// `chunk_delay`.
     pub stream_pings: usize,
 }
 

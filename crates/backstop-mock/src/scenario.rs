@@ -103,6 +103,7 @@ impl Scenario {
             for fault in plan.faults() {
                 wire::validate(fault).map_err(invalid)?;
             }
+            wire::validate_stream(plan.stream_chunks, plan.stream_pings).map_err(invalid)?;
             for random in &plan.random {
                 if !(0.0..=1.0).contains(&random.probability) {
                     return Err(invalid(format!(

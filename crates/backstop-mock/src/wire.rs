@@ -11,6 +11,29 @@ use serde_json::json;
 use crate::completion::{DONE_FRAME, Served, chunk_frame, completion_json};
 use crate::fault::{Fault, StreamStyle};
 
+/// The most chunks (a plan's `stream_chunks`, a fault's `chunks`) and the most
+/// `event: ping` frames (`stream_pings`) one answer may have: a million each. An
+/// answer is built whole before it is sent, so this bounds its memory (a chunk is a
+/// couple of hundred bytes); the largest stream any test sends is 200 000 chunks.
+/// Scenarios read from text are refused beyond it; a plan built in code is answered
+/// with a 500 that says why.
+pub const MAX_STREAM_FRAMES: usize = 1_000_000;
+
+/// Why an answer of `chunks` chunks after `pings` pings is not built, if it is not.
+fn too_many_frames(chunks: usize, pings: usize) -> Option<String> {
+    if chunks > MAX_STREAM_FRAMES {
+        return Some(format!(
+            "{chunks} chunks is over the most one answer sends, {MAX_STREAM_FRAMES}"
+        ));
+    }
+    if pings > MAX_STREAM_FRAMES {
+        return Some(format!(
+            "stream_pings {pings} is over the most one answer sends, {MAX_STREAM_FRAMES}"
+        ));
+    }
+    None
+}
+
 /// Everything the renderer needs to know about the attempt being answered.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WireContext<'a> {
@@ -408,7 +431,10 @@ pub(crate) fn render(fault: &Fault, cx: &WireContext<'_>) -> Wire {
             )
         }
         Fault::ResetAfterChunks { chunks } => {
-            let frames = partial_chunks(cx, *chunks);
+            let frames = match partial_chunks(cx, *chunks) {
+                Ok(frames) => frames,
+                Err(problem) => return scenario_error(&problem),
+            };
             respond(
                 StatusCode::OK,
                 sse_headers(),
@@ -419,7 +445,10 @@ pub(crate) fn render(fault: &Fault, cx: &WireContext<'_>) -> Wire {
             )
         }
         Fault::StreamErrorAfter { chunks, style } => {
-            let mut frames = partial_chunks(cx, *chunks);
+            let mut frames = match partial_chunks(cx, *chunks) {
+                Ok(frames) => frames,
+                Err(problem) => return scenario_error(&problem),
+            };
             frames.push(match style {
                 StreamStyle::OpenAi => Bytes::from_static(OPENAI_STREAM_ERROR_EVENT),
                 StreamStyle::Anthropic => Bytes::from_static(ANTHROPIC_STREAM_ERROR_EVENT),
@@ -438,6 +467,11 @@ pub(crate) fn render(fault: &Fault, cx: &WireContext<'_>) -> Wire {
 
 /// A normal success: JSON, or `chunks` SSE chunks then `[DONE]`.
 fn success(cx: &WireContext<'_>, finish_reason: &str) -> Wire {
+    // A completion's words are one per chunk: it is as large as the stream.
+    let ping_count = if cx.stream { cx.pings } else { 0 };
+    if let Some(problem) = too_many_frames(cx.chunks, ping_count) {
+        return scenario_error(&problem);
+    }
     if cx.stream {
         let total = cx.chunks.max(1);
         let mut frames = pings(cx);
@@ -461,12 +495,15 @@ fn success(cx: &WireContext<'_>, finish_reason: &str) -> Wire {
 }
 
 /// The first `k` chunks of a stream that would have had `max(k + 1, chunks)`
-/// chunks, so none of them carries a finish reason.
-fn partial_chunks(cx: &WireContext<'_>, k: usize) -> Vec<Bytes> {
+/// chunks, so none of them carries a finish reason; or why they are not built.
+fn partial_chunks(cx: &WireContext<'_>, k: usize) -> Result<Vec<Bytes>, String> {
+    if let Some(problem) = too_many_frames(k, cx.pings) {
+        return Err(problem);
+    }
     let total = cx.chunks.max(k + 1);
     let mut frames = pings(cx);
     frames.extend((0..k).map(|i| chunk_frame(&cx.served, i, total, None)));
-    frames
+    Ok(frames)
 }
 
 /// Anthropic's keep-alive events, which a client must skip.
@@ -622,6 +659,20 @@ pub(crate) fn validate(fault: &Fault) -> Result<(), String> {
             check_value("retry-after-ms", retry_after_ms)
         }
         Fault::AnthropicRateLimit { retry_after } => check_value("retry-after", retry_after),
+        Fault::ResetAfterChunks { chunks } | Fault::StreamErrorAfter { chunks, .. } => {
+            too_many_frames(*chunks, 0).map_or(Ok(()), Err)
+        }
         _ => Ok(()),
     }
+}
+
+/// Checks a plan's stream sizes (`stream_chunks`, `stream_pings`) against
+/// [`MAX_STREAM_FRAMES`].
+pub(crate) fn validate_stream(chunks: usize, pings: usize) -> Result<(), String> {
+    if chunks > MAX_STREAM_FRAMES {
+        return Err(format!(
+            "stream_chunks {chunks} is over the most one answer sends, {MAX_STREAM_FRAMES}"
+        ));
+    }
+    too_many_frames(0, pings).map_or(Ok(()), Err)
 }

@@ -194,3 +194,30 @@ async fn a_toml_scenario_plays_its_script() {
     // 0.1 random server errors could hit the third attempt; seed 42 is pinned here.
     assert_eq!(statuses, [429, 429, 200, 404, 418]);
 }
+
+#[test]
+fn streams_larger_than_an_answer_may_be_are_refused_by_name() {
+    let refused = |plan: &str| {
+        let text = format!("[models.\"m\"]\n{plan}\n");
+        Scenario::from_toml_str(&text).expect_err(plan).to_string()
+    };
+    // `vec![PING_FRAME; pings]` would not fit in memory.
+    assert_eq!(
+        refused("stream_pings = 9000000000000000000"),
+        "scenario plan for model \"m\" is invalid: stream_pings 9000000000000000000 is over the most one answer sends, 1000000"
+    );
+    assert_eq!(
+        refused("stream_chunks = 1000001"),
+        "scenario plan for model \"m\" is invalid: stream_chunks 1000001 is over the most one answer sends, 1000000"
+    );
+    // `k + 1` overflowed for the largest count.
+    assert_eq!(
+        refused("then = { kind = \"reset_after_chunks\", chunks = 18446744073709551615 }"),
+        "scenario plan for model \"m\" is invalid: 18446744073709551615 chunks is over the most one answer sends, 1000000"
+    );
+    let most = format!(
+        "stream_chunks = {0}\nstream_pings = {0}",
+        backstop_mock::MAX_STREAM_FRAMES
+    );
+    Scenario::from_toml_str(&format!("[models.\"m\"]\n{most}\n")).expect("the most is accepted");
+}

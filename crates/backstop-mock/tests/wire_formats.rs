@@ -501,3 +501,43 @@ async fn an_invalid_status_built_in_code_answers_500_and_says_why() {
             .contains("invalid HTTP status 42")
     );
 }
+
+/// A plan built in code is not validated: an answer too large to build is a 500
+/// that says why, not an allocation that aborts or an overflow.
+#[tokio::test]
+async fn a_stream_too_large_to_build_answers_500_and_says_why() {
+    let cases = [
+        (
+            ModelPlan::ok().stream_pings(9_000_000_000_000_000_000),
+            true,
+            "stream_pings 9000000000000000000 is over the most one answer sends, 1000000",
+        ),
+        (
+            ModelPlan::ok().stream_chunks(usize::MAX),
+            false,
+            "18446744073709551615 chunks is over the most one answer sends, 1000000",
+        ),
+        (
+            ModelPlan::always(Fault::ResetAfterChunks { chunks: usize::MAX }),
+            true,
+            "18446744073709551615 chunks is over the most one answer sends, 1000000",
+        ),
+    ];
+    for (plan, stream, why) in cases {
+        let mock = MockProvider::new(Scenario::new(1).model("m", plan));
+        let body = serde_json::json!({"model": "m", "stream": stream, "messages": []});
+        let request = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = mock.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 500, "{why}");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["error"]["type"], "mock_scenario_error");
+        assert_eq!(
+            json["error"]["message"],
+            format!("backstop-mock scenario error: {why}")
+        );
+    }
+}
