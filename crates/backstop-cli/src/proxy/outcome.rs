@@ -138,7 +138,11 @@ pub fn retry_after_secs(at: Instant, now: Instant) -> u64 {
 }
 
 fn ceil_secs(delay: Duration) -> u64 {
-    let whole = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    // Saturating: rounding up the largest hint a provider can send (u64::MAX
+    // seconds and a fraction) must not wrap to `Retry-After: 1`.
+    let whole = delay
+        .as_secs()
+        .saturating_add(u64::from(delay.subsec_nanos() > 0));
     whole.max(1)
 }
 
@@ -278,6 +282,17 @@ mod tests {
             1,
             "a past instant"
         );
+    }
+
+    #[test]
+    fn a_hint_of_u64_max_seconds_and_a_fraction_says_u64_max_not_one() {
+        let now = Instant::now();
+        let huge = ClassifiedError::local(Failure::new(FailureKind::Overloaded).with_hint(Some(
+            DelayHint::new(Duration::new(u64::MAX, 1), HintSource::RetryAfterMs),
+        )));
+        assert_eq!(Report::of_error(&huge, now).retry_after, Some(u64::MAX));
+        assert_eq!(ceil_secs(Duration::MAX), u64::MAX);
+        assert_eq!(ceil_secs(Duration::new(u64::MAX, 0)), u64::MAX);
     }
 
     #[test]
