@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use backstop_classify::instant_after;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -136,7 +137,7 @@ impl OpenStreams {
                     Some(at) => at,
                     // A stream that starts waiting from now on cannot have waited
                     // `timeout` before now + timeout...
-                    None => now + timeout,
+                    None => instant_after(now, timeout),
                 };
                 // ...but a stream that closes may leave only waiting ones: look
                 // again then too.
@@ -180,7 +181,8 @@ fn stalled_until(
         let since = since?;
         last = Some(last.map_or(since, |last| last.max(since)));
     }
-    last.map(|since| since + timeout)
+    // Never overflowing: a write timeout of centuries means "never stalled".
+    last.map(|since| instant_after(since, timeout))
 }
 
 impl OpenStream {
@@ -330,6 +332,29 @@ mod tests {
             stalled_until([Some(later), Some(t0)], TIMEOUT),
             Some(later + TIMEOUT)
         );
+    }
+
+    /// `--write-timeout 10000000000000000000s`: the instants are capped at a century
+    /// instead of overflowing the clock.
+    #[test]
+    fn a_write_timeout_past_a_century_stalls_a_connection_a_century_later() {
+        let t0 = Instant::now();
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        let century = backstop_classify::MAX_INSTANT_DELAY;
+        assert_eq!(stalled_until([Some(t0)], huge), Some(t0 + century));
+        assert_eq!(stalled_until([Some(t0)], Duration::MAX), Some(t0 + century));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_timeout_past_a_century_never_stalls_a_connection_sooner() {
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        let streams = OpenStreams::default();
+        let (mut body, provider) = stream(&streams);
+        // Open and asked for nothing yet: the look again is "a century from now".
+        assert!(!stalls_within_ten_minutes(streams.stalled_for(huge)).await);
+        provider.send(Bytes::from_static(b"data: 1\n\n")).unwrap();
+        assert_eq!(ask(&mut body), Some(true));
+        assert!(!stalls_within_ten_minutes(streams.stalled_for(huge)).await);
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use backstop_classify::instant_after;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep, sleep_until};
@@ -88,7 +89,8 @@ impl<S: AsyncWrite, F: FnMut(WriteStalled)> WriteTimeout<S, F> {
         }
         if !*this.armed {
             *this.armed = true;
-            let deadline = Instant::now() + *this.timeout;
+            // Never overflowing: any timeout is a setting, however long.
+            let deadline = instant_after(Instant::now(), *this.timeout);
             match this.timer {
                 Some(timer) => timer.as_mut().reset(deadline),
                 None => *this.timer = Some(Box::pin(sleep_until(deadline))),
@@ -181,6 +183,22 @@ mod tests {
         assert_eq!(payload, Some(&WriteStalled { after: TIMEOUT }));
         drop(server);
         assert_eq!(told, [WriteStalled { after: TIMEOUT }]);
+    }
+
+    /// `--write-timeout 10000000000000000000s`: the write's deadline is a century
+    /// away instead of an overflow.
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_past_a_century_fails_a_stuck_write_a_century_later() {
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        let (server, _client) = duplex(64);
+        let mut told = Vec::new();
+        let mut server = WriteTimeout::new(server, huge, |stalled| told.push(stalled));
+        let started = Instant::now();
+        let error = server.write_all(&[b'x'; 65]).await.unwrap_err();
+        assert_eq!(started.elapsed(), backstop_classify::MAX_INSTANT_DELAY);
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        drop(server);
+        assert_eq!(told, [WriteStalled { after: huge }]);
     }
 
     #[tokio::test(start_paused = true)]
