@@ -1167,3 +1167,31 @@ async fn an_http2_stream_whose_provider_pauses_past_the_write_timeout_arrives_wh
     proxy.shutdown().await;
     mock.shutdown().await;
 }
+
+/// `--header-read-timeout 10000000000000000000s` would make hyper panic on the first
+/// connection (it adds the timeout to its clock unchecked), and `--max-connections`
+/// over `usize::MAX >> 3` the semaphore holding the slots: the proxy refuses to
+/// start with either, naming the setting and its limit.
+#[tokio::test]
+async fn settings_too_large_to_run_with_are_refused_at_start() {
+    const HUGE: Duration = Duration::from_secs(10_000_000_000_000_000_000);
+    type Configure = fn(ProxyConfig) -> ProxyConfig;
+    let cases: [(Configure, &str); 3] = [
+        (|c| c.header_read_timeout(HUGE), "--header-read-timeout"),
+        (|c| c.write_timeout(HUGE), "--write-timeout"),
+        (|c| c.max_connections(usize::MAX), "--max-connections"),
+    ];
+    for (configure, flag) in cases {
+        let config = configure(proxy::builtin_mock("http://127.0.0.1:9/v1").unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let error = proxy::serve(config, listener).await.expect_err(flag);
+        assert!(
+            matches!(error, proxy::ProxyError::TooLarge { setting, .. } if setting == flag),
+            "{error}"
+        );
+        assert!(
+            error.to_string().starts_with(&format!("{flag} ")),
+            "{error}"
+        );
+    }
+}

@@ -10,6 +10,8 @@ use backstop::{
     BackstopBuilder, BackstopLayer, ConfigError, DEFAULT_MAX_REQUEST_BODY, StackConfig,
 };
 
+use super::ProxyError;
+
 /// How long a graceful shutdown waits for in-flight requests by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -46,6 +48,18 @@ pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 /// The smallest head cap accepted: hyper's HTTP/1.1 read buffer cannot be smaller.
 const MIN_HEADER_BYTES: usize = 8 * 1024;
+
+/// The longest any of the proxy's timeouts (drain, body read, header read, write)
+/// may be: a year (365.25 days, as `--write-timeout 1y` reads). Longer is a unit
+/// mistake rather than a policy, and hyper adds the header read timeout to its
+/// clock's `now` unchecked, so one of `10000000000000000000s` would panic on the
+/// first connection. A setting over it is refused when the proxy starts
+/// ([`ProxyError::TooLarge`]).
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(31_557_600);
+
+/// The most connections [`ProxyConfig::max_connections`] accepts: what a tokio
+/// semaphore, which holds the connection slots, can count (`usize::MAX >> 3`).
+pub(crate) const MAX_CONNECTIONS: usize = tokio::sync::Semaphore::MAX_PERMITS;
 
 type EnvReader = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 type BuilderEdit = Box<dyn FnOnce(BackstopBuilder) -> BackstopBuilder + Send>;
@@ -156,13 +170,15 @@ impl ProxyConfig {
         self
     }
 
-    /// How long shutdown waits for in-flight requests before closing them.
+    /// How long shutdown waits for in-flight requests before closing them. At most a
+    /// year: the proxy refuses to start with more ([`ProxyError::TooLarge`]).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
     }
 
-    /// How long a request body may take to arrive (a 408 after that).
+    /// How long a request body may take to arrive (a 408 after that). At most a
+    /// year: the proxy refuses to start with more ([`ProxyError::TooLarge`]).
     pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
         self.body_read_timeout = timeout;
         self
@@ -181,7 +197,9 @@ impl ProxyConfig {
     /// answered at once, its request unread, with an HTTP/1.1 503
     /// `proxy_connection_limit` (`Retry-After: 1`, `x-should-retry: true`) and
     /// closed, instead of waiting in the kernel's listen backlog, where a client may
-    /// sit through SYN retries for a minute. At least 1.
+    /// sit through SYN retries for a minute. At least 1, at most `usize::MAX >> 3`
+    /// (what the semaphore holding the slots counts): the proxy refuses to start
+    /// with more ([`ProxyError::TooLarge`]).
     pub fn max_connections(mut self, max: usize) -> Self {
         self.limits.max_connections = max.max(1);
         self
@@ -191,7 +209,8 @@ impl ProxyConfig {
     /// request head; the connection is closed after that (an HTTP/1.1 keep-alive
     /// connection idle this long too). An HTTP/2 connection with no stream open for
     /// this long is sent GOAWAY and closed (its client answering keep-alive pings
-    /// does not keep it). A slow-loris client cannot pin connections.
+    /// does not keep it). A slow-loris client cannot pin connections. At most a
+    /// year: the proxy refuses to start with more ([`ProxyError::TooLarge`]).
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.limits.header_read_timeout = timeout;
         self
@@ -206,7 +225,8 @@ impl ProxyConfig {
     /// connection is also closed when every stream open on it has waited this long
     /// for the client's flow-control window (its application stopped reading while
     /// its HTTP/2 stack still reads the socket). Raised to 1 ms if zero (the
-    /// timer's resolution).
+    /// timer's resolution). At most a year: the proxy refuses to start with more
+    /// ([`ProxyError::TooLarge`]).
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.limits.write_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -302,14 +322,60 @@ impl ProxyConfig {
         })
     }
 
-    /// Builds the stack, validating it as a whole.
-    pub(crate) fn build_layer(&mut self) -> Result<BackstopLayer, ConfigError> {
+    /// Builds the stack, validating it as a whole, after checking the proxy's own
+    /// settings.
+    pub(crate) fn build_layer(&mut self) -> Result<BackstopLayer, ProxyError> {
+        self.check_limits()?;
         let env = self.env.clone();
         let mut builder = self.stack.clone().into_builder(move |name| env(name))?;
         if let Some(edit) = self.edit.take() {
             builder = edit(builder);
         }
-        builder.build()
+        Ok(builder.build()?)
+    }
+
+    /// Refuses a setting the proxy cannot run with, naming it and its limit: any
+    /// timeout over [`MAX_TIMEOUT`] (a year), more connections than
+    /// [`MAX_CONNECTIONS`]. The setters clamp what is too small; what is too large
+    /// is an error, since no clamp could say what was meant.
+    fn check_limits(&self) -> Result<(), ProxyError> {
+        let timeouts = [
+            ("--drain-timeout", self.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
+            (
+                "--body-read-timeout",
+                self.body_read_timeout,
+                DEFAULT_BODY_READ_TIMEOUT,
+            ),
+            (
+                "--header-read-timeout",
+                self.limits.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            (
+                "--write-timeout",
+                self.limits.write_timeout,
+                DEFAULT_WRITE_TIMEOUT,
+            ),
+        ];
+        for (setting, value, usual) in timeouts {
+            if value > MAX_TIMEOUT {
+                return Err(ProxyError::TooLarge {
+                    setting,
+                    value: humantime::format_duration(value).to_string(),
+                    max: humantime::format_duration(MAX_TIMEOUT).to_string(),
+                    usual: humantime::format_duration(usual).to_string(),
+                });
+            }
+        }
+        if self.limits.max_connections > MAX_CONNECTIONS {
+            return Err(ProxyError::TooLarge {
+                setting: "--max-connections",
+                value: self.limits.max_connections.to_string(),
+                max: MAX_CONNECTIONS.to_string(),
+                usual: DEFAULT_MAX_CONNECTIONS.to_string(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -401,6 +467,55 @@ mod tests {
         // A budget below the per-request cap would refuse, for ever, bodies the cap
         // allows: in effect it is never smaller.
         assert_eq!(config.body_budget(), 8 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_timeout_over_a_year_is_refused_by_name_and_a_year_is_not() {
+        let huge = Duration::from_secs(10_000_000_000_000_000_000);
+        let year = humantime::parse_duration("1y").unwrap();
+        type Set = fn(ProxyConfig, Duration) -> ProxyConfig;
+        let settings: [(&str, Set, &str); 4] = [
+            ("--drain-timeout", ProxyConfig::drain_timeout, "30s"),
+            ("--body-read-timeout", ProxyConfig::body_read_timeout, "1m"),
+            (
+                "--header-read-timeout",
+                ProxyConfig::header_read_timeout,
+                "30s",
+            ),
+            ("--write-timeout", ProxyConfig::write_timeout, "1m"),
+        ];
+        for (setting, set, usual) in settings {
+            let mut config = set(builtin_mock("http://127.0.0.1:9/v1").unwrap(), huge);
+            let err = config.build_layer().expect_err(setting);
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{setting} 316880878140years 3months 14days 10h 5m 52s is over the largest the proxy accepts, 1year; use e.g. {usual}"
+                )
+            );
+            let mut config = set(builtin_mock("http://127.0.0.1:9/v1").unwrap(), year);
+            config.build_layer().expect("a year is accepted");
+        }
+    }
+
+    #[test]
+    fn more_connections_than_a_semaphore_counts_are_refused_by_name() {
+        let mut config = builtin_mock("http://127.0.0.1:9/v1")
+            .unwrap()
+            .max_connections(usize::MAX);
+        let err = config.build_layer().expect_err("too many");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "--max-connections {} is over the largest the proxy accepts, {}; use e.g. 4096",
+                usize::MAX,
+                usize::MAX >> 3
+            )
+        );
+        let mut config = builtin_mock("http://127.0.0.1:9/v1")
+            .unwrap()
+            .max_connections(usize::MAX >> 3);
+        config.build_layer().expect("the semaphore's most");
     }
 
     #[test]

@@ -19,6 +19,19 @@ pub enum ProxyError {
     Listener(io::Error),
     /// The built-in mock provider could not start.
     Mock(io::Error),
+    /// A listening-side setting is larger than the proxy can run with: a timeout
+    /// over a year, more connections than a semaphore counts.
+    TooLarge {
+        /// The setting, as its `backstop proxy` flag names it (`--write-timeout`);
+        /// the [`ProxyConfig`](super::ProxyConfig) setter has the same name.
+        setting: &'static str,
+        /// The value given, as the flag would take it.
+        value: String,
+        /// The largest value accepted, written the same way.
+        max: String,
+        /// A usual value, for the message (the default).
+        usual: String,
+    },
 }
 
 impl fmt::Display for ProxyError {
@@ -34,6 +47,15 @@ impl fmt::Display for ProxyError {
                 f,
                 "cannot start the built-in mock provider on 127.0.0.1: {e}"
             ),
+            ProxyError::TooLarge {
+                setting,
+                value,
+                max,
+                usual,
+            } => write!(
+                f,
+                "{setting} {value} is over the largest the proxy accepts, {max}; use e.g. {usual}"
+            ),
         }
     }
 }
@@ -42,7 +64,7 @@ impl std::error::Error for ProxyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ProxyError::Config(e) => Some(e),
-            ProxyError::RootCertificates(_) => None,
+            ProxyError::RootCertificates(_) | ProxyError::TooLarge { .. } => None,
             ProxyError::Listener(e) | ProxyError::Mock(e) => Some(e),
         }
     }
