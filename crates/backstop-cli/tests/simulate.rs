@@ -207,3 +207,41 @@ fn the_table_has_one_row_per_policy_with_its_goodput() {
         assert!(row.contains(&format!(" {:.1} ", p.goodput_per_s)), "{row}");
     }
 }
+
+/// `SHORT` with another duration and rate.
+fn with_load(duration: &str, rate_per_s: &str) -> String {
+    SHORT
+        .replace("duration = \"10s\"", &format!("duration = \"{duration}\""))
+        .replace("rate_per_s = 20.0", &format!("rate_per_s = {rate_per_s}"))
+}
+
+fn refusal(text: &str) -> String {
+    match simulate::scenarios::from_toml(text, 1) {
+        Ok(_) => panic!("the scenario should be refused:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_duration_over_a_day_is_refused_before_anything_is_planned() {
+    // Its timeline alone would overflow the capacity of a `Vec`.
+    assert_eq!(
+        refusal(&with_load("18446744073709551615s", "20.0")),
+        "invalid scenario file: duration 584542046090years 7months 15days 17h 5m 3s is over the longest a simulation runs, 1day"
+    );
+    assert_eq!(
+        refusal(&with_load("25h", "0.01")),
+        "invalid scenario file: duration 1day 1h is over the longest a simulation runs, 1day"
+    );
+    simulate::scenarios::from_toml(&with_load("24h", "11.0"), 1).expect("a day is accepted");
+}
+
+#[test]
+fn more_than_a_million_planned_requests_are_refused() {
+    assert_eq!(
+        refusal(&with_load("1h", "1000.0")),
+        "invalid scenario file: duration 1h at rate_per_s 1000 plans 3600000 requests, over the most a simulation runs, 1000000; shorten duration or lower rate_per_s"
+    );
+    simulate::scenarios::from_toml(&with_load("10s", "100000.0"), 1)
+        .expect("a million requests are accepted");
+}

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use backstop_classify::instant_after;
 use backstop_mock::MockProvider;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -46,7 +47,10 @@ async fn simulate(scenario: &SimScenario, policy: Policy, seed: u64) -> PolicyRe
         if t >= scenario.duration.as_secs_f64() {
             break;
         }
-        tokio::time::sleep_until(start + Duration::from_secs_f64(t)).await;
+        // Never overflowing, for a `SimScenario` built in code with a duration no
+        // scenario file may give (see `scenarios::MAX_DURATION`).
+        let offset = Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX);
+        tokio::time::sleep_until(instant_after(start, offset)).await;
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let begun = Instant::now();

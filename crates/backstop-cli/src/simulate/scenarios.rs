@@ -133,8 +133,20 @@ pub fn defaults(seed: u64) -> Vec<SimScenario> {
     ]
 }
 
+/// The longest `duration` a scenario file may give: a day of simulated time (the
+/// embedded scenarios run for at most 90 s). The report holds a timeline point per
+/// simulated second.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The most requests a scenario file may plan (`duration` × `rate_per_s`): a
+/// million, some two hundred times the largest embedded scenario (90 s at 50 per
+/// second). Each is a task the run keeps until it finishes.
+pub const MAX_PLANNED_REQUESTS: u64 = 1_000_000;
+
 /// A scenario file (`--scenario FILE`, TOML): the load, plus a mock-provider scenario in
-/// `backstop-mock`'s own format under `[provider]`.
+/// `backstop-mock`'s own format under `[provider]`. `duration` is at most
+/// [`MAX_DURATION`], `rate_per_s` in (0, 100000], and together they plan at most
+/// [`MAX_PLANNED_REQUESTS`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScenarioFile {
@@ -212,6 +224,24 @@ pub fn from_toml(text: &str, seed: u64) -> Result<SimScenario, ScenarioFileError
         return Err(ScenarioFileError::Parse(
             "rate_per_s must be in (0, 100000]".into(),
         ));
+    }
+    // The run holds a point per simulated second and a task per planned request:
+    // both must fit in memory (a duration of "18446744073709551615s" would not).
+    if file.duration > MAX_DURATION {
+        return Err(ScenarioFileError::Parse(format!(
+            "duration {} is over the longest a simulation runs, {}",
+            humantime::format_duration(file.duration),
+            humantime::format_duration(MAX_DURATION),
+        )));
+    }
+    let planned = file.duration.as_secs_f64() * file.rate_per_s;
+    if planned > MAX_PLANNED_REQUESTS as f64 {
+        return Err(ScenarioFileError::Parse(format!(
+            "duration {} at rate_per_s {} plans {planned:.0} requests, over the most a \
+             simulation runs, {MAX_PLANNED_REQUESTS}; shorten duration or lower rate_per_s",
+            humantime::format_duration(file.duration),
+            file.rate_per_s,
+        )));
     }
     Ok(SimScenario {
         name: file.name,
