@@ -102,14 +102,21 @@ fn chat_body(model: &str, stream: bool) -> String {
 }
 
 impl Rig {
+    /// A chat request carrying the client's key as an SDK or a gateway might: in
+    /// its headers, a cookie, and Gemini's `?key=` beside an ordinary parameter.
     fn request(&self, body: impl Into<Bytes>) -> http::Request<Full<Bytes>> {
-        http::Request::post(format!("{}/chat/completions", self.proxy.base_url()))
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {CLIENT_KEY}"))
-            .header("x-api-key", CLIENT_KEY)
-            .header("accept-encoding", "gzip, deflate, br")
-            .body(Full::new(body.into()))
-            .unwrap()
+        http::Request::post(format!(
+            "{}/chat/completions?trace=1&key={CLIENT_KEY}",
+            self.proxy.base_url()
+        ))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .header("x-api-key", CLIENT_KEY)
+        .header("cookie", format!("session={CLIENT_KEY}"))
+        .header("openai-organization", format!("org-{CLIENT_KEY}"))
+        .header("accept-encoding", "gzip, deflate, br")
+        .body(Full::new(body.into()))
+        .unwrap()
     }
 
     async fn send(&self, request: http::Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
@@ -259,6 +266,8 @@ async fn quota_falls_back_at_once_with_each_targets_own_key_and_never_the_caller
                 "the caller's key reached the upstream in {name}"
             );
         }
+        // The rest of the caller's query goes on; its key does not.
+        assert_eq!(attempt.uri.query(), Some("trace=1"));
     }
     rig.proxy.shutdown().await;
 }

@@ -50,6 +50,10 @@
 //! | request body size (`max_request_body`) / time ([`ProxyConfig::body_read_timeout`]) | 8 MiB / 60 s | 413 / 408 |
 //! | request-body bytes all chat requests hold at once ([`ProxyConfig::max_buffered_body_bytes`], `--max-buffered-body-bytes`) | 256 MiB (never less than `max_request_body`) | a declared `Content-Length` that does not fit: answered at once, body unread; a body that outgrows it while arriving: as soon as it does. 503 `proxy_body_budget`, `Retry-After: 1`, `x-should-retry: true` |
 //!
+//! Settings too large to run with are refused at start, by name
+//! ([`ProxyError::TooLarge`]): any of the four timeouts over a year, and more
+//! connections than a `tokio` semaphore counts.
+//!
 //! A stream counts as in flight until its last byte reaches the caller, or the
 //! caller leaves. Shedding is retryable by design: the shed request reached no
 //! provider, so a retry cannot bill or answer twice, and the official SDKs' retry
@@ -84,9 +88,13 @@
 //!
 //! ## What it never does
 //!
-//! - Never forwards the caller's credentials (`Authorization`, `api-key`,
-//!   `x-api-key`, `x-goog-api-key`): each upstream gets the key its configuration
-//!   names, read from an environment variable at start-up.
+//! - Never forwards the caller's credentials: every header in
+//!   `backstop::fallback::config::CREDENTIAL_HEADERS` (`Authorization`, `api-key`,
+//!   `x-api-key`, `x-goog-api-key`, `cookie`, the account and gateway-key headers)
+//!   is removed before the stack sees the request, and the key parameters of
+//!   `CREDENTIAL_QUERY_PARAMS` (Gemini's `?key=`) leave the query before it goes
+//!   to an upstream: each upstream gets the key its configuration names, read from
+//!   an environment variable at start-up.
 //! - Never logs a header, a body or a key: one `info` line per request with the
 //!   models, status, attempts, fallback and latency (`tracing`, to stderr).
 //! - Never alters a stream: SSE passes frame by frame; when a stream breaks after
