@@ -18,7 +18,11 @@
 //!
 //! It speaks `POST …/chat/completions` (JSON, or SSE with `"stream": true`: N
 //! chunks then `data: [DONE]`) and `GET …/models`; any other path gets a 404.
-//! The request body is read up to 16 MiB (413 beyond). Every response carries
+//! The request body is read up to 16 MiB (413 beyond). A model name over 256 bytes
+//! gets a 400 ([`MAX_MODEL_NAME_BYTES`]), and a request for a model beyond the first
+//! 10,000 distinct ones a 404 ([`MAX_MODELS`]): whatever a client sends, the
+//! mock's state stays bounded (attempt records are capped too, see
+//! [`MockProvider::set_record_limit`]). Every response carries
 //! `x-request-id: req_mock_<seq>`.
 //!
 //! ## Example: a script, then exact attempt counts
@@ -186,7 +190,9 @@ pub use error::ScenarioError;
 pub use fault::{Fault, StreamStyle};
 pub use future::ResponseFuture;
 pub use plan::{Capacity, Latency, ModelPlan, Outage, RandomFault};
-pub use provider::{DEFAULT_RECORD_LIMIT, MAX_REQUEST_BODY_BYTES, MockProvider};
+pub use provider::{
+    DEFAULT_RECORD_LIMIT, MAX_MODEL_NAME_BYTES, MAX_MODELS, MAX_REQUEST_BODY_BYTES, MockProvider,
+};
 pub use record::Attempt;
 pub use scenario::Scenario;
 pub use server::MockServer;

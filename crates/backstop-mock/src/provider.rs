@@ -29,6 +29,17 @@ use crate::wire::{Wire, WireContext, render};
 /// The largest request body the mock reads; larger ones get a 413.
 pub const MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// The longest model name the mock serves: a longer one gets a 400
+/// (`model_name_too_long`). Real names are under a hundred bytes; the cap keeps what
+/// the mock holds per model, and in each attempt record, small.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// How many distinct models the mock keeps a plan's progress and a count for: a
+/// request for a further model gets a 404 (`model_not_found`) and is recorded
+/// without a model, so a client sending ever new names cannot grow the mock's
+/// state without bound.
+pub const MAX_MODELS: usize = 10_000;
+
 /// How many attempts a provider keeps in detail unless told otherwise
 /// ([`MockProvider::set_record_limit`]); counts stay exact beyond it.
 pub const DEFAULT_RECORD_LIMIT: usize = 100_000;
@@ -271,6 +282,18 @@ impl MockProvider {
         let (fault, fields, decision) = match (route, request_fields) {
             (_, Err(fault)) => (fault, ChatFields::default(), None),
             (Route::Models, Ok(fields)) => (Fault::Ok, fields, None),
+            (_, Ok(fields))
+                if fields.model.as_ref().is_some_and(|model| {
+                    state.models.len() >= MAX_MODELS && !state.models.contains_key(model)
+                }) =>
+            {
+                let fault = protocol_error(
+                    404,
+                    &format!("backstop-mock serves at most {MAX_MODELS} distinct models"),
+                    "model_not_found",
+                );
+                (fault, ChatFields::default(), None)
+            }
             (_, Ok(fields)) => {
                 let model = fields.model.clone().unwrap_or_default();
                 let plan = self.shared.scenario.plan_for(&model);
@@ -395,6 +418,11 @@ fn chat_fields(body: &[u8]) -> Result<ChatFields, Fault> {
         .map(str::to_owned);
     let stream = value.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
     match model {
+        Some(model) if model.len() > MAX_MODEL_NAME_BYTES => Err(protocol_error(
+            400,
+            &format!("backstop-mock serves model names of at most {MAX_MODEL_NAME_BYTES} bytes"),
+            "model_name_too_long",
+        )),
         Some(model) => Ok(ChatFields {
             model: Some(model),
             stream,

@@ -4,7 +4,8 @@ use std::io;
 use std::time::Duration;
 
 use backstop_mock::{
-    AnswerSource, Capacity, Fault, Latency, MockBody, MockProvider, ModelPlan, Scenario,
+    AnswerSource, Capacity, Fault, Latency, MAX_MODEL_NAME_BYTES, MAX_MODELS, MockBody,
+    MockProvider, ModelPlan, Scenario,
 };
 use bytes::Bytes;
 use http::{Request, Response};
@@ -404,6 +405,49 @@ async fn bodies_over_16_mib_get_413_without_a_decision() {
     let attempt = &mock.attempts()[0];
     assert_eq!(attempt.model, None);
     assert_eq!(attempt.source, AnswerSource::Protocol);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_name_over_256_bytes_gets_400_and_holds_no_state() {
+    let mock = MockProvider::new(Scenario::new(1));
+    let longest = "m".repeat(MAX_MODEL_NAME_BYTES);
+    assert_eq!(
+        send(&mock, chat(&longest, false)).await.unwrap().status(),
+        200
+    );
+    let response = send(&mock, chat(&format!("{longest}m"), false))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
+    assert_eq!(body["error"]["code"], "model_name_too_long");
+    let attempts = mock.attempts();
+    assert_eq!(attempts[1].model, None);
+    assert_eq!(attempts[1].source, AnswerSource::Protocol);
+    assert_eq!(mock.attempts_for(&longest), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_model_cap_a_new_model_gets_404_and_a_known_one_is_served() {
+    let mock = MockProvider::new(Scenario::new(1));
+    for i in 0..MAX_MODELS {
+        let response = send(&mock, chat(&format!("model-{i}"), false))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "model-{i}");
+    }
+    let response = send(&mock, chat("one-too-many", false)).await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = serde_json::from_slice(&body_bytes(response).await).unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(mock.attempts_for("one-too-many"), 0);
+    assert_eq!(mock.attempts().last().unwrap().model, None);
+    // A model seen before the cap is still served.
+    assert_eq!(
+        send(&mock, chat("model-7", false)).await.unwrap().status(),
+        200
+    );
+    assert_eq!(mock.attempts_for("model-7"), 2);
 }
 
 #[tokio::test(start_paused = true)]
