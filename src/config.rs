@@ -402,11 +402,51 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `message` with every double-quoted string in it replaced by `"…"`: serde quotes
+/// the value it could not use (`invalid type: string "sk-…", expected struct
+/// CredentialSection`, when a key is pasted where `{ env = "…" }` belongs), while
+/// names and expected values are quoted with backticks, which stay.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        // A quote inside the value is escaped by serde's Debug-style quoting.
+        let mut close = None;
+        let mut escaped = false;
+        for (i, c) in after.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    close = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        match close {
+            Some(close) => {
+                out.push_str("…\"");
+                rest = &after[close + 1..];
+            }
+            None => {
+                // No closing quote: nothing after the opening one is shown.
+                out.push('…');
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `error` as "line L, column C (`key = …`): reason", without the quoted source
 /// line that `toml`'s own `Display` adds: the line's key (or table header) is
 /// named, its value never is.
 fn parse_error_without_source(text: &str, error: &toml::de::Error) -> String {
-    let reason = error.message().trim_end();
+    let reason = without_quoted_values(error.message().trim_end());
+    let reason = reason.as_str();
     let Some(span) = error.span() else {
         return reason.to_owned();
     };
@@ -715,4 +755,28 @@ fn human_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration
     let text: Option<String> = Option::deserialize(d)?;
     text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_quoted_values;
+
+    #[test]
+    fn quoted_values_are_hidden_and_backticked_names_kept() {
+        assert_eq!(
+            without_quoted_values(
+                r#"invalid type: string "sk-123", expected struct `CredentialSection`"#
+            ),
+            r#"invalid type: string "…", expected struct `CredentialSection`"#
+        );
+        // An escaped quote inside the value does not end it.
+        assert_eq!(
+            without_quoted_values(r#"bad "a\"b" and "c""#),
+            r#"bad "…" and "…""#
+        );
+        // An unterminated quote hides everything after it.
+        assert_eq!(without_quoted_values(r#"bad "sk-12"#), r#"bad "…"#);
+        assert_eq!(without_quoted_values("no quotes"), "no quotes");
+        assert_eq!(without_quoted_values(""), "");
+    }
 }

@@ -228,6 +228,22 @@ fn a_toml_error_on_a_line_with_a_key_does_not_quote_the_line() {
 }
 
 #[test]
+fn a_key_pasted_where_its_variable_name_belongs_is_not_echoed() {
+    // `credential` wants `{ env = "OPENAI_API_KEY" }`; the key itself is pasted.
+    let toml = format!(
+        "[models.gpt-4o]\nupstream = \"openai\"\nbase_uri = \"https://api.openai.com/v1\"\ncredential = \"{OPENAI_KEY}\"\n"
+    );
+    let error = StackConfig::from_toml_str(&toml).expect_err("a string is no credential table");
+    let message = error.to_string();
+    assert_no_key("a TOML type error", &format!("{message} {error:?}"));
+    assert!(
+        message.starts_with("invalid configuration: line 4, column ")
+            && message.contains(" (`credential = …`): invalid type: string \"…\""),
+        "{message}"
+    );
+}
+
+#[test]
 fn config_errors_never_echo_a_key() {
     // A key that is not a valid header value (a pasted newline) is refused without
     // being repeated back.
