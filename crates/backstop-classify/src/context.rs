@@ -100,11 +100,17 @@ pub fn printed_name(name: &str) -> std::borrow::Cow<'_, str> {
     if name.len() <= MAX_PRINTED_NAME {
         return std::borrow::Cow::Borrowed(name);
     }
-    let mut end = MAX_PRINTED_NAME;
-    while !name.is_char_boundary(end) {
+    std::borrow::Cow::Owned(format!("{}…", prefix_within(name, MAX_PRINTED_NAME)))
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character
+/// boundary: how a string from outside is cut to a cap.
+pub(crate) fn prefix_within(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    std::borrow::Cow::Owned(format!("{}…", &name[..end]))
+    &text[..end]
 }
 
 impl std::fmt::Display for ModelRoute {

@@ -315,13 +315,7 @@ fn should_retry(headers: &HeaderMap) -> Option<bool> {
 /// body cannot make the verdict large.
 fn provider_error(envelope: &ErrorEnvelope) -> Option<ProviderError> {
     const MAX: usize = 128;
-    let cap = |s: &str| {
-        let mut end = s.len().min(MAX);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s[..end].to_owned()
-    };
+    let cap = |s: &str| crate::context::prefix_within(s, MAX).to_owned();
     let error_type = envelope
         .error_type
         .as_deref()
