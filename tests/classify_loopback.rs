@@ -90,6 +90,14 @@ async fn exchange(
     (result, attempts)
 }
 
+/// The body the same scenario's in-memory provider sends for one request under
+/// `plan`: the bytes a caller over loopback must read, unchanged.
+async fn provider_bytes(plan: ModelPlan, stream: bool) -> Bytes {
+    let provider = backstop_mock::MockProvider::new(Scenario::new(7).model(MODEL, plan));
+    let response = provider.oneshot(request("", stream)).await.unwrap();
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
 /// Asserts an HTTP failure verdict and that the body read is the one the same
 /// scenario's in-memory provider sends.
 async fn assert_http_failure(
@@ -99,13 +107,7 @@ async fn assert_http_failure(
     retryable: Retryable,
     hint: Option<DelayHint>,
 ) -> Failure {
-    let expected_body = {
-        let provider = backstop_mock::MockProvider::new(
-            Scenario::new(7).model(MODEL, ModelPlan::always(fault.clone())),
-        );
-        let response = provider.oneshot(request("", false)).await.unwrap();
-        response.into_body().collect().await.unwrap().to_bytes()
-    };
+    let expected_body = provider_bytes(ModelPlan::always(fault.clone()), false).await;
     let (result, attempts) = exchange(rules, fault.clone()).await;
     let (classification, bytes) = result.expect("an HTTP answer");
     let failure = classification.failure().cloned().expect("a failure");
@@ -419,10 +421,10 @@ async fn successes_are_classified_success_and_untouched() {
         let (result, attempts) = exchange(Rules::openai(), fault.clone()).await;
         let (classification, bytes) = result.expect("an answer");
         assert_eq!(classification, Classification::Success, "{fault:?}");
-        // The completion names the model that served it.
-        assert!(
-            String::from_utf8_lossy(&bytes).contains("gpt-4o"),
-            "{fault:?}"
+        assert_eq!(
+            bytes,
+            provider_bytes(ModelPlan::always(fault.clone()), false).await,
+            "{fault:?}: the provider's bytes, unchanged"
         );
         assert_eq!(attempts, 1);
     }
@@ -571,11 +573,9 @@ async fn sse_error_event_after_200_passes_through_and_classifies() {
             FailureKind::Overloaded,
         ),
     ] {
-        let server = server(ModelPlan::always(Fault::StreamErrorAfter {
-            chunks: 2,
-            style,
-        }))
-        .await;
+        let plan = ModelPlan::always(Fault::StreamErrorAfter { chunks: 2, style });
+        let expected_body = provider_bytes(plan.clone(), true).await;
+        let server = server(plan).await;
         let response = ClassifyLayer::new(rules.clone())
             .layer(transport(Duration::from_secs(5)))
             .oneshot(request(&server.base_url(), true))
@@ -590,7 +590,12 @@ async fn sse_error_event_after_200_passes_through_and_classifies() {
         );
         let (frames, failed) = data_frames(response.into_body()).await;
         assert!(!failed);
-        let text = String::from_utf8(frames.concat()).unwrap();
+        let body = Bytes::from(frames.concat());
+        assert_eq!(
+            body, expected_body,
+            "{style:?}: the provider's bytes, unchanged"
+        );
+        let text = String::from_utf8(body.to_vec()).unwrap();
         let data = text
             .split("\n\n")
             .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data:")))
