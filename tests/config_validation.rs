@@ -2,7 +2,13 @@
 
 use std::collections::HashMap;
 
-use backstop::{ConfigError, StackConfig};
+use std::time::Duration;
+
+use backstop::breaker::BreakerConfig;
+use backstop::budget::WindowedBudgetConfig;
+use backstop::fallback::{Chains, FallbackConfig};
+use backstop::retry::RetryConfig;
+use backstop::{ConfigError, DEFAULT_MAX_REQUEST_BODY, StackConfig};
 
 fn build(toml: &str, env: &[(&str, &str)]) -> Result<backstop::BackstopLayer, ConfigError> {
     let env: HashMap<String, String> = env
@@ -21,7 +27,38 @@ fn message(toml: &str) -> String {
 
 #[test]
 fn an_empty_config_builds_the_default_stack() {
-    build("", &[]).expect("defaults are valid");
+    let layer = build("", &[]).expect("defaults are valid");
+    // Each layer runs its documented default (the retry rules included: generic).
+    assert_eq!(layer.retry().config(), &RetryConfig::interactive());
+    assert_eq!(
+        layer.breaker().breaker().store().config(),
+        &BreakerConfig::default()
+    );
+    assert_eq!(
+        layer.budget().model().config(),
+        &WindowedBudgetConfig::default()
+    );
+    assert!(layer.budget().throttle_snapshot().is_none(), "no throttle");
+    // No fallback: no targets, no chains, no deadline, the builder's limits.
+    let fallback = layer.fallback().config();
+    assert!(fallback.targets().is_empty());
+    assert_eq!(fallback.chains(), &Chains::default());
+    assert_eq!(fallback.total_deadline(), None);
+    assert_eq!(fallback.min_hop_time(), Duration::ZERO);
+    // FallbackConfig has no PartialEq; its Debug prints every field (credentials
+    // redacted), so equal Debug is equal limits, path prefix and cooldown waits.
+    assert_eq!(
+        format!("{fallback:?}"),
+        format!("{:?}", FallbackConfig::builder().build().unwrap())
+    );
+    // The body cap has no accessor; the layer's Debug prints it first.
+    let debug = format!("{layer:?}");
+    assert!(
+        debug.starts_with(&format!(
+            "BackstopLayer {{ max_request_body: {DEFAULT_MAX_REQUEST_BODY}, "
+        )),
+        "{debug}"
+    );
 }
 
 #[test]
