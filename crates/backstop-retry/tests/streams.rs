@@ -255,7 +255,16 @@ async fn with_auto_a_non_stream_request_gets_a_first_event_error_in_its_body() {
     let response = svc.oneshot(request("{}")).await.unwrap();
     let (bytes, error) = read_body(response.into_body()).await;
     assert!(bytes.is_empty());
-    assert!(error.is_some());
+    // Handed on at the head, like `HoldFirstEvent::Never`: the error event is the
+    // first thing in the body, so the stream ends before any byte reached the caller.
+    assert_eq!(
+        error
+            .expect("the body ends with the provider's error")
+            .cause()
+            .unwrap()
+            .downcast_ref::<RetryError>(),
+        Some(&RetryError::StreamInterrupted { delivered: 0 })
+    );
     assert_eq!(fake.attempts(), 1);
 }
 
