@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use backstop_classify::{ClassifyLayer, FailureKind, ReplayBody, Rules, StopReason};
+use backstop_classify::{
+    ClassifyLayer, DelayHint, FailureKind, HintSource, ReplayBody, Rules, StopReason,
+};
 use backstop_fallback::{ChainStop, FallbackConfig, FallbackLayer, ServedBy, Target};
 use backstop_mock::{Fault, MockProvider, ModelPlan, Scenario};
 use backstop_retry::{Jitter, RetryConfig, RetryLayer};
@@ -539,7 +541,19 @@ async fn open_breaker_on_the_primary_sends_later_requests_straight_to_the_fallba
     let record = served(&second);
     let refusal = record.hops[0].failure.as_ref().unwrap();
     assert_eq!(refusal.kind, FailureKind::BreakerOpen);
-    assert!(refusal.hint.is_some());
+    // The breaker's hint: the whole quota cooldown (10 min by default), since no
+    // virtual time has passed since the quota failure opened the key.
+    assert_eq!(
+        refusal.hint,
+        Some(DelayHint::new(
+            BreakerConfig::default().quota_cooldown,
+            HintSource::Breaker
+        ))
+    );
+    assert_eq!(
+        BreakerConfig::default().quota_cooldown,
+        Duration::from_secs(600)
+    );
     assert_eq!(&*record.model, "claude");
     assert_eq!(upstreams.host("openai.test").attempts_for("gpt-4o"), 1);
     assert_eq!(
