@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backstop_classify::{
-    AttemptLog, ClassifyLayer, PaceHandle, ReplayBody, RetryBudget, RetryBudgetHandle, Rules,
-    StopReason, UpstreamPace,
+    AttemptLog, ClassifyLayer, DelayHint, HintSource, PaceHandle, ReplayBody, RetryBudget,
+    RetryBudgetHandle, Rules, StopReason, UpstreamPace,
 };
 use backstop_mock::{Fault, MockProvider};
 use backstop_retry::{HintJitter, RetryConfig, RetryLayer};
@@ -168,7 +168,15 @@ async fn a_paced_retry_waits_for_its_slot_after_the_hint() {
         [Duration::from_secs(1), Duration::from_millis(1300)]
     );
     assert_eq!(log.attempts[1].waited, Duration::from_millis(1300));
-    assert!(log.attempts[1].hint_used.is_some());
+    // The hint that set the wait is the provider's, as sent: the pace's extra 300 ms
+    // is not part of it.
+    assert_eq!(
+        log.attempts[1].hint_used,
+        Some(DelayHint::new(
+            Duration::from_secs(1),
+            HintSource::RetryAfterSeconds
+        ))
+    );
     // The 429 was reported to the pace as it came, once.
     assert_eq!(pace.slowed(), [Duration::ZERO]);
     // The retry was sent: its withdrawal stands.
