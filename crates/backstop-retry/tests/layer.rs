@@ -183,9 +183,18 @@ async fn retry_after_gets_at_most_ten_percent_of_jitter_on_top() {
         .with_rng_seed(1)
         .layer(fake.clone());
     let start = Instant::now();
-    svc.oneshot(request("{}")).await.unwrap();
+    let response = svc.oneshot(request("{}")).await.unwrap();
     let second = fake.starts(start)[1];
-    assert!(second >= secs(2.0) && second <= secs(2.2), "{second:?}");
+    // The documented bound: the hint, plus at most 10 % of it; and some jitter was
+    // applied.
+    assert!(second > secs(2.0) && second <= secs(2.2), "{second:?}");
+    // Seed 1's first draw is 0.8711, so the extra is 0.8711 × 200 ms = 174.219 ms,
+    // rounded up to tokio's whole milliseconds: 175 ms. The wait recorded is the one
+    // that happened.
+    assert_eq!(second, Duration::from_millis(2175));
+    let log = log_of(&response);
+    assert_eq!(log.attempts[1].waited, Duration::from_millis(2175));
+    assert_eq!(log.attempts[1].hint_used.unwrap().delay, secs(2.0));
 }
 
 #[tokio::test(start_paused = true)]
