@@ -445,7 +445,10 @@ fn a_burst_of_429s_from_a_key_still_serving_paces_it_without_opening_it() {
         key.record(ticket, rate_limited_for_a_moment(), ms(1990 + i as u64));
     }
     assert_eq!(key.state.state(), BreakerState::Closed);
-    assert!(key.state.pace().is_some());
+    // Paced by the first 429 at what the key served over the last second (the 20
+    // successes) less the default backoff of 5 %: 19 calls a second. The other five
+    // came from calls admitted before the pace, so they do not slow it again.
+    assert_eq!(key.state.pace(), Some(19.0));
     assert!(key.log().is_empty());
 
     // More than a second after the last success the key serves nothing: the same
