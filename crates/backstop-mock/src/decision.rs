@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::Notify;
 
 use crate::fault::Fault;
 use crate::plan::ModelPlan;
@@ -43,13 +44,28 @@ pub(crate) struct Decision {
     pub(crate) in_flight: Option<InFlight>,
 }
 
-/// Counts an admitted attempt as in flight until dropped.
+/// Counts an admitted attempt as in flight until dropped, then tells whoever
+/// [watches](InFlight::notifying) the count.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<AtomicUsize>);
+pub(crate) struct InFlight {
+    count: Arc<AtomicUsize>,
+    released: Option<Arc<Notify>>,
+}
+
+impl InFlight {
+    /// Wakes every waiter on `changed` once the attempt is no longer in flight.
+    pub(crate) fn notifying(mut self, changed: Arc<Notify>) -> Self {
+        self.released = Some(changed);
+        self
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(changed) = &self.released {
+            changed.notify_waiters();
+        }
     }
 }
 
@@ -148,7 +164,10 @@ impl ModelState {
         } else {
             self.admitted.push_back(now);
             self.in_flight.fetch_add(1, Ordering::AcqRel);
-            Some(InFlight(Arc::clone(&self.in_flight)))
+            Some(InFlight {
+                count: Arc::clone(&self.in_flight),
+                released: None,
+            })
         };
         Decision {
             fault,

@@ -165,6 +165,14 @@
 //! # }
 //! ```
 //!
+//! Real sockets do not follow paused time, so a test over HTTP cannot step the
+//! mock. Instead of polling its counts with sleeps, it waits for the event:
+//! [`MockProvider::wait_for`] returns once a condition on the provider holds,
+//! checked whenever an attempt is admitted or leaves flight (wrap it in a timeout
+//! as a failsafe). [`MockProvider::hold_answers`] holds answers before their
+//! response head while its guard lives, so a test can gather many requests at the
+//! provider, check exactly how many are in flight, then let them all go.
+//!
 //! `cargo run -p backstop-mock --example serve -- scenario.toml 127.0.0.1:8080`
 //! serves a scenario file until interrupted.
 #![forbid(unsafe_code)]
@@ -191,7 +199,8 @@ pub use fault::{Fault, StreamStyle};
 pub use future::ResponseFuture;
 pub use plan::{Capacity, Latency, ModelPlan, Outage, RandomFault};
 pub use provider::{
-    DEFAULT_RECORD_LIMIT, MAX_MODEL_NAME_BYTES, MAX_MODELS, MAX_REQUEST_BODY_BYTES, MockProvider,
+    AnswersHeld, DEFAULT_RECORD_LIMIT, MAX_MODEL_NAME_BYTES, MAX_MODELS, MAX_REQUEST_BODY_BYTES,
+    MockProvider,
 };
 pub use record::Attempt;
 pub use scenario::Scenario;

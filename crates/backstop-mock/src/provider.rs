@@ -14,6 +14,7 @@ use http::{Method, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -58,6 +59,10 @@ struct Shared {
     scenario: Scenario,
     created: Instant,
     state: Mutex<State>,
+    /// Woken whenever an attempt is admitted or leaves flight, or the records change.
+    changed: Arc<Notify>,
+    /// How many [`AnswersHeld`] guards are alive; answers wait while it is not 0.
+    holds: watch::Sender<usize>,
 }
 
 struct State {
@@ -111,6 +116,8 @@ impl MockProvider {
                 scenario,
                 created: Instant::now(),
                 state: Mutex::new(State::default()),
+                changed: Arc::new(Notify::new()),
+                holds: watch::Sender::new(0),
             }),
         }
     }
@@ -154,6 +161,8 @@ impl MockProvider {
         state.attempts.clear();
         state.received = 0;
         state.received_per_model.clear();
+        drop(state);
+        self.shared.changed.notify_waiters();
     }
 
     /// Keeps at most `limit` attempts in detail (default
@@ -165,6 +174,8 @@ impl MockProvider {
         while state.attempts.len() > limit {
             state.attempts.pop_front();
         }
+        drop(state);
+        self.shared.changed.notify_waiters();
     }
 
     /// Attempts of `model` currently in flight (see [`Capacity`](crate::Capacity)).
@@ -173,6 +184,62 @@ impl MockProvider {
             .models
             .get(model)
             .map_or(0, ModelState::in_flight)
+    }
+
+    /// Waits until `condition` holds for this provider. It is checked at once, then
+    /// each time the provider's state changes: an attempt is admitted (counted,
+    /// recorded, in flight), an attempt stops being in flight (its answer ended or
+    /// was dropped), or the records are reset or trimmed.
+    ///
+    /// For tests over real sockets, where the mock cannot be stepped as in paused
+    /// time: wait for the event instead of polling a count with sleeps.
+    ///
+    /// ```
+    /// # use backstop_mock::{MockProvider, Scenario};
+    /// # async fn example(mock: MockProvider) {
+    /// // Four requests sent elsewhere are all at the provider.
+    /// let failsafe = std::time::Duration::from_secs(10);
+    /// tokio::time::timeout(failsafe, mock.wait_for(|p| p.in_flight("gpt-4o") == 4))
+    ///     .await
+    ///     .expect("the four requests never reached the mock");
+    /// # }
+    /// ```
+    ///
+    /// It never gives up by itself: wrap it in a timeout as a failsafe, as above.
+    /// `condition` is called with no lock held, so it may use every accessor
+    /// ([`in_flight`](Self::in_flight), [`attempts_for`](Self::attempts_for)…).
+    pub async fn wait_for(&self, mut condition: impl FnMut(&MockProvider) -> bool) {
+        loop {
+            // Registered before the check, so a change between the check and the
+            // await still wakes it.
+            let changed = self.shared.changed.notified();
+            if condition(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Holds every answer to a chat request before its response head (and before
+    /// the plan's latency) until the returned guard, and every other one alive, is
+    /// dropped. Held attempts are admitted as usual: counted, recorded, answered in
+    /// arrival order and in flight while they wait. A refused connection is never
+    /// held, and neither is the model list.
+    ///
+    /// Lets a test gather many requests at the provider at once, check them with
+    /// [`wait_for`](Self::wait_for), then let them all go.
+    pub fn hold_answers(&self) -> AnswersHeld {
+        self.shared.holds.send_modify(|holds| *holds += 1);
+        AnswersHeld {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Returns once no [`AnswersHeld`] guard is alive.
+    async fn released(&self) {
+        let mut holds = self.shared.holds.subscribe();
+        // The sender lives in `self.shared`: it cannot be gone.
+        let _released = holds.wait_for(|holds| *holds == 0).await;
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -257,6 +324,9 @@ impl MockProvider {
             pings: plan.stream_pings,
         };
         let wire = render(&fault, &cx);
+        if !matches!(wire, Wire::Refuse) {
+            self.released().await;
+        }
         let (latency, in_flight) = match decision {
             Some(d) => (d.latency, d.in_flight),
             None => (Duration::ZERO, None),
@@ -298,11 +368,14 @@ impl MockProvider {
                 let model = fields.model.clone().unwrap_or_default();
                 let plan = self.shared.scenario.plan_for(&model);
                 let seed = self.shared.scenario.seed;
-                let decision = state
+                let mut decision = state
                     .models
                     .entry(model.clone())
                     .or_insert_with(|| ModelState::new(seed, &model))
                     .decide(plan, since_start);
+                decision.in_flight = decision
+                    .in_flight
+                    .map(|in_flight| in_flight.notifying(Arc::clone(&self.shared.changed)));
                 (decision.fault.clone(), fields, Some(decision))
             }
         };
@@ -328,6 +401,8 @@ impl MockProvider {
         while state.attempts.len() > state.record_limit {
             state.attempts.pop_front();
         }
+        drop(state);
+        self.shared.changed.notify_waiters();
         Admitted {
             seq,
             since_start,
@@ -335,6 +410,27 @@ impl MockProvider {
             fields,
             decision,
         }
+    }
+}
+
+/// Holds the provider's answers while alive (see [`MockProvider::hold_answers`]);
+/// dropping it lets them go.
+#[must_use = "answers are held only while the guard is alive"]
+pub struct AnswersHeld {
+    shared: Arc<Shared>,
+}
+
+impl Drop for AnswersHeld {
+    fn drop(&mut self) {
+        self.shared.holds.send_modify(|holds| *holds -= 1);
+    }
+}
+
+impl fmt::Debug for AnswersHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnswersHeld")
+            .field("holds", &*self.shared.holds.borrow())
+            .finish()
     }
 }
 
@@ -460,5 +556,136 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         ResponseFuture::new(self.clone().answer(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::ModelPlan;
+    use http_body_util::Full;
+
+    fn chat(model: &str, stream: bool) -> Request<Full<Bytes>> {
+        let body = json!({"model": model, "stream": stream, "messages": []});
+        Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// `mock.wait_for(condition)`, failing (at once, in paused time) rather than
+    /// hanging should no change ever wake it.
+    async fn wait(mock: &MockProvider, condition: impl FnMut(&MockProvider) -> bool) {
+        tokio::time::timeout(secs(3600), mock.wait_for(condition))
+            .await
+            .expect("no change woke the waiter");
+    }
+
+    /// A stream whose three frames (two chunks, then `[DONE]`) come 1 s apart, a
+    /// hang and a refusal.
+    fn mock() -> MockProvider {
+        MockProvider::new(
+            Scenario::new(1)
+                .model(
+                    "stream",
+                    ModelPlan::ok().stream_chunks(2).chunk_delay(secs(1)),
+                )
+                .model("hang", ModelPlan::always(Fault::Hang))
+                .model("refused", ModelPlan::always(Fault::ConnectRefused)),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_for_wakes_when_an_attempt_is_admitted_and_when_it_leaves_flight() {
+        let mock = mock();
+        let start = Instant::now();
+        // Already true: no wait.
+        wait(&mock, |p| p.attempt_count() == 0).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+
+        let client = mock.clone();
+        let streamed = tokio::spawn(async move {
+            tokio::time::sleep(secs(3)).await;
+            let response = client.clone().call(chat("stream", true)).await.unwrap();
+            response.into_body().collect().await.unwrap().to_bytes()
+        });
+        // Woken by the admission, at 3 s.
+        wait(&mock, |p| p.in_flight("stream") == 1).await;
+        assert_eq!(start.elapsed(), secs(3));
+        assert_eq!(mock.attempts_for("stream"), 1);
+        // And by the stream's end, 2 s after its head.
+        wait(&mock, |p| p.in_flight("stream") == 0).await;
+        assert_eq!(start.elapsed(), secs(5));
+        let body = streamed.await.unwrap();
+        assert!(body.ends_with(b"data: [DONE]\n\n"), "{body:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_for_wakes_when_a_dropped_answer_leaves_flight_and_on_a_reset() {
+        let mock = mock();
+        let hung = tokio::spawn(mock.clone().call(chat("hang", false)));
+        wait(&mock, |p| p.in_flight("hang") == 1).await;
+        let start = Instant::now();
+        let waiter = tokio::spawn({
+            let mock = mock.clone();
+            async move { wait(&mock, |p| p.in_flight("hang") == 0).await }
+        });
+        tokio::time::sleep(secs(60)).await;
+        assert!(!waiter.is_finished(), "a hang stays in flight");
+        hung.abort();
+        waiter.await.unwrap();
+        assert_eq!(start.elapsed(), secs(60));
+
+        let waiter = tokio::spawn({
+            let mock = mock.clone();
+            async move { wait(&mock, |p| p.attempt_count() == 0).await }
+        });
+        tokio::time::sleep(secs(1)).await;
+        assert!(!waiter.is_finished());
+        mock.reset_records();
+        waiter.await.unwrap();
+        assert_eq!(start.elapsed(), secs(61));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_answers_are_admitted_and_in_flight_and_go_once_every_guard_is_dropped() {
+        let mock = mock();
+        let first = mock.hold_answers();
+        let second = mock.hold_answers();
+        let start = Instant::now();
+        let answers: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(mock.clone().call(chat("stream", false))))
+            .collect();
+        wait(&mock, |p| p.in_flight("stream") == 3).await;
+        assert_eq!(mock.attempts_for("stream"), 3);
+        // A refusal is never held.
+        let refused = mock.clone().call(chat("refused", false)).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+
+        tokio::time::sleep(secs(60)).await;
+        assert!(
+            answers.iter().all(|a| !a.is_finished()),
+            "held for a minute"
+        );
+        drop(first);
+        tokio::time::sleep(secs(1)).await;
+        assert!(
+            answers.iter().all(|a| !a.is_finished()),
+            "one guard still held"
+        );
+        drop(second);
+        for answer in answers {
+            let response = answer.await.unwrap().unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(start.elapsed(), secs(61));
+        assert_eq!(mock.in_flight("stream"), 0);
+        // Once released, answers are no longer held.
+        let response = mock.clone().call(chat("stream", false)).await.unwrap();
+        assert_eq!(response.status(), 200);
     }
 }
