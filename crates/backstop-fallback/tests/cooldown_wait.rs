@@ -381,11 +381,26 @@ async fn under_a_quota_requests_wait_for_paced_slots_instead_of_failing() {
     // The first 429s engage the pace; after that only its slow probing above the
     // quota meets one: at most 5 % of the attempts.
     assert!(rejected * 20 <= attempts.len(), "{rejected} 429s");
+    // Exactly: the 11th and 12th requests (sent at 833.33 and 916.66 ms, which
+    // tokio's millisecond timer makes 834 and 917 ms) exceed the quota and engage
+    // the pace; then six probes above it, further and further apart.
+    let rejected_at: Vec<Duration> = attempts
+        .iter()
+        .filter(|a| matches!(a.fault, Fault::OpenAiRateLimit { .. }))
+        .map(|a| a.since_start)
+        .collect();
+    assert_eq!(
+        rejected_at,
+        [834, 917, 4_250, 6_132, 9_245, 12_906, 17_278, 21_319].map(ms)
+    );
+    assert_eq!(rejected, 8);
     // 12 requests a second against 10: the queue drains at about the quota (at
     // least 9 a second on average), so the last request is sent 4 to 7 s after the
     // load stops.
     let last = attempts.iter().map(|a| a.since_start).max().unwrap();
     assert!(last > secs(24) && last < secs(27), "{last:?}");
+    // Exactly 24.841 s: 232 served in it, 9.3 a second.
+    assert_eq!(last, ms(24_841));
 }
 
 #[tokio::test(start_paused = true)]
