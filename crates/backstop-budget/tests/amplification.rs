@@ -116,6 +116,18 @@ async fn a_ten_percent_budget_bounds_a_full_outage_to_1_121_attempts_per_request
         per_request >= 1.1,
         "{per_request}: the budget refused retries it had"
     );
+    // Exactly, with 1 s slots: any ten consecutive slots allow the reserve (10) plus
+    // the deposits of those slots (10 a slot), so slot 0 allows 20, each slot after
+    // 10, and every tenth slot 20 again as slot 0's withdrawals leave the window:
+    // 10 × 110 over the 100 s of load. Slot 100, with no new deposits, allows the
+    // reserve's 10 again (slot 90's 20 withdrawals and 10 deposits leave the window),
+    // and nothing after: 1 110 in all, 100 under the documented bound, which counts
+    // the 11th window as a full one.
+    assert_eq!(snapshot.retries_allowed, 1_110);
+    assert_eq!(attempts, 11_110);
+    // Every request asked once after its first failure, every allowed retry that
+    // failed asked again, except the 5 requests (seed 7's timing) that used all 3.
+    assert_eq!(snapshot.retries_refused, 9_995);
 }
 
 #[tokio::test(start_paused = true)]
@@ -136,6 +148,12 @@ async fn the_grpc_style_throttle_allows_fewer_retries_than_half_its_tokens_in_a_
     .await;
     let snapshot = budget.snapshot();
     assert!(snapshot.retries_allowed <= 4, "{snapshot:?}");
+    // Exactly 4: the first four requests fail (10 → 9, 8, 7, 6 tokens) 10 ms apart,
+    // before any retry comes back, and each gets its retry. From then on nothing
+    // is above half: every other ask is refused, the first ask of the other 9 996
+    // requests and the second of those four: 10 000.
+    assert_eq!(snapshot.retries_allowed, 4);
+    assert_eq!(snapshot.retries_refused, REQUESTS);
     assert_eq!(
         provider.attempt_count() as u64,
         REQUESTS + snapshot.retries_allowed

@@ -382,6 +382,15 @@ async fn metrics_count_deposits_retries_and_local_rejections_under_the_budget_na
     let budget = layer.snapshot();
     let throttle = layer.throttle_snapshot().unwrap();
     assert!(throttle.local_rejections > 0 && budget.retries_refused > 0);
+    // With seed 5, 19 requests pass the throttle (nothing succeeds, so its rejection
+    // probability climbs to 19/20) and 81 are rejected locally. The 19 deposits at
+    // 0.2 make 3.8 retries, no reserve: 3 allowed, the other 16 refused.
+    assert_eq!(throttle.local_rejections, 81);
+    assert_eq!(throttle.requests, 19);
+    assert_eq!(throttle.accepts, 0);
+    assert_eq!(budget.deposits, 19);
+    assert_eq!(budget.retries_allowed, 3);
+    assert_eq!(budget.retries_refused, 16);
     assert_eq!(recorded.get(METRIC_DEPOSITS, "openai"), budget.deposits);
     assert_eq!(
         recorded.get(METRIC_RETRIES_ALLOWED, "openai"),

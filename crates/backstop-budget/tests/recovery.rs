@@ -131,4 +131,12 @@ async fn the_outage_really_drains_the_windowed_budget() {
     let snapshot = layer.snapshot();
     assert!(snapshot.retries_refused > 1_700, "{snapshot:?}");
     assert_eq!(provider.attempts(), 2_000 + snapshot.retries_allowed);
+    // Exactly: with 1 s slots, slot 0 allows the reserve (10) and its deposits (10),
+    // each slot after its deposits (10), slot 10 twenty again as slot 0's leave the
+    // window: 220 over the 20 s, then 10 more in slot 20 as slot 10's leave. Every
+    // request asked once, every failed retry again, but for the 5 chains (seed 3's
+    // timing) that used all three retries.
+    assert_eq!(snapshot.retries_allowed, 230);
+    assert_eq!(snapshot.retries_refused, 1_995);
+    assert_eq!(provider.attempts(), 2_230);
 }
