@@ -1,11 +1,16 @@
 //! The HTTP face over real loopback sockets, with a hyper-util client.
 //!
-//! These tests run in real time (sockets do not follow paused time); none waits
-//! longer than the one hang test's 300 ms timeout.
+//! These tests run in real time (sockets do not follow paused time). None sleeps
+//! or measures time: they wait for the mock's own events
+//! ([`MockProvider::wait_for`]), under a generous failsafe timeout.
 
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::task::Poll;
 use std::time::Duration;
 
-use backstop_mock::{Fault, MockServer, ModelPlan, Scenario, StreamStyle};
+use backstop_mock::{Fault, MockProvider, MockServer, ModelPlan, Scenario, StreamStyle};
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full};
@@ -13,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tower::ServiceExt;
 
 fn scenario() -> Scenario {
     Scenario::new(3)
@@ -69,6 +75,71 @@ fn chat(server: &MockServer, model: &str, stream: bool) -> Request<Full<Bytes>> 
 async fn text(response: Response<Incoming>) -> String {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// Waits until `condition` holds for `provider`, failing with `what` after 10 s
+/// (a failsafe: every event waited for here comes within milliseconds).
+async fn until(provider: &MockProvider, what: &str, condition: impl FnMut(&MockProvider) -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), provider.wait_for(condition))
+        .await
+        .unwrap_or_else(|_| panic!("{what} (still not so after 10 s)"));
+}
+
+/// Whether `future` is still pending after one more poll.
+async fn still_pending<F: Future + Unpin>(future: &mut F) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx).is_pending()))
+        .await
+}
+
+/// The errors `error` wraps, itself first.
+fn chain<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(error), |e| (*e).source())
+}
+
+/// The kind of the first `io::Error` in `error`'s chain.
+fn io_kind(error: &(dyn StdError + 'static)) -> Option<io::ErrorKind> {
+    chain(error).find_map(|e| e.downcast_ref::<io::Error>().map(io::Error::kind))
+}
+
+/// Whether a request failed because the server closed its HTTP/1.1 connection
+/// before a complete response (hyper's `IncompleteMessage`).
+fn incomplete_message(error: &hyper_util::client::legacy::Error) -> bool {
+    chain(error).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+    })
+}
+
+/// Whether `error` is the server resetting an HTTP/2 stream with INTERNAL_ERROR
+/// (what hyper's server sends when a response body fails). Read from h2's error,
+/// whose type this crate does not depend on.
+fn reset_by_the_server(error: &(dyn StdError + 'static)) -> bool {
+    chain(error).any(|e| {
+        let debug = format!("{e:?}");
+        debug.starts_with("Error { kind: Reset(") && debug.ends_with(", INTERNAL_ERROR, Remote) }")
+    })
+}
+
+/// What the in-memory provider, playing the same scenario, answers to the same
+/// request as the server's first attempt: the same bytes, but for `created`, which
+/// counts whole seconds since each provider started (taken from the server's
+/// record).
+async fn in_memory_body(server: &MockServer, model: &str, stream: bool) -> Bytes {
+    let attempts = server.provider().attempts();
+    assert_eq!(attempts.len(), 1, "compared with the server's only attempt");
+    let in_memory = MockProvider::new(scenario());
+    let request = chat(server, model, stream);
+    let response = in_memory.clone().oneshot(request).await.unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let created =
+        |since_start: Duration| format!("\"created\":{}", 1_700_000_000 + since_start.as_secs());
+    let text = String::from_utf8(bytes.to_vec()).unwrap().replace(
+        &created(in_memory.attempts()[0].since_start),
+        &created(attempts[0].since_start),
+    );
+    Bytes::from(text)
 }
 
 #[tokio::test]
@@ -130,8 +201,13 @@ async fn stream_error_event_arrives_after_the_chunks_over_http() {
     assert_eq!(response.status(), 200);
     let body = text(response).await;
     let events: Vec<&str> = body.split_terminator("\n\n").collect();
-    assert_eq!(events.len(), 3);
-    assert!(events[2].starts_with("data: {\"error\""));
+    assert_eq!(events.len(), 3, "{body}");
+    assert!(events[2].starts_with("data: {\"error\""), "{body}");
+    // Exactly the bytes the in-memory face sends for the same plan.
+    assert_eq!(
+        body.as_bytes(),
+        &in_memory_body(&server, "broken-stream", true).await[..]
+    );
 }
 
 #[tokio::test]
@@ -153,12 +229,15 @@ async fn reset_before_head_drops_the_connection_without_a_response() {
 #[tokio::test]
 async fn connect_refused_over_http_also_drops_the_connection() {
     let server = start().await;
-    assert!(
-        http1()
-            .request(chat(&server, "refused", false))
-            .await
-            .is_err()
-    );
+    let error = http1()
+        .request(chat(&server, "refused", false))
+        .await
+        .unwrap_err();
+    // Connected, then closed without a response: a TCP server cannot refuse a
+    // connection it has already read a model from.
+    assert!(!error.is_connect(), "{error:?}");
+    assert!(incomplete_message(&error), "{error:?}");
+    assert_eq!(server.provider().attempts_for("refused"), 1);
     assert!(!server.provider().attempts()[0].delivered);
 }
 
@@ -171,22 +250,45 @@ async fn reset_after_head_sends_200_then_aborts_the_body() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        assert!(response.into_body().collect().await.is_err());
+        let version = response.version();
+        let error = response.into_body().collect().await.unwrap_err();
+        assert_body_cut(version, &error);
+    }
+    assert_eq!(server.provider().attempts_for("reset-after"), 2);
+}
+
+/// How a body cut by the server after its head fails: an HTTP/1.1 chunked body
+/// ends early (the connection closes mid-body), an HTTP/2 stream is reset.
+fn assert_body_cut(version: Version, error: &hyper::Error) {
+    if version == Version::HTTP_2 {
+        assert!(reset_by_the_server(error), "{error:?}");
+    } else {
+        assert_eq!(
+            io_kind(error),
+            Some(io::ErrorKind::UnexpectedEof),
+            "{error:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn hang_never_answers_over_http() {
     let server = start().await;
-    let outcome = tokio::time::timeout(
-        Duration::from_millis(300),
-        http1().request(chat(&server, "hang", false)),
-    )
-    .await;
-    assert!(outcome.is_err(), "a hang must outlast the caller's timeout");
+    let mut request = Box::pin(http1().request(chat(&server, "hang", false)));
+    // Drive the request until the mock holds it.
+    tokio::select! {
+        answer = &mut request => panic!("a hang answered: {answer:?}"),
+        () = until(server.provider(), "the request never reached the mock", |p| {
+            p.in_flight("hang") == 1
+        }) => {}
+    }
+    assert!(still_pending(&mut request).await, "a hang answered");
     assert_eq!(server.provider().attempts_for("hang"), 1);
-    // Shutting down with a hung request open must not hang the test.
+    // Shutting down with a hung request open must not hang the test; the request
+    // then ends without ever having had a response.
     server.shutdown().await;
+    let error = request.await.unwrap_err();
+    assert!(incomplete_message(&error), "{error:?}");
 }
 
 #[tokio::test]
@@ -217,6 +319,7 @@ async fn reset_after_chunks_delivers_the_chunks_then_aborts() {
             .request(chat(&server, "reset-mid-stream", true))
             .await
             .unwrap();
+        let version = response.version();
         let mut body = response.into_body();
         let mut received = Vec::new();
         let error = loop {
@@ -226,22 +329,11 @@ async fn reset_after_chunks_delivers_the_chunks_then_aborts() {
                 None => panic!("the stream must not end cleanly"),
             }
         };
-        drop(error);
+        assert_body_cut(version, &error);
         let text = String::from_utf8(received).unwrap();
         assert_eq!(text.matches("data: {").count(), 2, "{text}");
         assert!(!text.contains("[DONE]"));
     }
-}
-
-/// Polls `condition` every 5 ms for up to 2 s.
-async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
-    for _ in 0..400 {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    condition()
 }
 
 #[tokio::test]
@@ -252,14 +344,30 @@ async fn shutdown_ends_hanging_requests_on_both_protocols() {
     let h2_request = chat(&server, "hang", false);
     let h1 = tokio::spawn(async move { http1().request(h1_request).await });
     let h2 = tokio::spawn(async move { h2c().request(h2_request).await });
-    assert!(eventually(|| provider.in_flight("hang") == 2).await);
+    until(&provider, "the two requests never reached the mock", |p| {
+        p.in_flight("hang") == 2
+    })
+    .await;
     server.shutdown().await;
+    until(&provider, "hung attempts must end with the server", |p| {
+        p.in_flight("hang") == 0
+    })
+    .await;
+    // Both closed without a response: HTTP/1.1 sees the connection end mid-message,
+    // HTTP/2 its open stream's connection go away (a broken pipe once the server's
+    // socket is closed, or a reset had it still held unread bytes).
+    let error = h1.await.unwrap().unwrap_err();
+    assert!(incomplete_message(&error), "{error:?}");
+    let error = h2.await.unwrap().unwrap_err();
+    assert!(!error.is_connect(), "{error:?}");
     assert!(
-        eventually(|| provider.in_flight("hang") == 0).await,
-        "hung attempts must end with the server"
+        matches!(
+            io_kind(&error),
+            Some(io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset)
+        ),
+        "{error:?}"
     );
-    assert!(h1.await.unwrap().is_err());
-    assert!(h2.await.unwrap().is_err());
+    assert_eq!(provider.attempts_for("hang"), 2);
 }
 
 #[tokio::test]
