@@ -3,11 +3,14 @@
 //! asserts the bytes and headers the client got and the attempts the mock saw.
 //!
 //! Real multi-thread runtime, real time: mock latencies are 0 and the retry backoff
-//! is 1–4 ms, so every test finishes in well under a second.
+//! is 1–4 ms, so most tests finish in well under a second (a stream held open on
+//! purpose takes 3 s). No test sleeps or measures time: where one waits for the
+//! mock, it waits for the mock's own event ([`MockProvider::wait_for`]) under a
+//! generous failsafe timeout.
 
 use std::time::Duration;
 
-use backstop::mock::{Fault, MockServer, ModelPlan, Scenario, StreamStyle};
+use backstop::mock::{Fault, MockProvider, MockServer, ModelPlan, Scenario, StreamStyle};
 use backstop::retry::{Backoff, RetryConfig};
 use backstop_cli::proxy::{self, ProxyConfig, ProxyHandle};
 use bytes::Bytes;
@@ -160,6 +163,26 @@ impl Rig {
             ),
         )
     }
+}
+
+/// Waits until `condition` holds for `provider`, failing with `what` after 10 s (a
+/// failsafe: every event waited for here comes within milliseconds).
+async fn until(provider: &MockProvider, what: &str, condition: impl FnMut(&MockProvider) -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), provider.wait_for(condition))
+        .await
+        .unwrap_or_else(|_| panic!("{what} (still not so after 10 s)"));
+}
+
+/// Whether a request failed because the server closed its connection before a
+/// complete response (hyper's `IncompleteMessage`).
+fn incomplete_message(error: &hyper_util::client::legacy::Error) -> bool {
+    std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+    })
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -410,10 +433,12 @@ async fn unreachable_upstreams_give_a_502_json_error_without_retry_advice_to_ret
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_passes_through_with_exact_bytes_as_it_arrives() {
-    // 80 ms between events: ample time to look at the mock while the stream is open.
+    // Three chunks and [DONE], 1 s apart: the upstream stream stays open 3 s after
+    // its first event, so looking at the mock once that event has reached the
+    // client cannot race the stream's end.
     let plan = ModelPlan::ok()
-        .stream_chunks(4)
-        .chunk_delay(Duration::from_millis(80));
+        .stream_chunks(3)
+        .chunk_delay(Duration::from_secs(1));
     let rig = rig(Scenario::new(1).model("gpt-4o", plan)).await;
     let response = rig
         .client
@@ -434,11 +459,17 @@ async fn stream_passes_through_with_exact_bytes_as_it_arrives() {
     // The first event reached the client while the upstream stream was still open:
     // the proxy does not buffer the stream.
     assert_eq!(rig.mock.provider().in_flight("gpt-4o"), 1);
-    let rest = body.collect().await.unwrap().to_bytes();
+    // The rest, and the same stream asked of the mock directly, at the same time.
+    let (rest, direct) = tokio::join!(body.collect(), rig.direct("gpt-4o", true, 0));
     let mut got = first.to_vec();
-    got.extend_from_slice(&rest);
+    got.extend_from_slice(&rest.unwrap().to_bytes());
     assert!(got.ends_with(b"data: [DONE]\n\n"));
-    assert_eq!(Bytes::from(got), rig.direct("gpt-4o", true, 0).await);
+    assert_eq!(
+        got.iter().filter(|b| **b == b'\n').count(),
+        8,
+        "four events"
+    );
+    assert_eq!(Bytes::from(got), direct);
     rig.proxy.shutdown().await;
 }
 
@@ -612,14 +643,14 @@ async fn client_leaving_mid_stream_ends_the_upstream_request() {
     body.frame().await.unwrap().unwrap();
     assert_eq!(rig.mock.provider().in_flight("gpt-4o"), 1);
     drop(body);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while rig.mock.provider().in_flight("gpt-4o") > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the upstream stream was still open 3 s after the client left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Ended long before the stream's own end, 10 s on.
+    until(
+        rig.mock.provider(),
+        "the upstream stream is still open after the client left",
+        |p| p.in_flight("gpt-4o") == 0,
+    )
+    .await;
+    assert_eq!(rig.mock.provider().attempts_for("gpt-4o"), 1);
     rig.proxy.shutdown().await;
 }
 
@@ -669,28 +700,29 @@ async fn shutdown_closes_a_hung_request_once_the_drain_bound_passes() {
         .body(Full::new(Bytes::from(chat_body("gpt-4o", false))))
         .unwrap();
     let in_flight = tokio::spawn(client.request(request));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while mock.provider().attempts_for("gpt-4o") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the request never reached the mock"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(mock.provider(), "the request never reached the mock", |p| {
+        p.in_flight("gpt-4o") == 1
+    })
+    .await;
 
-    let started = tokio::time::Instant::now();
     proxy.shutdown().await;
-    // The 5 s attempt timeout has not fired: the drain bound (200 ms) ended it.
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(
-        in_flight.await.unwrap().is_err(),
-        "the hung request was closed"
-    );
+    // The drain bound ended it, not the 5 s attempt timeout: that would have been
+    // retried (a second attempt) or answered (a 504), whereas the client's
+    // connection was closed with no response at all.
+    let error = in_flight
+        .await
+        .unwrap()
+        .expect_err("the hung request was closed");
+    assert!(!error.is_connect(), "{error:?}");
+    assert!(incomplete_message(&error), "{error:?}");
     assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+    // And the proxy let go of the upstream request.
+    until(
+        mock.provider(),
+        "the upstream request outlived the proxy",
+        |p| p.in_flight("gpt-4o") == 0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
