@@ -1187,6 +1187,53 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Against an oracle that knows by construction which names are keys: every
+        /// key pair goes, every other pair stays in order, and a query without a key
+        /// is handed on unchanged.
+        #[test]
+        fn a_query_keeps_exactly_its_pairs_that_are_not_keys(
+            pairs in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        ("key", true), ("KEY", true), ("Key", true), ("%6Bey", true),
+                        ("%6b%65%79", true), ("api-key", true), ("api%2Dkey", true),
+                        ("api_key", true), ("apikey", true), ("APIKEY", true),
+                        ("access_token", true), ("token", true), ("code", true),
+                        ("sig", true), ("keys", false), ("monkey", false), ("k", false),
+                        ("ke", false), ("key_id", false), ("%4", false), ("%zz", false),
+                        ("+key", false), ("key+", false), ("trace", false), ("alt", false),
+                        ("", false),
+                    ]),
+                    proptest::sample::select(vec!["", "=", "=1", "=a=b", "=%26", "=key"]),
+                ),
+                0..8,
+            )
+        ) {
+            let query = pairs
+                .iter()
+                .map(|((name, _), value)| format!("{name}{value}"))
+                .collect::<Vec<_>>()
+                .join("&");
+            let any_key = pairs.iter().any(|((_, is_key), _)| *is_key);
+            let kept: Vec<String> = pairs
+                .iter()
+                .filter(|((name, is_key), value)| !(*is_key || (name.is_empty() && value.is_empty())))
+                .map(|((name, _), value)| format!("{name}{value}"))
+                .collect();
+            let got = without_credentials(&query);
+            if !any_key {
+                proptest::prop_assert_eq!(got.as_deref(), Some(query.as_str()));
+                proptest::prop_assert!(matches!(got, Some(std::borrow::Cow::Borrowed(_))));
+            } else if kept.is_empty() {
+                proptest::prop_assert_eq!(got, None);
+            } else {
+                let expected = kept.join("&");
+                proptest::prop_assert_eq!(got.as_deref(), Some(expected.as_str()));
+            }
+        }
+    }
+
     #[test]
     fn path_already_under_the_target_prefix_is_reused_with_the_target_authority() {
         let openai =
