@@ -249,20 +249,13 @@ pub struct ModelSection {
 
 impl std::fmt::Debug for ModelSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use backstop_fallback::secret::{REDACTED, redact_uri};
+        use backstop_fallback::secret::{HeaderNamesOnly, redact_uri};
         f.debug_struct("ModelSection")
             .field("upstream", &self.upstream)
             .field("base_uri", &redact_uri(&self.base_uri))
             .field("model", &self.model)
             .field("credential", &self.credential)
-            .field(
-                "headers",
-                &self
-                    .headers
-                    .keys()
-                    .map(|name| (name, REDACTED))
-                    .collect::<Vec<_>>(),
-            )
+            .field("headers", &HeaderNamesOnly(&self.headers))
             .finish()
     }
 }

@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::ChainWalk;
-use crate::secret::{REDACTED, Secret, redact_uri};
+use crate::secret::{HeaderNamesOnly, REDACTED, Secret, redact_uri};
 
 /// The default cap on a request body the layer will rewrite (Anthropic's edge
 /// refuses bodies over 32 MB, so no provider accepts more).
@@ -108,14 +108,7 @@ impl fmt::Debug for Target {
             .field("base_uri", &redact_uri(&self.base_uri))
             .field("model", &self.model)
             .field("credential", &self.credential)
-            .field(
-                "extra_headers",
-                &self
-                    .extra_headers
-                    .keys()
-                    .map(|name| (name, REDACTED))
-                    .collect::<Vec<_>>(),
-            )
+            .field("extra_headers", &HeaderNamesOnly(&self.extra_headers))
             .finish()
     }
 }

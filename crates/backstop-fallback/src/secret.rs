@@ -100,6 +100,19 @@ pub fn redact_uri(uri: &str) -> String {
     out
 }
 
+/// Extra headers as `Debug` prints them: each name with [`REDACTED`] for its value,
+/// since a gateway's key may ride in any header. Used by every configuration type
+/// that holds extra headers.
+pub struct HeaderNamesOnly<'a>(pub &'a std::collections::BTreeMap<String, String>);
+
+impl fmt::Debug for HeaderNamesOnly<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.keys().map(|name| (name, REDACTED)))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
