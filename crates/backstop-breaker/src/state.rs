@@ -264,6 +264,21 @@ impl FailureWindow {
             })
     }
 
+    /// (calls, failures) in the buckets that have not yet left the window at `now`,
+    /// counting those from later than `now` too (an outcome recorded with a clock
+    /// reading taken after the caller's): unlike [`FailureWindow::totals`], which
+    /// answers "what happened up to now", this never misses a recorded call.
+    fn unexpired(&self, now: Instant) -> (u32, u32) {
+        let index = self.index(now);
+        let len = self.buckets.len() as u64;
+        self.buckets
+            .iter()
+            .filter(|b| index.saturating_sub(b.index) < len)
+            .fold((0u32, 0u32), |(c, f), b| {
+                (c.saturating_add(b.calls), f.saturating_add(b.failures))
+            })
+    }
+
     fn clear(&mut self) {
         self.buckets.fill(Bucket::default());
     }
@@ -390,6 +405,37 @@ impl KeyState {
     /// Why the key last changed state.
     pub fn last_reason(&self) -> Option<TransitionReason> {
         self.last_reason
+    }
+
+    /// Whether the key holds, at `now`, nothing a key created afresh would not also
+    /// know, apart from successes, so that a store may forget it (see
+    /// [`InProcessStore`](crate::InProcessStore)): it is closed, with no failure in
+    /// its sliding window, no health failures in a row (even ones that have left the
+    /// window: they still count towards `consecutive_failures`), no probe in flight,
+    /// no success in the last second (the rate a pace would start from, and what
+    /// tells a saturated key from a down one), and no pace, or only one that
+    /// [`admit`](KeyState::admit) would lift at `now` (a whole `window` with no
+    /// slow-down signal and nobody waiting for a slot). An open key is never at rest,
+    /// even past its cooldown: it has not been shown to recover yet.
+    ///
+    /// What forgetting it loses is the successes in its window: the failure ratio of a
+    /// key created afresh starts from an empty window (it waits for `minimum_calls`
+    /// calls again, and no earlier successes dilute its first failures).
+    ///
+    /// Outcomes recorded at an instant later than `now` count as within the window.
+    /// Whether a call is still in flight (holding a ticket) is the store's to know:
+    /// this says nothing about it, as a closed key keeps no list of its tickets.
+    pub fn is_at_rest(&self, now: Instant, config: &BreakerConfig) -> bool {
+        self.state == BreakerState::Closed
+            && self.consecutive == 0
+            && self.latest_failure.is_none()
+            && self.probes.is_empty()
+            && self.window.unexpired(now).1 == 0
+            && self.recent.unexpired(now).0 == 0
+            && self
+                .pace
+                .as_ref()
+                .is_none_or(|pace| pace.may_lift(now, config.window))
     }
 
     /// Applies the transitions time alone causes up to `now`: an open period that
@@ -958,5 +1004,147 @@ fn cooldown_hint(
     match kind {
         FailureKind::RateLimited | FailureKind::Overloaded => retry_instruction(hint, config),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// Admits one call at `at` and records `outcome` for it at `at`.
+    fn call(key: &mut KeyState, config: &BreakerConfig, at: Instant, outcome: Outcome) {
+        let ticket = key.admit(at, config, &mut |_| {}).expect("admitted");
+        key.record(ticket, outcome, at, config, &mut |_| {});
+    }
+
+    fn server_error() -> Outcome {
+        Outcome::Failure {
+            kind: FailureKind::ServerError,
+            hint: None,
+        }
+    }
+
+    #[test]
+    fn a_new_key_and_one_that_saw_only_ignored_outcomes_are_at_rest() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        assert!(key.is_at_rest(t0, &config));
+        call(&mut key, &config, t0, Outcome::Ignored);
+        assert!(key.is_at_rest(t0, &config));
+    }
+
+    #[test]
+    fn a_success_keeps_a_key_busy_for_the_second_pacing_learns_from() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(&mut key, &config, t0, Outcome::Success);
+        // The recent window is ten buckets of 100 ms: the success's bucket leaves it
+        // one second after its start.
+        assert!(!key.is_at_rest(t0 + secs(1) - Duration::from_nanos(1), &config));
+        assert!(key.is_at_rest(t0 + secs(1), &config));
+        // The success is still in the failure window: successes are what may be
+        // forgotten.
+        assert_eq!(key.window_counts(t0 + secs(1)), (1, 0));
+    }
+
+    #[test]
+    fn a_failure_in_the_window_keeps_a_key_until_it_leaves_the_window() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(&mut key, &config, t0, server_error());
+        // A success admitted after it ends the run of failures; the failure stays
+        // in the window.
+        call(&mut key, &config, t0, Outcome::Success);
+        assert_eq!(key.consecutive_failures(), 0);
+        assert!(!key.is_at_rest(t0 + secs(10), &config));
+        // 30 s window in 3 s buckets: the failure's bucket leaves it at 30 s.
+        let left = t0 + config.window;
+        assert!(!key.is_at_rest(left - Duration::from_nanos(1), &config));
+        assert_eq!(key.window_counts(left), (0, 0));
+        assert!(key.is_at_rest(left, &config));
+    }
+
+    #[test]
+    fn failures_in_a_row_keep_a_key_after_they_left_the_window() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(&mut key, &config, t0, server_error());
+        let later = t0 + config.window * 10;
+        assert_eq!(key.window_counts(later), (0, 0));
+        assert_eq!(key.consecutive_failures(), 1);
+        assert!(!key.is_at_rest(later, &config));
+        // A success ends the run; a second later the key is at rest.
+        call(&mut key, &config, later, Outcome::Success);
+        assert!(key.is_at_rest(later + secs(1), &config));
+    }
+
+    #[test]
+    fn a_failure_recorded_after_the_instant_asked_about_still_counts() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(&mut key, &config, t0 + secs(10), server_error());
+        call(&mut key, &config, t0 + secs(10), Outcome::Success);
+        assert_eq!(key.consecutive_failures(), 0);
+        assert_eq!(key.window_counts(t0), (0, 0));
+        assert!(!key.is_at_rest(t0, &config));
+    }
+
+    #[test]
+    fn an_open_or_half_open_key_is_never_at_rest() {
+        let config = BreakerConfig {
+            pacing: None,
+            ..BreakerConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(
+            &mut key,
+            &config,
+            t0,
+            Outcome::QuotaExhausted { hint: None },
+        );
+        assert_eq!(key.state(), BreakerState::Open);
+        assert!(!key.is_at_rest(t0, &config));
+        // Past its cooldown, not yet advanced: still open, still kept.
+        let after = t0 + config.quota_cooldown + secs(1);
+        assert!(!key.is_at_rest(after, &config));
+        // Half-open, a probe in flight.
+        let probe = key.admit(after, &config, &mut |_| {}).expect("a probe");
+        assert_eq!(key.state(), BreakerState::HalfOpen);
+        assert_eq!(key.probes_in_flight(), 1);
+        assert!(!key.is_at_rest(after, &config));
+        // The probe succeeds: closed, window cleared; at rest a second later.
+        key.record(probe, Outcome::Success, after, &config, &mut |_| {});
+        assert_eq!(key.state(), BreakerState::Closed);
+        assert!(!key.is_at_rest(after, &config));
+        assert!(key.is_at_rest(after + secs(1), &config));
+    }
+
+    #[test]
+    fn a_paced_key_is_kept_until_its_pace_would_lift() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(&mut key, &config, t0, Outcome::Success);
+        call(&mut key, &config, t0, Outcome::SuccessAfterSlowDown);
+        assert!(key.pace().is_some());
+        assert_eq!(key.window_counts(t0), (2, 0));
+        assert_eq!(key.consecutive_failures(), 0);
+        // Nothing but the pace keeps it after the recent second.
+        assert!(!key.is_at_rest(t0 + secs(2), &config));
+        assert!(!key.is_at_rest(t0 + config.window - Duration::from_nanos(1), &config));
+        // A whole window without a signal: the next admission would lift the pace,
+        // so it is not worth keeping the key for.
+        assert!(key.pace().is_some());
+        assert!(key.is_at_rest(t0 + config.window, &config));
     }
 }
