@@ -55,8 +55,13 @@ pub struct BreakerConfig {
     /// How long a quota or billing failure (`insufficient_quota`, spend limits,
     /// per-day quotas) keeps the key open. Default 10 min.
     pub quota_cooldown: Duration,
-    /// At most this many keys are tracked by the in-process store; requests for
-    /// further keys pass through untracked (and a warning is logged once). Default 4096.
+    /// At most this many keys are tracked by the in-process store. Once it is
+    /// reached, a request for a new key takes the place of a key at rest (closed,
+    /// no failure in its window or in a row, no probe or call in flight, nothing
+    /// served in the last second, no pace: see
+    /// [`KeyState::is_at_rest`](crate::KeyState::is_at_rest)) in the same one of the
+    /// store's 16 shards, forgetting that key's successes; when that shard has none,
+    /// it passes through untracked (and a warning is logged once). Default 4096.
     pub max_keys: usize,
     /// Pacing after a slow-down signal (a 429 or 503 that did not open the key, or a
     /// recovery from an open period): see the crate docs. `None` turns it off: a

@@ -1,6 +1,7 @@
 //! Transitions and refusals, made visible: one tracing event per transition, a gauge
 //! of each key's state and counters of transitions and refusals (`metrics` crate; a
-//! no-op until the application installs a recorder).
+//! no-op until the application installs a recorder), and a debug event when the
+//! in-process store forgets a key at rest to make room for a new one.
 //!
 //! Metric labels are the route's upstream, model and credential label: non-secret
 //! names from the configuration, never a key.
@@ -82,6 +83,19 @@ pub(crate) fn tracked(route: &ModelRoute) {
         "credential" => credential(route),
     )
     .set(BreakerState::Closed.gauge_value());
+}
+
+/// A key at rest is forgotten to make room for a new one (see
+/// [`InProcessStore`](crate::InProcessStore)): a debug event. Its state gauge keeps
+/// its last value, closed (a key at rest is closed), which is what a key made for
+/// the route again would start at.
+pub(crate) fn evicted(route: &ModelRoute) {
+    tracing::debug!(
+        upstream = %route.upstream,
+        model = %route.model,
+        credential = route.credential.as_deref().unwrap_or(""),
+        "circuit breaker key at rest forgotten to make room for a new key"
+    );
 }
 
 pub(crate) fn refused(route: &ModelRoute, rejection: &Rejection) {

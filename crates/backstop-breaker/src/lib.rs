@@ -197,7 +197,7 @@
 //! | `hint_opens_at` | 2 s | `Retry-After: 1` is the smallest a provider can say in whole seconds and means "this request, a moment later": the retry layer waits it out and pacing slows the key; 2 s or more says the bucket stays empty for a while |
 //! | `max_hinted_cooldown` | 10 min | a Retry-After of 2.3 days (seen in the wild) or Azure's 86 400 s is cut; a probe then finds out |
 //! | `quota_cooldown` | 10 min | quota does not come back within a request; probing every 10 min costs one call |
-//! | `max_keys` | 4096 | every buffer has a cap; further keys pass untracked, with one warning (so does a route whose upstream, model or label is longer than [`MAX_KEY_NAME_BYTES`], 512) |
+//! | `max_keys` | 4096 | every buffer has a cap; once full, a new key replaces one at rest in its shard ([`KeyState::is_at_rest`]: closed, no failure in its window or in a row, nothing in flight or served in the last second, no pace; only its successes are forgotten), so junk model names cannot starve later routes; when its shard has none at rest, it passes untracked, with one warning (so does a route whose upstream, model or label is longer than [`MAX_KEY_NAME_BYTES`], 512) |
 //! | `pacing` | on: backoff 0.95, growth 0.03, recovery 1.0, min 0.5 calls/s | a quota's 429s come from a slight overshoot; a gentle backoff keeps the pace within 5 % of the quota, and repeated signals still halve it in 14 steps under a real overload. Tuned in the simulator over five seeds: faster growth (0.05) or a gentler backoff (0.98) gained goodput under a quota but cost the overload scenario its recovery |
 //!
 //! ## The cooldown complaints of other gateways' users (peers.md, item 6)

@@ -216,9 +216,33 @@ impl KeyCell {
 ///
 /// The closed-state hot path hashes the route once, takes a shard's read lock for a
 /// binary search and the key's mutex to admit, and only the key's mutex to record;
-/// it allocates nothing. At most
-/// [`BreakerConfig::max_keys`] keys are tracked; calls for further keys pass untracked,
-/// and so do calls for a route with a name longer than [`MAX_KEY_NAME_BYTES`].
+/// it allocates nothing. At most [`BreakerConfig::max_keys`] keys are tracked; calls
+/// for a route with a name longer than [`MAX_KEY_NAME_BYTES`] pass untracked.
+///
+/// # A full table
+///
+/// Keys are spread over 16 shards by a hash seeded per store. Once `max_keys` keys
+/// are tracked, a call for a new route makes room by forgetting (evicting) a key
+/// **at rest** in the shard the new key goes into: one that no call holds (no permit
+/// outstanding, no paced call's retries holding its pace) and whose state is
+/// [at rest](KeyState::is_at_rest): closed, no failure in its window, none in a row,
+/// no probe, nothing served in the last second, no pace that would not lift. Such
+/// a key knows nothing a key created afresh would not, except its successes: if its
+/// route comes back, it starts with an empty window (the failure ratio counts from
+/// there). So routes a caller made up once (junk model names, answered 404 or
+/// served) cannot keep later routes from being tracked. The key forgotten is the
+/// first at rest in the shard's order (by the seeded hash, so not one an outsider
+/// can pick): how long a key has been idle is not known without a clock read on the
+/// hot path, which a closed key's admission does without, and which key at rest
+/// goes changes only whose successes are forgotten. The search looks at the keys of
+/// that one shard (about `max_keys / 16`) and happens only when the table is full
+/// and the route is new; a call for a tracked key does no extra work.
+///
+/// When no key in the shard is at rest (every one is open, half-open, paced, holds
+/// a failure or has a call in flight), the call passes untracked as before, and the
+/// first time this happens a warning is logged. An evicted key is no longer listed
+/// by [`BreakerStore::snapshot`] or found by [`BreakerStore::key_snapshot`]; its
+/// state gauge keeps its last value, closed (see [`events`](crate::events)).
 pub struct InProcessStore {
     config: Arc<BreakerConfig>,
     shards: Box<[Shard]>,
@@ -342,34 +366,74 @@ impl InProcessStore {
             return None;
         }
         let mut cells = shard.write().unwrap_or_else(PoisonError::into_inner);
-        let at = match Self::find(&cells, hash, route) {
+        let mut at = match Self::find(&cells, hash, route) {
             Ok(i) => return Some(Arc::clone(&cells[i].1)),
             Err(at) => at,
         };
-        if self.keys.load(Ordering::Relaxed) >= self.config.max_keys {
-            let first_time = !self.overflow_warned.swap(true, Ordering::Relaxed);
-            // Log with no lock held: a subscriber may read the breaker.
-            drop(cells);
-            if first_time {
-                tracing::warn!(
-                    max_keys = self.config.max_keys,
-                    upstream = %backstop_classify::printed_name(&route.upstream),
-                    model = %backstop_classify::printed_name(&route.model),
-                    "circuit breaker key limit reached; calls for new keys pass untracked (raise `max_keys`)"
-                );
+        let mut evicted = None;
+        let now = if self.keys.load(Ordering::Relaxed) >= self.config.max_keys {
+            // Full: the new key takes the place of one at rest in this shard (one
+            // out, one in, so the count stays), or passes untracked.
+            let now = clock();
+            let Some(i) = cells
+                .iter_mut()
+                .position(|(_, cell)| Self::evictable(cell, now))
+            else {
+                let first_time = !self.overflow_warned.swap(true, Ordering::Relaxed);
+                // Log with no lock held: a subscriber may read the breaker.
+                drop(cells);
+                if first_time {
+                    tracing::warn!(
+                        max_keys = self.config.max_keys,
+                        upstream = %backstop_classify::printed_name(&route.upstream),
+                        model = %backstop_classify::printed_name(&route.model),
+                        "circuit breaker key limit reached and no key at rest to make room; calls for new keys pass untracked until one is (raise `max_keys`)"
+                    );
+                }
+                return None;
+            };
+            evicted = Some(cells.remove(i).1);
+            if i < at {
+                at -= 1;
             }
-            return None;
-        }
-        self.keys.fetch_add(1, Ordering::Relaxed);
+            now
+        } else {
+            self.keys.fetch_add(1, Ordering::Relaxed);
+            clock()
+        };
         let cell = Arc::new(KeyCell {
             route: route.clone(),
             config: Arc::clone(&self.config),
-            state: Mutex::new(KeyState::new(clock(), &self.config)),
+            state: Mutex::new(KeyState::new(now, &self.config)),
         });
         cells.insert(at, (hash, Arc::clone(&cell)));
         drop(cells);
+        // Events, and freeing the evicted key, with no lock held.
+        if let Some(evicted) = evicted {
+            crate::events::evicted(&evicted.route);
+        }
         crate::events::tracked(&cell.route);
         Some(cell)
+    }
+
+    /// Whether `cell` may make room for a new key at `now`: nobody but its shard
+    /// holds it, and its state is [at rest](KeyState::is_at_rest).
+    ///
+    /// Every other holder of a cell (a permit, the pace handle of a call admitted
+    /// while paced, a lookup for a snapshot) got its `Arc` by cloning the shard's
+    /// under the shard's lock, or by cloning another holder's. Called with the
+    /// shard's write lock held, a unique `Arc` therefore stays unique: no call is in
+    /// flight on the key, none can start, and its state cannot change until the lock
+    /// is released. `Arc::get_mut` reads the count with the ordering that makes the
+    /// last holder's writes to the state visible, and the unique borrow reads the
+    /// state without locking it.
+    fn evictable(cell: &mut Arc<KeyCell>, now: Instant) -> bool {
+        Arc::get_mut(cell).is_some_and(|cell| {
+            cell.state
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_at_rest(now, &cell.config)
+        })
     }
 }
 
