@@ -21,10 +21,14 @@
 //!
 //! Three requests: the benchmark's own (two headers built in code), the same with one
 //! typed value in its extensions (as inside a Backstop stack: `-routed`), and one with
-//! the fourteen headers an SDK sends, as the proxy hands them on (`-sdk`).
+//! the fourteen headers an SDK sends, as the proxy hands them on (`-sdk`). And one
+//! response shape beside the bare one: the benchmark's request answered with a
+//! response that carries one typed value, as every response from hyper-util's client
+//! over TCP does (its `HttpInfo`: `-connected`). On such a response the attempt log
+//! needs no map of its own.
 //!
 //! Instruction counts, which a loaded machine does not blur: with
-//! `RETRY_OVERHEAD_CALLS="<bare|tower|backstop|log>[-routed|-sdk] <n>"` (`log` alone)
+//! `RETRY_OVERHEAD_CALLS="<bare|tower|backstop|log>[-routed|-sdk|-connected] <n>"` (`log` alone)
 //! the binary makes `n` calls
 //! (requests built in the loop) and nothing else; run it under
 //! `valgrind --tool=callgrind` with `n` and with `0`, and divide the difference by `n`.
@@ -108,12 +112,36 @@ fn request_from_sdk() -> Req {
     request
 }
 
-/// The provider stand-in: answers 200 at once.
+/// The provider stand-in: answers 200 at once, with a response that carries no
+/// extensions.
 fn bare() -> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send {
-    tower::service_fn(|_req: Req| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
-            Bytes::from_static(b"{\"id\":\"chatcmpl-1\"}"),
-        ))))
+    provider(false)
+}
+
+/// What hyper-util's client puts on every response it returns over a TCP
+/// connection (its `HttpInfo`: the two socket addresses; it has no public
+/// constructor, so this stands in for it at the same size).
+#[derive(Clone, Copy)]
+struct ConnectionInfo {
+    _remote: std::net::SocketAddr,
+    _local: std::net::SocketAddr,
+}
+
+/// The provider stand-in; `connected`: its responses carry a [`ConnectionInfo`], as
+/// a hyper-util client's do.
+fn provider(
+    connected: bool,
+) -> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send {
+    tower::service_fn(move |_req: Req| {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"{\"id\":\"chatcmpl-1\"}")));
+        if connected {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 443));
+            response.extensions_mut().insert(ConnectionInfo {
+                _remote: addr,
+                _local: addr,
+            });
+        }
+        std::future::ready(Ok::<_, Infallible>(response))
     })
 }
 
@@ -243,100 +271,114 @@ fn log_alone(n: usize, rounds: usize) -> f64 {
     best
 }
 
+/// A request and response shape the benchmark measures.
+struct Shape {
+    /// The mode's suffix in `RETRY_OVERHEAD_CALLS` (see the module docs).
+    suffix: &'static str,
+    title: &'static str,
+    request: fn() -> Req,
+    /// Whether the provider's responses carry an extension.
+    connected: bool,
+}
+
+const SHAPES: [Shape; 4] = [
+    Shape {
+        suffix: "",
+        title: "the benchmark's request (two headers built in code)",
+        request,
+        connected: false,
+    },
+    Shape {
+        suffix: "routed",
+        title: "the request carrying one extension (as inside a Backstop stack)",
+        request: request_with_route,
+        connected: false,
+    },
+    Shape {
+        suffix: "sdk",
+        title: "the request with an SDK's fourteen headers as hyper parsed them",
+        request: request_from_sdk,
+        connected: false,
+    },
+    Shape {
+        suffix: "connected",
+        title: "the benchmark's request, answered as hyper-util's client answers (one extension)",
+        request,
+        connected: true,
+    },
+];
+
 fn print_ratios() {
     // Short rounds, many of them: on a loaded machine a short round is more often
     // not preempted, and the best round is what is kept.
     let (n, rounds) = (2_000, 20);
-    let mut plain = bare();
-    let mut tower_retry = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
-    let mut backstop = RetryLayer::new(RetryConfig::interactive()).layer(bare());
-    // Interleaved, so drift in machine load hits all three alike.
-    let (mut b, mut t, mut r, mut l) = (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY);
-    let (mut be, mut te, mut re) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
-    let (mut bs, mut ts, mut rs) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    // [bare, tower, backstop] per shape, and the log alone.
+    let mut best = [[f64::INFINITY; 3]; SHAPES.len()];
+    let mut log = f64::INFINITY;
+    // Interleaved, so drift in machine load hits all of them alike.
     for _ in 0..10 {
-        b = b.min(per_call(&mut plain, request, n, rounds));
-        t = t.min(per_call(&mut tower_retry, request, n, rounds));
-        r = r.min(per_call(&mut backstop, request, n, rounds));
-        l = l.min(log_alone(n, rounds));
-        be = be.min(per_call(&mut plain, request_with_route, n, rounds));
-        te = te.min(per_call(&mut tower_retry, request_with_route, n, rounds));
-        re = re.min(per_call(&mut backstop, request_with_route, n, rounds));
-        bs = bs.min(per_call(&mut plain, request_from_sdk, n, rounds));
-        ts = ts.min(per_call(&mut tower_retry, request_from_sdk, n, rounds));
-        rs = rs.min(per_call(&mut backstop, request_from_sdk, n, rounds));
+        for (shape, best) in SHAPES.iter().zip(&mut best) {
+            let mut plain = provider(shape.connected);
+            let mut tower_retry =
+                tower::retry::RetryLayer::new(TwoRetries(2)).layer(provider(shape.connected));
+            let mut backstop =
+                RetryLayer::new(RetryConfig::interactive()).layer(provider(shape.connected));
+            best[0] = best[0].min(per_call(&mut plain, shape.request, n, rounds));
+            best[1] = best[1].min(per_call(&mut tower_retry, shape.request, n, rounds));
+            best[2] = best[2].min(per_call(&mut backstop, shape.request, n, rounds));
+        }
+        log = log.min(log_alone(n, rounds));
     }
     println!();
     println!("success path, ns per call (best of interleaved rounds):");
-    println!("  bare service          {b:8.1}");
-    println!(
-        "  tower::retry::Retry   {t:8.1}   (+{:.1} ns over bare)",
-        t - b
-    );
-    println!(
-        "  backstop Retry        {r:8.1}   (+{:.1} ns over bare)",
-        r - b
-    );
-    println!("  attempt log alone     {l:8.1}");
-    println!("  ratio backstop / tower retry = {:.2}", r / t);
-    println!("the same, the request carrying one extension (as inside a Backstop stack):");
-    println!("  bare service          {be:8.1}");
-    println!(
-        "  tower::retry::Retry   {te:8.1}   (+{:.1} ns over bare)",
-        te - be
-    );
-    println!(
-        "  backstop Retry        {re:8.1}   (+{:.1} ns over bare)",
-        re - be
-    );
-    println!("  ratio backstop / tower retry = {:.2}", re / te);
-    println!("the same, the request with an SDK's fourteen headers as hyper parsed them:");
-    println!("  bare service          {bs:8.1}");
-    println!(
-        "  tower::retry::Retry   {ts:8.1}   (+{:.1} ns over bare)",
-        ts - bs
-    );
-    println!(
-        "  backstop Retry        {rs:8.1}   (+{:.1} ns over bare)",
-        rs - bs
-    );
-    println!("  ratio backstop / tower retry = {:.2}", rs / ts);
+    for (shape, [b, t, r]) in SHAPES.iter().zip(best) {
+        println!("{}:", shape.title);
+        println!("  bare service          {b:8.1}");
+        println!(
+            "  tower::retry::Retry   {t:8.1}   (+{:.1} ns over bare)",
+            t - b
+        );
+        println!(
+            "  backstop Retry        {r:8.1}   (+{:.1} ns over bare)",
+            r - b
+        );
+        println!("  ratio backstop / tower retry = {:.2}", r / t);
+    }
+    println!("attempt log alone (on a response without extensions): {log:.1} ns");
 }
 
-/// `n` calls through one service, for an instruction counter.
+/// `n` calls through one service, for an instruction counter: `spec` is
+/// `<bare|tower|backstop>[-routed|-sdk|-connected] <n>` or `log <n>`.
 fn calls_only(spec: &str) {
     let mut words = spec.split_whitespace();
     let which = words.next().unwrap_or_default();
     let n: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-    match which {
-        "bare" => (0..n).for_each(|_| one_call(&mut bare(), request())),
+    if which == "log" {
+        (0..n).for_each(|_| attempt_log_alone());
+        return;
+    }
+    let (layer, shape) = which.split_once('-').unwrap_or((which, ""));
+    let Some(&Shape {
+        request: make,
+        connected,
+        ..
+    }) = SHAPES.iter().find(|s| s.suffix == shape)
+    else {
+        return eprintln!("RETRY_OVERHEAD_CALLS: unknown request shape {shape:?}");
+    };
+    match layer {
+        "bare" => {
+            let mut svc = provider(connected);
+            (0..n).for_each(|_| one_call(&mut svc, make()));
+        }
         "tower" => {
-            let mut svc = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
-            (0..n).for_each(|_| one_call(&mut svc, request()));
+            let mut svc = tower::retry::RetryLayer::new(TwoRetries(2)).layer(provider(connected));
+            (0..n).for_each(|_| one_call(&mut svc, make()));
         }
         "backstop" => {
-            let mut svc = RetryLayer::new(RetryConfig::interactive()).layer(bare());
-            (0..n).for_each(|_| one_call(&mut svc, request()));
+            let mut svc = RetryLayer::new(RetryConfig::interactive()).layer(provider(connected));
+            (0..n).for_each(|_| one_call(&mut svc, make()));
         }
-        "tower-routed" => {
-            let mut svc = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
-            (0..n).for_each(|_| one_call(&mut svc, request_with_route()));
-        }
-        "backstop-routed" => {
-            let mut svc = RetryLayer::new(RetryConfig::interactive()).layer(bare());
-            (0..n).for_each(|_| one_call(&mut svc, request_with_route()));
-        }
-        "bare-routed" => (0..n).for_each(|_| one_call(&mut bare(), request_with_route())),
-        "bare-sdk" => (0..n).for_each(|_| one_call(&mut bare(), request_from_sdk())),
-        "tower-sdk" => {
-            let mut svc = tower::retry::RetryLayer::new(TwoRetries(2)).layer(bare());
-            (0..n).for_each(|_| one_call(&mut svc, request_from_sdk()));
-        }
-        "backstop-sdk" => {
-            let mut svc = RetryLayer::new(RetryConfig::interactive()).layer(bare());
-            (0..n).for_each(|_| one_call(&mut svc, request_from_sdk()));
-        }
-        "log" => (0..n).for_each(|_| attempt_log_alone()),
         other => eprintln!("RETRY_OVERHEAD_CALLS: unknown service {other:?}"),
     }
 }
