@@ -60,8 +60,11 @@ pub struct BreakerConfig {
     /// no failure in its window or in a row, no probe or call in flight, nothing
     /// served in the last second, no pace: see
     /// [`KeyState::is_at_rest`](crate::KeyState::is_at_rest)) in the same one of the
-    /// store's 16 shards, forgetting that key's successes; when that shard has none,
-    /// it passes through untracked (and a warning is logged once). Default 4096.
+    /// store's 16 shards, forgetting that key's successes, or else of a stale key
+    /// (no outcome for [`idle_horizon`](Self::idle_horizon), no call in flight, no
+    /// open period running: [`KeyState::is_stale`](crate::KeyState::is_stale)); when
+    /// that shard has neither, it passes through untracked (and a warning is logged
+    /// once). Default 4096.
     pub max_keys: usize,
     /// Pacing after a slow-down signal (a 429 or 503 that did not open the key, or a
     /// recovery from an open period): see the crate docs. `None` turns it off: a
@@ -92,6 +95,14 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
+    /// How long a key must go without an outcome before a full store may forget
+    /// it though it is not at rest (see [`KeyState::is_stale`](crate::KeyState::is_stale)):
+    /// the longer of [`window`](Self::window) and
+    /// [`max_open_duration`](Self::max_open_duration), 60 s by default.
+    pub fn idle_horizon(&self) -> Duration {
+        self.window.max(self.max_open_duration)
+    }
+
     /// Checks that the values make a working breaker.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {

@@ -1,7 +1,7 @@
 //! Transitions and refusals, made visible: one tracing event per transition, a gauge
 //! of each key's state and counters of transitions and refusals (`metrics` crate; a
 //! no-op until the application installs a recorder), and a debug event when the
-//! in-process store forgets a key at rest to make room for a new one.
+//! in-process store forgets a key (at rest or stale) to make room for a new one.
 //!
 //! Metric labels are the route's upstream, model and credential label: non-secret
 //! names from the configuration, never a key.
@@ -76,6 +76,26 @@ fn reason_label(reason: TransitionReason) -> &'static str {
 /// A key starts being tracked: its gauge reads closed from the start, so a key
 /// that never failed still has a series.
 pub(crate) fn tracked(route: &ModelRoute) {
+    reads_closed(route);
+}
+
+/// A key is forgotten to make room for a new one (see
+/// [`InProcessStore`](crate::InProcessStore)), `why` being `"at rest"` or
+/// `"stale"`: a debug event. Its state gauge is set to closed, what a key made for
+/// the route again starts at (a stale key may have been left half-open with nobody
+/// calling; its series would otherwise read so for the life of the process).
+pub(crate) fn evicted(route: &ModelRoute, why: &'static str) {
+    tracing::debug!(
+        upstream = %route.upstream,
+        model = %route.model,
+        credential = route.credential.as_deref().unwrap_or(""),
+        why,
+        "circuit breaker key forgotten to make room for a new key"
+    );
+    reads_closed(route);
+}
+
+fn reads_closed(route: &ModelRoute) {
     metrics::gauge!(
         STATE_GAUGE,
         "upstream" => route.upstream.clone(),
@@ -83,19 +103,6 @@ pub(crate) fn tracked(route: &ModelRoute) {
         "credential" => credential(route),
     )
     .set(BreakerState::Closed.gauge_value());
-}
-
-/// A key at rest is forgotten to make room for a new one (see
-/// [`InProcessStore`](crate::InProcessStore)): a debug event. Its state gauge keeps
-/// its last value, closed (a key at rest is closed), which is what a key made for
-/// the route again would start at.
-pub(crate) fn evicted(route: &ModelRoute) {
-    tracing::debug!(
-        upstream = %route.upstream,
-        model = %route.model,
-        credential = route.credential.as_deref().unwrap_or(""),
-        "circuit breaker key at rest forgotten to make room for a new key"
-    );
 }
 
 pub(crate) fn refused(route: &ModelRoute, rejection: &Rejection) {

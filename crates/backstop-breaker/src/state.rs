@@ -331,6 +331,9 @@ pub struct KeyState {
     /// Whether the current (or last) open period was set by the upstream (a delay
     /// hint, a quota) rather than by this breaker's own evidence.
     upstream_cooldown: bool,
+    /// The latest instant an outcome was recorded at (the key's creation before
+    /// the first): how long the key has been idle.
+    last_outcome: Instant,
 }
 
 /// What the recent-successes window spans.
@@ -357,6 +360,7 @@ impl KeyState {
             rate_before_open: 0.0,
             pace: None,
             upstream_cooldown: false,
+            last_outcome: now,
         }
     }
 
@@ -436,6 +440,26 @@ impl KeyState {
                 .pace
                 .as_ref()
                 .is_none_or(|pace| pace.may_lift(now, config.window))
+    }
+
+    /// Whether the key has been idle so long, at `now`, that what it knows no longer
+    /// describes its route, so that a full store may forget it when no key is
+    /// [at rest](Self::is_at_rest) (see [`InProcessStore`](crate::InProcessStore)):
+    /// no outcome recorded for at least [`idle_horizon`](BreakerConfig::idle_horizon)
+    /// (the longer of `window` and `max_open_duration`), no probe in flight, and no
+    /// open period still running (a key open until a provider's quota resets is kept
+    /// until then, however long).
+    ///
+    /// What forgetting it loses: its failures in a row, a pace, and the half-open
+    /// state of a key whose open period ended with nobody calling. If its route comes
+    /// back, it starts closed, so the first calls go through freely instead of as
+    /// probes, and a down upstream opens it again by the counting rules.
+    ///
+    /// Outcomes recorded at an instant later than `now` count as recent.
+    pub fn is_stale(&self, now: Instant, config: &BreakerConfig) -> bool {
+        self.probes.is_empty()
+            && !(self.state == BreakerState::Open && self.open_until.is_none_or(|u| u > now))
+            && now.saturating_duration_since(self.last_outcome) >= config.idle_horizon()
     }
 
     /// Applies the transitions time alone causes up to `now`: an open period that
@@ -664,6 +688,7 @@ impl KeyState {
         emit: &mut (impl FnMut(Transition) + ?Sized),
     ) {
         self.advance(now, config, emit);
+        self.last_outcome = self.last_outcome.max(now);
         let current = ticket.epoch == self.epoch;
         match outcome {
             Outcome::Ignored => {
@@ -1146,5 +1171,61 @@ mod tests {
         // so it is not worth keeping the key for.
         assert!(key.pace().is_some());
         assert!(key.is_at_rest(t0 + config.window, &config));
+    }
+
+    #[test]
+    fn a_key_is_stale_once_idle_for_the_horizon_with_no_open_period_running() {
+        let config = BreakerConfig::default();
+        let horizon = config.idle_horizon();
+        assert_eq!(horizon, secs(60));
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        // A new key counts as idle since its creation.
+        assert!(!key.is_stale(t0 + horizon - Duration::from_nanos(1), &config));
+        assert!(key.is_stale(t0 + horizon, &config));
+        // One failure: not at rest however long, stale once idle for the horizon
+        // after that failure.
+        let failed = t0 + secs(5);
+        call(&mut key, &config, failed, server_error());
+        assert!(!key.is_at_rest(failed + secs(3600), &config));
+        assert!(!key.is_stale(failed + horizon - Duration::from_nanos(1), &config));
+        assert!(key.is_stale(failed + horizon, &config));
+        // An outcome recorded later than the instant asked about counts as recent.
+        call(&mut key, &config, failed + secs(100), Outcome::Ignored);
+        assert!(!key.is_stale(failed + secs(99) + horizon, &config));
+    }
+
+    #[test]
+    fn an_open_key_is_stale_only_after_its_open_period_and_a_probe_never_is() {
+        let config = BreakerConfig::default();
+        let t0 = Instant::now();
+        let mut key = KeyState::new(t0, &config);
+        call(
+            &mut key,
+            &config,
+            t0,
+            Outcome::QuotaExhausted { hint: None },
+        );
+        assert_eq!(key.state(), BreakerState::Open);
+        let until = key.open_until().unwrap();
+        assert_eq!(until, t0 + config.quota_cooldown);
+        assert!(!key.is_stale(until - Duration::from_nanos(1), &config));
+        assert!(key.is_stale(until, &config));
+        // A probe in flight keeps it, idle or not.
+        let later = until + secs(3600);
+        let probe = key.admit(later, &config, &mut |_| {}).expect("a probe");
+        assert_eq!(key.probes_in_flight(), 1);
+        assert!(!key.is_stale(later + secs(1), &config));
+        key.release(probe, later + secs(1), &config, &mut |_| {});
+        assert!(key.is_stale(later + secs(1), &config));
+    }
+
+    #[test]
+    fn the_idle_horizon_is_the_longer_of_the_window_and_the_longest_open_period() {
+        let config = BreakerConfig {
+            window: secs(300),
+            ..BreakerConfig::default()
+        };
+        assert_eq!(config.idle_horizon(), secs(300));
     }
 }

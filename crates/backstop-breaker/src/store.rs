@@ -238,11 +238,21 @@ impl KeyCell {
 /// that one shard (about `max_keys / 16`) and happens only when the table is full
 /// and the route is new; a call for a tracked key does no extra work.
 ///
-/// When no key in the shard is at rest (every one is open, half-open, paced, holds
-/// a failure or has a call in flight), the call passes untracked as before, and the
-/// first time this happens a warning is logged. An evicted key is no longer listed
-/// by [`BreakerStore::snapshot`] or found by [`BreakerStore::key_snapshot`]; its
-/// state gauge keeps its last value, closed (see [`events`](crate::events)).
+/// When no key in the shard is at rest, the first **stale** one goes
+/// ([`KeyState::is_stale`]): no outcome for the idle horizon (the longer of `window`
+/// and `max_open_duration`, 60 s by default), no probe or call in flight, and no
+/// open period still running. Such a key's failures in a row, pace or half-open
+/// state describe its route as it was a minute or more ago; forgotten, the route
+/// starts closed if it comes back, and a down upstream opens it again by the
+/// counting rules. So junk routes that fail (answered 5xx, timing out, opened by a
+/// quota) make room too, once idle for the horizon and past their open period.
+///
+/// When no key in the shard is either (every one is open, half-open with a probe,
+/// has a call in flight, or has had an outcome within the horizon and is not at
+/// rest), the call passes untracked as before, and the first time this happens a
+/// warning is logged. An evicted key is no longer listed by
+/// [`BreakerStore::snapshot`] or found by [`BreakerStore::key_snapshot`]; its state
+/// gauge keeps its last value (see [`events`](crate::events)).
 pub struct InProcessStore {
     config: Arc<BreakerConfig>,
     shards: Box<[Shard]>,
@@ -375,9 +385,17 @@ impl InProcessStore {
             // Full: the new key takes the place of one at rest in this shard (one
             // out, one in, so the count stays), or passes untracked.
             let now = clock();
-            let Some(i) = cells
+            // A key at rest first (it loses only successes), else a stale one.
+            let Some((i, why)) = cells
                 .iter_mut()
-                .position(|(_, cell)| Self::evictable(cell, now))
+                .position(|(_, cell)| Self::evictable(cell, KeyState::is_at_rest, now))
+                .map(|i| (i, "at rest"))
+                .or_else(|| {
+                    cells
+                        .iter_mut()
+                        .position(|(_, cell)| Self::evictable(cell, KeyState::is_stale, now))
+                        .map(|i| (i, "stale"))
+                })
             else {
                 let first_time = !self.overflow_warned.swap(true, Ordering::Relaxed);
                 // Log with no lock held: a subscriber may read the breaker.
@@ -387,12 +405,12 @@ impl InProcessStore {
                         max_keys = self.config.max_keys,
                         upstream = %backstop_classify::printed_name(&route.upstream),
                         model = %backstop_classify::printed_name(&route.model),
-                        "circuit breaker key limit reached and no key at rest to make room; calls for new keys pass untracked until one is (raise `max_keys`)"
+                        "circuit breaker key limit reached and no key at rest or stale to make room; calls for new keys pass untracked until one is (raise `max_keys`)"
                     );
                 }
                 return None;
             };
-            evicted = Some(cells.remove(i).1);
+            evicted = Some((cells.remove(i).1, why));
             if i < at {
                 at -= 1;
             }
@@ -409,15 +427,16 @@ impl InProcessStore {
         cells.insert(at, (hash, Arc::clone(&cell)));
         drop(cells);
         // Events, and freeing the evicted key, with no lock held.
-        if let Some(evicted) = evicted {
-            crate::events::evicted(&evicted.route);
+        if let Some((evicted, why)) = evicted {
+            crate::events::evicted(&evicted.route, why);
         }
         crate::events::tracked(&cell.route);
         Some(cell)
     }
 
     /// Whether `cell` may make room for a new key at `now`: nobody but its shard
-    /// holds it, and its state is [at rest](KeyState::is_at_rest).
+    /// holds it, and `forgettable` says yes of its state ([at
+    /// rest](KeyState::is_at_rest) or [stale](KeyState::is_stale)).
     ///
     /// Every other holder of a cell (a permit, the pace handle of a call admitted
     /// while paced, a lookup for a snapshot) got its `Arc` by cloning the shard's
@@ -427,12 +446,17 @@ impl InProcessStore {
     /// is released. `Arc::get_mut` reads the count with the ordering that makes the
     /// last holder's writes to the state visible, and the unique borrow reads the
     /// state without locking it.
-    fn evictable(cell: &mut Arc<KeyCell>, now: Instant) -> bool {
+    fn evictable(
+        cell: &mut Arc<KeyCell>,
+        forgettable: fn(&KeyState, Instant, &BreakerConfig) -> bool,
+        now: Instant,
+    ) -> bool {
         Arc::get_mut(cell).is_some_and(|cell| {
-            cell.state
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_at_rest(now, &cell.config)
+            forgettable(
+                cell.state.get_mut().unwrap_or_else(PoisonError::into_inner),
+                now,
+                &cell.config,
+            )
         })
     }
 }

@@ -1,6 +1,6 @@
 //! A full in-process store makes room for a new route by forgetting a key at rest,
-//! and never one that knows more than a fresh key would (a failure, an open period,
-//! a pace, a call in flight).
+//! or else one idle for the idle horizon (stale), and never one with a call in flight
+//! or an open period still running, nor a key with a recent failure or pace.
 //!
 //! Keys are spread over 16 shards by a hash seeded at random per store, and a new
 //! key can only take the place of one in its own shard. So the tests that expect
@@ -176,37 +176,89 @@ fn a_key_with_a_failure_in_its_window_is_kept_until_the_failure_leaves_it() {
 }
 
 #[test]
-fn failures_in_a_row_keep_a_key_after_they_left_the_window() {
+fn failures_in_a_row_keep_a_key_until_it_has_been_idle_for_the_horizon() {
     let breaker = breaker(FULL);
     let t0 = Instant::now();
     fill(&breaker, t0, &[server_error()]);
-    let later = t0 + secs(300);
     let sample = breaker.key(&junk(0)).unwrap();
     assert_eq!(sample.consecutive_failures, 1);
-    assert_eq!(breaker.snapshot_at(later)[0].window_failures, 0);
-    no_room(&breaker, 20, later);
-    // A success on every key ends its run; a second later they are at rest.
+    // The failure has left the 30 s window, but the run of failures is kept...
+    let left = t0 + secs(31);
+    assert_eq!(breaker.snapshot_at(left)[0].window_failures, 0);
+    no_room(&breaker, 20, left);
+    // ...until the key has had no outcome for the idle horizon: the longer of the
+    // window (30 s) and `max_open_duration` (60 s).
+    assert_eq!(BreakerConfig::default().idle_horizon(), secs(60));
+    no_room(&breaker, 20, t0 + secs(60) - Duration::from_nanos(1));
+    makes_room(&breaker, &real(0), t0 + secs(60));
+}
+
+#[test]
+fn a_success_that_ends_a_run_of_failures_puts_the_key_at_rest_a_second_later() {
+    let breaker = breaker(FULL);
+    let t0 = Instant::now();
+    fill(&breaker, t0, &[server_error()]);
+    // A success on every key ends its run, after the failure left the window.
+    let later = t0 + secs(40);
     for i in 0..FULL {
         breaker
             .admit_at(&junk(i), later)
             .unwrap()
             .record_at(Outcome::Success, later);
     }
-    no_room(&breaker, 20, later);
+    assert_eq!(breaker.key(&junk(0)).unwrap().consecutive_failures, 0);
+    // Served within the last second (and just now: not idle either).
+    no_room(&breaker, 20, later + secs(1) - Duration::from_nanos(1));
     makes_room(&breaker, &real(0), later + secs(1));
 }
 
 #[test]
-fn an_open_key_is_kept_even_past_its_cooldown() {
+fn an_open_key_is_kept_until_its_cooldown_is_over() {
     let breaker = breaker(FULL);
     let t0 = Instant::now();
     fill(&breaker, t0, &[Outcome::QuotaExhausted { hint: None }]);
     assert_eq!(breaker.snapshot_at(t0)[0].state, BreakerState::Open);
     no_room(&breaker, 20, t0 + secs(1));
-    // The cooldown (10 min) is over: the key shows half-open, and has not recovered.
-    let after = t0 + secs(3600);
-    assert_eq!(breaker.snapshot_at(after)[0].state, BreakerState::HalfOpen);
-    no_room(&breaker, 20, after);
+    // Idle far longer than the horizon, but open until the quota cooldown (10 min)
+    // is over: what the provider said still holds.
+    let over = t0 + secs(600);
+    no_room(&breaker, 20, over - Duration::from_nanos(1));
+    // Over, with nobody calling: half-open, and forgotten when room is needed.
+    assert_eq!(breaker.snapshot_at(over)[0].state, BreakerState::HalfOpen);
+    makes_room(&breaker, &real(0), over);
+}
+
+#[test]
+fn a_key_at_rest_goes_before_a_stale_one() {
+    let breaker = breaker(FULL);
+    let t0 = Instant::now();
+    // Even keys at rest (answered 404), odd ones stale by t0 + 120 s (one failure).
+    for i in 0..FULL {
+        let outcome = if i % 2 == 0 {
+            Outcome::Ignored
+        } else {
+            server_error()
+        };
+        breaker
+            .admit_at(&junk(i), t0)
+            .unwrap()
+            .record_at(outcome, t0);
+    }
+    let now = t0 + secs(120);
+    // 50 new routes: each shard holds about 32 keys at rest (512 over 16), and gets
+    // about 3 of the new routes. That some shard gets more new routes than it holds
+    // keys at rest (which would let a stale key go) has a chance of 5.8 × 10^-8
+    // (the two binomials, summed over the 16 shards).
+    for i in 0..50 {
+        let gone = makes_room(&breaker, &real(i), now);
+        let n: usize = gone.model.trim_start_matches("junk-").parse().unwrap();
+        assert_eq!(n % 2, 0, "a stale key went first: {gone:?}");
+        // Served: busy for the next second, so not at rest itself.
+        breaker
+            .admit_at(&real(i), now)
+            .unwrap()
+            .record_at(Outcome::Success, now);
+    }
 }
 
 #[test]

@@ -90,11 +90,12 @@ fn an_eviction_is_one_debug_event_naming_the_key_forgotten() {
         events,
         vec![(
             Level::DEBUG,
-            "circuit breaker key at rest forgotten to make room for a new key".to_string(),
+            "circuit breaker key forgotten to make room for a new key".to_string(),
             vec![
                 "upstream=upstream".to_string(),
                 format!("model={}", gone[0].model),
                 "credential=".to_string(),
+                "why=at rest".to_string(),
             ]
         )]
     );
