@@ -248,8 +248,12 @@ fn random_faults() -> Vec<(f64, Fault)> {
             body: "request timeout".into(),
         },
     ];
-    // Never retried: quota and billing (these also open the breaker for its quota
-    // cooldown, so they are rare, as in life)...
+    // Never retried: quota and billing. Each also opens the model's breaker key, for
+    // the quota cooldown (5 s here) or, with a long hint, `max_hinted_cooldown`
+    // (20 s). At 0.03 % per kind, seven kinds, about one attempt in 480 gets one: rare
+    // per request, but at this load a model's key is open for much of the run and
+    // most of its traffic goes to later hops. Harsher than life, on purpose: it keeps
+    // the breaker's refusals and the later hops busy...
     let quota = vec![
         Fault::OpenAiInsufficientQuota,
         Fault::OpenAiBillingLimit {
