@@ -39,6 +39,15 @@ fn server_error() -> Outcome {
     }
 }
 
+/// One call for `route` admitted and finished at `at` with `outcome` (never
+/// refused: every route here is closed or untracked when called).
+fn call(breaker: &Breaker, route: &ModelRoute, at: Instant, outcome: Outcome) {
+    breaker
+        .admit_at(route, at)
+        .expect("admitted")
+        .record_at(outcome, at);
+}
+
 fn breaker(max_keys: usize) -> Breaker {
     Breaker::new(BreakerConfig {
         max_keys,
@@ -59,10 +68,7 @@ fn routes(breaker: &Breaker, now: Instant) -> BTreeSet<ModelRoute> {
 fn fill(breaker: &Breaker, t0: Instant, outcomes: &[Outcome]) {
     for i in 0..FULL {
         for outcome in outcomes {
-            breaker
-                .admit_at(&junk(i), t0)
-                .unwrap()
-                .record_at(*outcome, t0);
+            call(breaker, &junk(i), t0, *outcome);
         }
     }
     assert_eq!(breaker.snapshot_at(t0).len(), FULL);
@@ -95,10 +101,7 @@ fn no_room(breaker: &Breaker, count: usize, now: Instant) {
     assert_eq!(before.len(), FULL);
     for i in 0..count {
         let route = real(1_000_000 + i);
-        breaker
-            .admit_at(&route, now)
-            .expect("an untracked route is never refused")
-            .record_at(server_error(), now);
+        call(breaker, &route, now, server_error());
         assert!(breaker.key(&route).is_none(), "{route:?} was tracked");
     }
     assert_eq!(breaker.snapshot_at(now), before);
@@ -117,10 +120,7 @@ fn junk_routes_at_rest_make_room_for_later_routes() {
         assert!(evicted.insert(gone));
         // The real route is served: busy for the next second, so it is not the
         // next one to go.
-        breaker
-            .admit_at(&real(i), t0)
-            .unwrap()
-            .record_at(Outcome::Success, t0);
+        call(&breaker, &real(i), t0, Outcome::Success);
     }
     let snapshot = breaker.snapshot_at(t0);
     assert_eq!(snapshot.len(), FULL);
@@ -134,10 +134,7 @@ fn junk_routes_at_rest_make_room_for_later_routes() {
     // A route tracked this way is protected like any other: five failures open it.
     let route = real(7);
     for _ in 0..5 {
-        breaker
-            .admit_at(&route, t0)
-            .unwrap()
-            .record_at(server_error(), t0);
+        call(&breaker, &route, t0, server_error());
     }
     assert_eq!(breaker.state(&route), BreakerState::Open);
     assert!(breaker.admit_at(&route, t0).is_err());
@@ -201,10 +198,7 @@ fn a_success_that_ends_a_run_of_failures_puts_the_key_at_rest_a_second_later() {
     // A success on every key ends its run, after the failure left the window.
     let later = t0 + secs(40);
     for i in 0..FULL {
-        breaker
-            .admit_at(&junk(i), later)
-            .unwrap()
-            .record_at(Outcome::Success, later);
+        call(&breaker, &junk(i), later, Outcome::Success);
     }
     assert_eq!(breaker.key(&junk(0)).unwrap().consecutive_failures, 0);
     // Served within the last second (and just now: not idle either).
@@ -239,10 +233,7 @@ fn a_key_at_rest_goes_before_a_stale_one() {
         } else {
             server_error()
         };
-        breaker
-            .admit_at(&junk(i), t0)
-            .unwrap()
-            .record_at(outcome, t0);
+        call(&breaker, &junk(i), t0, outcome);
     }
     let now = t0 + secs(120);
     // 50 new routes: each shard holds about 32 keys at rest (512 over 16), and gets
@@ -254,10 +245,7 @@ fn a_key_at_rest_goes_before_a_stale_one() {
         let n: usize = gone.model.trim_start_matches("junk-").parse().unwrap();
         assert_eq!(n % 2, 0, "a stale key went first: {gone:?}");
         // Served: busy for the next second, so not at rest itself.
-        breaker
-            .admit_at(&real(i), now)
-            .unwrap()
-            .record_at(Outcome::Success, now);
+        call(&breaker, &real(i), now, Outcome::Success);
     }
 }
 
@@ -338,10 +326,7 @@ fn with_no_key_at_rest_anywhere_new_routes_pass_untracked() {
     ];
     for (i, outcomes) in kinds.iter().enumerate() {
         for outcome in *outcomes {
-            breaker
-                .admit_at(&junk(i), t0)
-                .unwrap()
-                .record_at(*outcome, t0);
+            call(&breaker, &junk(i), t0, *outcome);
         }
     }
     let held: Vec<_> = (4..8)
@@ -354,10 +339,7 @@ fn with_no_key_at_rest_anywhere_new_routes_pass_untracked() {
         let route = real(i);
         for _ in 0..10 {
             // Never refused: untracked.
-            breaker
-                .admit_at(&route, now)
-                .unwrap()
-                .record_at(server_error(), now);
+            call(&breaker, &route, now, server_error());
         }
         assert!(breaker.key(&route).is_none());
     }

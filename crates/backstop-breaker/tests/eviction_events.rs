@@ -3,58 +3,13 @@
 //! tracing subscriber can miss events whose callsites other test threads register
 //! at the same time.)
 
-use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+mod capture;
 
 use backstop_breaker::{Breaker, BreakerConfig, Outcome};
 use backstop_classify::ModelRoute;
+use capture::Capture;
 use tokio::time::Instant;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Metadata, Subscriber};
-
-/// (level, message, fields as `name=value`).
-type Captured = (Level, String, Vec<String>);
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<Captured>>>);
-
-struct Fields(String, Vec<String>);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
-        } else {
-            self.1.push(format!("{}={value:?}", field.name()));
-        }
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.1.push(format!("{}={value}", field.name()));
-    }
-}
-
-impl Subscriber for Capture {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, event: &Event<'_>) {
-        let mut fields = Fields(String::new(), Vec::new());
-        event.record(&mut fields);
-        self.0
-            .lock()
-            .unwrap()
-            .push((*event.metadata().level(), fields.0, fields.1));
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
+use tracing::Level;
 
 #[test]
 fn an_eviction_is_one_debug_event_naming_the_key_forgotten() {
@@ -90,12 +45,12 @@ fn an_eviction_is_one_debug_event_naming_the_key_forgotten() {
         events,
         vec![(
             Level::DEBUG,
-            "circuit breaker key forgotten to make room for a new key".to_string(),
             vec![
                 "upstream=upstream".to_string(),
                 format!("model={}", gone[0].model),
                 "credential=".to_string(),
                 "why=at rest".to_string(),
+                "circuit breaker key forgotten to make room for a new key".to_string(),
             ]
         )]
     );
