@@ -1207,7 +1207,122 @@ async fn an_http2_client_that_leaves_its_only_stream_unread_is_closed_at_the_wri
     assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
 
     assert_cut_at_the_write_timeout(&mock, &proxy).await;
+    // Its only stream is due to be cut alone at the same instant: the connection's
+    // close is what is counted.
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_unread_streams_cut_total").await,
+        0
+    );
     drop(response);
+    proxy.shutdown().await;
+    mock.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_left_unread_beside_one_read_loses_its_upstream_request_at_the_write_timeout()
+ {
+    // gpt-4o: a stream far larger than the client's 64 KiB stream window, left
+    // unread. claude-sonnet: five chunks, read to the end on the same connection.
+    let read_plan = ModelPlan::ok()
+        .stream_chunks(5)
+        .chunk_delay(Duration::from_millis(20));
+    let scenario = Scenario::new(1)
+        .model("gpt-4o", ModelPlan::ok().stream_chunks(200_000))
+        .model("claude-sonnet", read_plan);
+    let (mock, proxy) = start(scenario, |c| c.write_timeout(Duration::from_millis(300))).await;
+    let mut client = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    client.initial_stream_window_size(65_535);
+    let io = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let (mut sender, connection) = client
+        .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let unread = sender
+        .send_request(chat(&proxy, "gpt-4o", true))
+        .await
+        .unwrap();
+    assert_eq!(unread.status(), 200);
+    // The read stream's answer is held at the provider until the unread one is cut:
+    // it waits for its provider all along, so the connection is never stalled.
+    let held = mock.provider().hold_answers();
+    let read = tokio::spawn(sender.send_request(chat(&proxy, "claude-sonnet", true)));
+    until(
+        mock.provider(),
+        "the read stream reached the provider",
+        |p| p.in_flight("claude-sonnet") == 1,
+    )
+    .await;
+    assert_eq!(mock.provider().in_flight("gpt-4o"), 1);
+
+    until_within(
+        mock.provider(),
+        Duration::from_secs(20),
+        "the unread stream's upstream request is still open",
+        |p| p.in_flight("gpt-4o") == 0,
+    )
+    .await;
+    // Cut alone: the read stream still waits for its answer on the same connection.
+    assert_eq!(mock.provider().in_flight("claude-sonnet"), 1);
+    assert!(!connection.is_finished(), "the connection was closed");
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_unread_streams_cut_total").await,
+        1
+    );
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 1);
+    assert_eq!(mock.provider().attempts_for("gpt-4o"), 1);
+
+    // The client reads the cut stream after all: what its window held, then a
+    // reset, never the stream's end.
+    let mut cut = unread.into_body();
+    let mut received = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match cut.frame().await {
+                Some(Ok(frame)) => received.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Err(error)) => break Some(error),
+                None => break None,
+            }
+        }
+    })
+    .await
+    .expect("the cut stream neither ended nor failed");
+    let error = format!("{:?}", ended.expect("the cut stream ended cleanly"));
+    assert!(
+        error.contains("Reset") && error.contains("INTERNAL_ERROR"),
+        "{error}"
+    );
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("data: {"), "{received}");
+    assert!(!received.contains("[DONE]"), "{} bytes", received.len());
+
+    // The connection lives on: the read stream, answered only now, arrives whole.
+    drop(held);
+    let response = read.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert_eq!(events.len(), 6, "{text}");
+    for event in &events[..5] {
+        let chunk: serde_json::Value =
+            serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk", "{text}");
+        assert_eq!(chunk["model"], "claude-sonnet", "{text}");
+    }
+    assert_eq!(events[5], "data: [DONE]");
+    assert!(!connection.is_finished(), "the connection was closed");
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_write_timeouts_total").await,
+        0
+    );
+    assert_eq!(
+        metric(&proxy, "backstop_proxy_unread_streams_cut_total").await,
+        1
+    );
+    assert_eq!(metric(&proxy, "backstop_proxy_in_flight").await, 0);
+    assert_eq!(mock.provider().attempts_for("claude-sonnet"), 1);
+    drop(sender);
     proxy.shutdown().await;
     mock.shutdown().await;
 }

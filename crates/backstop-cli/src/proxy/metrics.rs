@@ -66,6 +66,7 @@ pub struct Counters {
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
     write_timeouts: AtomicU64,
+    unread_streams_cut: AtomicU64,
 }
 
 /// The counters' values at one moment.
@@ -92,6 +93,9 @@ pub struct CounterValues {
     /// Connections closed because a write to the client waited out the write
     /// timeout.
     pub write_timeouts: u64,
+    /// HTTP/2 streams whose upstream request was dropped because the client left
+    /// them unread for the write timeout while its connection lived on.
+    pub unread_streams_cut: u64,
 }
 
 impl Counters {
@@ -124,6 +128,12 @@ impl Counters {
         self.write_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An HTTP/2 stream's upstream request was dropped: its client left it unread
+    /// for the write timeout.
+    pub fn unread_stream_cut(&self) {
+        self.unread_streams_cut.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The current values.
     pub fn values(&self) -> CounterValues {
         CounterValues {
@@ -137,6 +147,7 @@ impl Counters {
             connections_open: self.connections_open.load(Ordering::Relaxed),
             connections_refused: self.connections_refused.load(Ordering::Relaxed),
             write_timeouts: self.write_timeouts.load(Ordering::Relaxed),
+            unread_streams_cut: self.unread_streams_cut.load(Ordering::Relaxed),
         }
     }
 }
@@ -192,7 +203,10 @@ pub fn render(
          backstop_proxy_connections_refused_total {}\n\
          # HELP backstop_proxy_write_timeouts_total Connections closed because the client took no bytes for the write timeout.\n\
          # TYPE backstop_proxy_write_timeouts_total counter\n\
-         backstop_proxy_write_timeouts_total {}",
+         backstop_proxy_write_timeouts_total {}\n\
+         # HELP backstop_proxy_unread_streams_cut_total HTTP/2 streams whose upstream request was dropped because the client left them unread for the write timeout.\n\
+         # TYPE backstop_proxy_unread_streams_cut_total counter\n\
+         backstop_proxy_unread_streams_cut_total {}",
         counters.attempts,
         counters.fallbacks,
         counters.in_flight,
@@ -201,7 +215,8 @@ pub fn render(
         counters.max_buffered_body_bytes,
         counters.connections_open,
         counters.connections_refused,
-        counters.write_timeouts
+        counters.write_timeouts,
+        counters.unread_streams_cut
     );
     let _ = writeln!(
         out,
@@ -314,6 +329,8 @@ mod tests {
         counters.connection_refused();
         counters.connection_refused();
         counters.write_timed_out();
+        counters.unread_stream_cut();
+        counters.unread_stream_cut();
         assert_eq!(
             counters.values(),
             CounterValues {
@@ -327,6 +344,7 @@ mod tests {
                 connections_open: 1,
                 connections_refused: 2,
                 write_timeouts: 1,
+                unread_streams_cut: 2,
             }
         );
     }
@@ -344,6 +362,7 @@ mod tests {
             connections_open: 12,
             connections_refused: 3,
             write_timeouts: 2,
+            unread_streams_cut: 5,
         };
         let mut budget = BudgetSnapshot::new("windowed");
         budget.deposits = 9;
@@ -364,6 +383,7 @@ mod tests {
             "backstop_proxy_connections_open 12",
             "backstop_proxy_connections_refused_total 3",
             "backstop_proxy_write_timeouts_total 2",
+            "backstop_proxy_unread_streams_cut_total 5",
             "backstop_proxy_upstream_attempts_total 11",
             "backstop_proxy_fallbacks_total 1",
             "backstop_budget_deposits_total{model=\"windowed\"} 9",
