@@ -224,7 +224,8 @@ impl ProxyConfig {
     /// stream whose provider is silent for minutes, is never cut. On HTTP/2 a
     /// connection is also closed when every stream open on it has waited this long
     /// for the client's flow-control window (its application stopped reading while
-    /// its HTTP/2 stack still reads the socket). Raised to 1 ms if zero (the
+    /// its HTTP/2 stack still reads the socket); one stream that has, beside streams
+    /// the client reads, loses its upstream request alone. Raised to 1 ms if zero (the
     /// timer's resolution). At most a year: the proxy refuses to start with more
     /// ([`ProxyError::TooLarge`]).
     pub fn write_timeout(mut self, timeout: Duration) -> Self {

@@ -24,7 +24,7 @@
 //! | `POST /v1/chat/completions` | through the stack, to the model the body names (JSON or SSE) |
 //! | `GET /v1/models` | the configured models, from the configuration (no upstream call) |
 //! | `GET /healthz` | `200 ok` |
-//! | `GET /metrics` | Prometheus text: requests by outcome (`shed` included), requests in flight and the bound, connections open, refused at the limit and closed at the write timeout, upstream attempts, fallbacks, breaker state per key, the retry budget |
+//! | `GET /metrics` | Prometheus text: requests by outcome (`shed` included), requests in flight and the bound, connections open, refused at the limit and closed at the write timeout, HTTP/2 streams cut alone at the write timeout, upstream attempts, fallbacks, breaker state per key, the retry budget |
 //!
 //! ## What it reads
 //!
@@ -43,7 +43,7 @@
 //! | chat requests in flight ([`ProxyConfig::max_in_flight`], `--max-in-flight`) | 1024 | answered at once, body unread: 503 `proxy_overloaded`, `Retry-After: 1`, `x-should-retry: true` |
 //! | open connections ([`ProxyConfig::max_connections`], `--max-connections`) | 4096 | answered at once, request unread: HTTP/1.1 503 `proxy_connection_limit`, `Retry-After: 1`, `x-should-retry: true`, then closed (64 such answers at a time, each within 500 ms; beyond, closed at once) |
 //! | time to send the preface and each HTTP/1.1 head; time a connection stays idle ([`ProxyConfig::header_read_timeout`]) | 30 s | connection closed (an idle HTTP/1.1 keep-alive connection too); an HTTP/2 connection with no stream open for that long is sent GOAWAY and closed |
-//! | time one write to the client may wait: the client taking no bytes of its response ([`ProxyConfig::write_timeout`], `--write-timeout`) | 60 s | connection closed; its streams, and the upstream requests behind them, are dropped (`backstop_proxy_write_timeouts_total`). The clock runs only while a write waits and restarts at every write that completes. On HTTP/2 also when every open stream has waited that long for the client's flow-control window (a stream waiting for its provider is not waiting for the client) |
+//! | time one write to the client may wait: the client taking no bytes of its response ([`ProxyConfig::write_timeout`], `--write-timeout`) | 60 s | connection closed; its streams, and the upstream requests behind them, are dropped (`backstop_proxy_write_timeouts_total`). The clock runs only while a write waits and restarts at every write that completes. On HTTP/2 also when every open stream has waited that long for the client's flow-control window (a stream waiting for its provider is not waiting for the client); one stream that has, beside streams the client reads, is cut alone: its upstream request is dropped, and the stream is reset if the client asks for more of it (`backstop_proxy_unread_streams_cut_total`) |
 //! | request head size ([`ProxyConfig::max_header_bytes`]) | 64 KiB | HTTP/1.1: 431 and close; HTTP/2: the advertised header list size |
 //! | HTTP/1.1 headers per request | 100 (hyper's) | 431 and close |
 //! | streams per HTTP/2 connection ([`ProxyConfig::max_concurrent_streams`]) | 256 | refused by HTTP/2 flow control (the client waits) |
