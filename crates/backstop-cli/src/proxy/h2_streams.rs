@@ -203,23 +203,34 @@ impl OpenStreams {
     /// for the client for `timeout`.
     pub(crate) fn stalled_for(&self, timeout: Duration) -> impl Future<Output = ()> + use<> {
         let streams = self.clone();
+        self.watch(move |now| match streams.stalled_at(timeout) {
+            Some(at) if at <= now => Err(()),
+            Some(at) => Ok(at),
+            // A stream that starts waiting from now on cannot have waited `timeout`
+            // before now + timeout.
+            None => Ok(instant_after(now, timeout)),
+        })
+    }
+
+    /// The loop both watchers run while a stream is open: `look` at the streams
+    /// now, and either resolve (`Err`) or look again at the instant it names, or
+    /// sooner if a stream opens or closes (one that closes may leave only waiting
+    /// ones). Pending for ever once the connection's service is gone: no stream
+    /// will open again.
+    fn watch<T, L: FnMut(Instant) -> Result<Instant, T>>(
+        &self,
+        mut look: L,
+    ) -> impl Future<Output = T> + use<T, L> {
         let mut open = self.0.open.subscribe();
         async move {
             loop {
                 if open.wait_for(|count| count.open > 0).await.is_err() {
-                    // The connection's service is gone: no stream will open again.
                     return std::future::pending().await;
                 }
-                let now = Instant::now();
-                let check_again = match streams.stalled_at(timeout) {
-                    Some(at) if at <= now => return,
-                    Some(at) => at,
-                    // A stream that starts waiting from now on cannot have waited
-                    // `timeout` before now + timeout...
-                    None => instant_after(now, timeout),
+                let check_again = match look(Instant::now()) {
+                    Ok(at) => at,
+                    Err(done) => return done,
                 };
-                // ...but a stream that closes may leave only waiting ones: look
-                // again then too.
                 tokio::select! {
                     () = tokio::time::sleep_until(check_again) => {}
                     _ = open.changed() => {}
@@ -254,27 +265,15 @@ impl OpenStreams {
         mut on_cut: F,
     ) -> impl Future<Output = Infallible> + use<F> {
         let streams = self.clone();
-        let mut open = self.0.open.subscribe();
-        async move {
-            loop {
-                if open.wait_for(|count| count.open > 0).await.is_err() {
-                    // The connection's service is gone: no stream will open again.
-                    return std::future::pending().await;
-                }
-                let now = Instant::now();
-                let (cut, check_again) = streams.cut_due(timeout, now);
-                for _ in 0..cut {
-                    on_cut();
-                }
-                // A stream that opens needs no look before `check_again` (at most
-                // `timeout` from now), nor one that starts waiting; one that closes
-                // may be what `check_again` waits for: look again then too.
-                tokio::select! {
-                    () = tokio::time::sleep_until(check_again) => {}
-                    _ = open.changed() => {}
-                }
+        // A stream that opens needs no look before `check_again` (at most `timeout`
+        // from now), nor one that starts waiting.
+        self.watch(move |now| {
+            let (cut, check_again) = streams.cut_due(timeout, now);
+            for _ in 0..cut {
+                on_cut();
             }
-        }
+            Ok(check_again)
+        })
     }
 
     /// Cuts the open streams that [`unread_due`] says are due at `now`, unless
