@@ -3,10 +3,11 @@
 //! asserts the bytes and headers the client got and the attempts the mock saw.
 //!
 //! Real multi-thread runtime, real time: mock latencies are 0 and the retry backoff
-//! is 1–4 ms, so most tests finish in well under a second (a stream held open on
-//! purpose takes 3 s). No test sleeps or measures time: where one waits for the
-//! mock, it waits for the mock's own event ([`MockProvider::wait_for`]) under a
-//! generous failsafe timeout.
+//! is 1–4 ms, so most tests finish in well under a second. No test sleeps or
+//! measures time: where one waits for the mock, it waits for the mock's own event
+//! ([`MockProvider::wait_for`]) under a generous failsafe timeout, and where one
+//! looks while a stream is open, the mock holds the stream
+//! ([`MockProvider::hold_streams`]).
 
 use std::time::Duration;
 
@@ -433,13 +434,14 @@ async fn unreachable_upstreams_give_a_502_json_error_without_retry_advice_to_ret
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_passes_through_with_exact_bytes_as_it_arrives() {
-    // Three chunks and [DONE], 1 s apart: the upstream stream stays open 3 s after
-    // its first event, so looking at the mock once that event has reached the
-    // client cannot race the stream's end.
+    // Three chunks and [DONE], 10 ms apart, the upstream stream held after its
+    // first event: looking at the mock once that event has reached the client
+    // cannot race the stream's end.
     let plan = ModelPlan::ok()
         .stream_chunks(3)
-        .chunk_delay(Duration::from_secs(1));
+        .chunk_delay(Duration::from_millis(10));
     let rig = rig(Scenario::new(1).model("gpt-4o", plan)).await;
+    let held = rig.mock.provider().hold_streams();
     let response = rig
         .client
         .request(rig.request(chat_body("gpt-4o", true)))
@@ -459,6 +461,7 @@ async fn stream_passes_through_with_exact_bytes_as_it_arrives() {
     // The first event reached the client while the upstream stream was still open:
     // the proxy does not buffer the stream.
     assert_eq!(rig.mock.provider().in_flight("gpt-4o"), 1);
+    drop(held);
     // The rest, and the same stream asked of the mock directly, at the same time.
     let (rest, direct) = tokio::join!(body.collect(), rig.direct("gpt-4o", true, 0));
     let mut got = first.to_vec();
@@ -629,12 +632,13 @@ async fn http2_prior_knowledge_callers_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_mid_stream_ends_the_upstream_request() {
-    // 200 chunks 1 s apart: over three minutes if nobody hangs up, so an upstream
-    // stream ending within the 10 s failsafe below was cancelled.
+    // 200 chunks 1 s apart, held after the first: the upstream stream cannot end
+    // by itself, so its ending within the 10 s failsafe below is the cancellation.
     let plan = ModelPlan::ok()
         .stream_chunks(200)
         .chunk_delay(Duration::from_secs(1));
     let rig = rig(Scenario::new(1).model("gpt-4o", plan)).await;
+    let _held = rig.mock.provider().hold_streams();
     let response = rig
         .client
         .request(rig.request(chat_body("gpt-4o", true)))

@@ -494,12 +494,13 @@ async fn an_http2_stream_longer_than_the_idle_timeout_is_served_whole_then_the_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_resetting_its_stream_mid_stream_ends_the_upstream_request() {
-    // 200 chunks 1 s apart: over three minutes if nobody hangs up, so an upstream
-    // stream ending within the 10 s failsafe below was cancelled.
+    // 200 chunks 1 s apart, held after the first: the upstream stream cannot end
+    // by itself, so its ending within the 10 s failsafe below is the cancellation.
     let plan = ModelPlan::ok()
         .stream_chunks(200)
         .chunk_delay(Duration::from_secs(1));
     let (mock, proxy) = start(Scenario::new(1).model("gpt-4o", plan), |c| c).await;
+    let _held = mock.provider().hold_streams();
     let client = h2c();
     let response = client.request(chat(&proxy, "gpt-4o", true)).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future as _;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::decision::InFlight;
@@ -20,8 +21,12 @@ use crate::wire::{SseEnd, WireBody};
 /// A full body is one frame. A stream yields one SSE event per frame; frame *i*
 /// (from 0) becomes available `i × chunk_delay` after the head, in tokio time.
 /// A stream may end cleanly or with an `io::ErrorKind::ConnectionReset` error
-/// (which also arrives `chunk_delay` after the last frame). The attempt counts as
-/// in flight (for the capacity model) until the body ends or is dropped.
+/// (which also arrives `chunk_delay` after the last frame). While a
+/// [`StreamsHeld`](crate::StreamsHeld) guard is alive, a stream that has sent its
+/// first frame sends nothing more (no frame, no end) until every guard is dropped,
+/// then goes on at its pace (the next frame `chunk_delay` after the release).
+/// The attempt counts as in flight (for the capacity model) until the body ends or
+/// is dropped.
 pub struct MockBody {
     kind: Kind,
     _in_flight: Option<InFlight>,
@@ -36,11 +41,20 @@ enum Kind {
         sent_any: bool,
         yielded_before_reset: bool,
         sleep: Option<Pin<Box<Sleep>>>,
+        /// How many [`StreamsHeld`](crate::StreamsHeld) guards are alive.
+        holds: watch::Receiver<usize>,
+        /// Waiting for the last guard to go, once one was seen alive.
+        released: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     },
 }
 
 impl MockBody {
-    pub(crate) fn new(body: WireBody, chunk_delay: Duration, in_flight: Option<InFlight>) -> Self {
+    pub(crate) fn new(
+        body: WireBody,
+        chunk_delay: Duration,
+        in_flight: Option<InFlight>,
+        holds: watch::Receiver<usize>,
+    ) -> Self {
         let kind = match body {
             WireBody::Full(bytes) => Kind::Full(Some(bytes)),
             WireBody::Sse { frames, end } => Kind::Sse {
@@ -50,6 +64,8 @@ impl MockBody {
                 sent_any: false,
                 yielded_before_reset: false,
                 sleep: None,
+                holds,
+                released: None,
             },
         };
         MockBody {
@@ -111,7 +127,21 @@ impl Body for MockBody {
                 sent_any,
                 yielded_before_reset,
                 sleep,
+                holds,
+                released,
             } => {
+                if *sent_any && (released.is_some() || *holds.borrow() > 0) {
+                    let wait = released.get_or_insert_with(|| {
+                        let mut holds = holds.clone();
+                        Box::pin(async move {
+                            // The sender lives in the provider, which outlives
+                            // no body's use of it: an error only means no guard.
+                            let _released = holds.wait_for(|holds| *holds == 0).await;
+                        })
+                    });
+                    ready!(wait.as_mut().poll(cx));
+                    *released = None;
+                }
                 // A clean end follows the last frame at once; only a reset is an
                 // event of its own, `chunk_delay` after the last frame.
                 if frames.is_empty() && *end != Some(SseEnd::Reset) {

@@ -172,6 +172,8 @@
 //! as a failsafe). [`MockProvider::hold_answers`] holds answers before their
 //! response head while its guard lives, so a test can gather many requests at the
 //! provider, check exactly how many are in flight, then let them all go.
+//! [`MockProvider::hold_streams`] holds streams after their first event, so a test
+//! can check what holds while a stream is known to be open, then let it finish.
 //!
 //! `cargo run -p backstop-mock --example serve -- scenario.toml 127.0.0.1:8080`
 //! serves a scenario file until interrupted.
@@ -200,7 +202,7 @@ pub use future::ResponseFuture;
 pub use plan::{Capacity, Latency, ModelPlan, Outage, RandomFault};
 pub use provider::{
     AnswersHeld, DEFAULT_RECORD_LIMIT, MAX_MODEL_NAME_BYTES, MAX_MODELS, MAX_REQUEST_BODY_BYTES,
-    MockProvider,
+    MockProvider, StreamsHeld,
 };
 pub use record::Attempt;
 pub use scenario::Scenario;

@@ -63,6 +63,9 @@ struct Shared {
     changed: Arc<Notify>,
     /// How many [`AnswersHeld`] guards are alive; answers wait while it is not 0.
     holds: watch::Sender<usize>,
+    /// How many [`StreamsHeld`] guards are alive; streams that have sent their
+    /// first event wait while it is not 0.
+    stream_holds: watch::Sender<usize>,
 }
 
 struct State {
@@ -118,6 +121,7 @@ impl MockProvider {
                 state: Mutex::new(State::default()),
                 changed: Arc::new(Notify::new()),
                 holds: watch::Sender::new(0),
+                stream_holds: watch::Sender::new(0),
             }),
         }
     }
@@ -235,6 +239,23 @@ impl MockProvider {
         }
     }
 
+    /// Holds every streamed answer after its first event until the returned guard,
+    /// and every other one alive, is dropped: a stream that has sent its first
+    /// event sends nothing more, neither an event nor its end, and stays in flight;
+    /// released, it goes on at its own pace (its next event `chunk_delay` after the
+    /// release). Answers not yet started, and whole (non-stream) bodies, are not
+    /// held; a stream's first event is not either.
+    ///
+    /// Lets a test look at the world while a stream is known to be open (that the
+    /// first event reached the client while the provider's stream was still in
+    /// flight, say), then let it finish.
+    pub fn hold_streams(&self) -> StreamsHeld {
+        self.shared.stream_holds.send_modify(|holds| *holds += 1);
+        StreamsHeld {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// Returns once no [`AnswersHeld`] guard is alive.
     async fn released(&self) {
         let mut holds = self.shared.holds.subscribe();
@@ -331,7 +352,16 @@ impl MockProvider {
             Some(d) => (d.latency, d.in_flight),
             None => (Duration::ZERO, None),
         };
-        deliver(wire, latency, plan.chunk_delay, in_flight, request_id).await
+        let stream_holds = self.shared.stream_holds.subscribe();
+        deliver(
+            wire,
+            latency,
+            plan.chunk_delay,
+            in_flight,
+            request_id,
+            stream_holds,
+        )
+        .await
     }
 
     /// Records the attempt and decides its answer, under the lock: arrival order
@@ -434,6 +464,27 @@ impl fmt::Debug for AnswersHeld {
     }
 }
 
+/// Holds the provider's streams after their first event while alive (see
+/// [`MockProvider::hold_streams`]); dropping it lets them go on.
+#[must_use = "streams are held only while the guard is alive"]
+pub struct StreamsHeld {
+    shared: Arc<Shared>,
+}
+
+impl Drop for StreamsHeld {
+    fn drop(&mut self) {
+        self.shared.stream_holds.send_modify(|holds| *holds -= 1);
+    }
+}
+
+impl fmt::Debug for StreamsHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamsHeld")
+            .field("holds", &*self.shared.stream_holds.borrow())
+            .finish()
+    }
+}
+
 /// The outcome of admitting one attempt.
 struct Admitted {
     seq: u64,
@@ -450,6 +501,7 @@ async fn deliver(
     chunk_delay: Duration,
     in_flight: Option<InFlight>,
     request_id: HeaderValue,
+    stream_holds: watch::Receiver<usize>,
 ) -> Result<Response<MockBody>, io::Error> {
     match wire {
         // A refused connect fails at once: no server ever saw it.
@@ -476,7 +528,8 @@ async fn deliver(
             body,
         } => {
             tokio::time::sleep(latency).await;
-            let mut response = Response::new(MockBody::new(body, chunk_delay, in_flight));
+            let mut response =
+                Response::new(MockBody::new(body, chunk_delay, in_flight, stream_holds));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
             response.headers_mut().insert("x-request-id", request_id);
@@ -687,5 +740,52 @@ mod tests {
         // Once released, answers are no longer held.
         let response = mock.clone().call(chat("stream", false)).await.unwrap();
         assert_eq!(response.status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_streams_stop_after_their_first_event_until_every_guard_is_dropped() {
+        // The same stream, not held, as a fresh mock's first answer: its bytes, 2 s
+        // from head to end.
+        let start = Instant::now();
+        let response = mock().call(chat("stream", true)).await.unwrap();
+        let expected = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(start.elapsed(), secs(2));
+
+        let mock = mock();
+        let first = mock.hold_streams();
+        let second = mock.hold_streams();
+        let start = Instant::now();
+        let mut body = mock
+            .clone()
+            .call(chat("stream", true))
+            .await
+            .unwrap()
+            .into_body();
+        // The first event is not held.
+        let mut got = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .to_vec();
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // A whole body is not held either.
+        let whole = mock.clone().call(chat("stream", false)).await.unwrap();
+        whole.into_body().collect().await.unwrap();
+        assert_eq!(mock.in_flight("stream"), 1);
+        // Nothing more for a minute, in flight all along, one guard or two.
+        assert!(tokio::time::timeout(secs(60), body.frame()).await.is_err());
+        drop(first);
+        assert!(tokio::time::timeout(secs(1), body.frame()).await.is_err());
+        assert_eq!(mock.in_flight("stream"), 1);
+        drop(second);
+        // Released at 61 s: the rest at its own pace, each event 1 s after the one
+        // before or after the release.
+        got.extend_from_slice(&body.collect().await.unwrap().to_bytes());
+        assert_eq!(start.elapsed(), secs(63));
+        assert_eq!(got, expected);
+        assert_eq!(mock.in_flight("stream"), 0);
     }
 }
