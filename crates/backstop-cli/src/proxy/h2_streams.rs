@@ -14,7 +14,7 @@
 //! next one; while the client takes data that moment is immediately followed by the
 //! next request (hyper asks once the frame fits the window, so a client that takes
 //! a frame slowly counts as waiting until it has all of it; providers' frames are
-//! a few KiB). [`OpenStreams::stalled_for`] resolves once every open stream has
+//! a few KiB). [`OpenStreams::watch_client`] resolves once every open stream has
 //! waited for the client for the whole timeout: the client has taken nothing on
 //! this connection for that long, and the connection is closed, which drops its
 //! streams and the upstream requests behind them. A stream waiting for its provider
@@ -22,7 +22,7 @@
 //! its connection open.
 //!
 //! One stream left unread beside streams that are read (an SDK that abandoned a
-//! stream object) is cut alone by [`OpenStreams::cut_unread`] once it has waited for
+//! stream object) is cut alone by [`OpenStreams::watch_client`] once it has waited for
 //! the client for the same timeout: its response body, which the stream's
 //! [`StreamBody`] shares with the connection, is dropped, and with it the upstream
 //! request behind it (the provider call, its in-flight slot, what the body held).
@@ -37,7 +37,6 @@
 //!
 //! [`WriteTimeout`]: super::write_timeout::WriteTimeout
 
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -74,7 +73,7 @@ struct Count {
 }
 
 /// What the connection knows of one open stream: since when it has waited for the
-/// client, and its response body, which [`OpenStreams::cut_unread`] may drop.
+/// client, and its response body, which [`OpenStreams::watch_client`] may drop.
 #[derive(Default)]
 struct Waiting {
     /// Since when the stream has waited for the client: nanoseconds after the
@@ -199,38 +198,78 @@ impl OpenStreams {
         }
     }
 
-    /// Resolves once at least one stream is open and every open stream has waited
-    /// for the client for `timeout`.
-    pub(crate) fn stalled_for(&self, timeout: Duration) -> impl Future<Output = ()> + use<> {
-        let streams = self.clone();
-        self.watch(move |now| match streams.stalled_at(timeout) {
-            Some(at) if at <= now => Err(()),
-            Some(at) => Ok(at),
-            // A stream that starts waiting from now on cannot have waited `timeout`
-            // before now + timeout.
-            None => Ok(instant_after(now, timeout)),
-        })
+    /// Watches the client of this connection with the write timeout `timeout`:
+    /// resolves once at least one stream is open and every open stream has waited
+    /// for the client that long (the connection is stalled: it is to be closed);
+    /// until then, cuts each stream that has waited that long alone, and calls
+    /// `on_cut` for each: drops the stream's response body (which cancels the
+    /// upstream request behind it), so that hyper's next poll of the stream, if the
+    /// client ever releases window, is an error and resets it. A stream waiting for
+    /// its provider is never cut.
+    ///
+    /// Both are judged at one reading of the clock, the stall first: a stream due
+    /// to be cut at the instant its connection stalls (a stream left unread alone
+    /// on its connection) is not cut, the connection's close is what happens.
+    pub(crate) fn watch_client<F: FnMut()>(
+        &self,
+        timeout: Duration,
+        on_cut: F,
+    ) -> impl Future<Output = ()> + use<F> {
+        self.watch(timeout, true, Some(on_cut))
     }
 
-    /// The loop both watchers run while a stream is open: `look` at the streams
-    /// now, and either resolve (`Err`) or look again at the instant it names, or
+    /// [`watch_client`](Self::watch_client) without the cuts.
+    #[cfg(test)]
+    fn stalled_for(&self, timeout: Duration) -> impl Future<Output = ()> + use<> {
+        self.watch(timeout, true, None::<fn()>)
+    }
+
+    /// [`watch_client`](Self::watch_client) without the stall: never resolves.
+    #[cfg(test)]
+    fn cut_unread<F: FnMut()>(
+        &self,
+        timeout: Duration,
+        on_cut: F,
+    ) -> impl Future<Output = ()> + use<F> {
+        self.watch(timeout, false, Some(on_cut))
+    }
+
+    /// The watcher's loop while a stream is open: look at the streams now, then
+    /// again when the next stream is due to stall the connection or be cut, or
     /// sooner if a stream opens or closes (one that closes may leave only waiting
     /// ones). Pending for ever once the connection's service is gone: no stream
     /// will open again.
-    fn watch<T, L: FnMut(Instant) -> Result<Instant, T>>(
+    fn watch<F: FnMut()>(
         &self,
-        mut look: L,
-    ) -> impl Future<Output = T> + use<T, L> {
+        timeout: Duration,
+        close_when_stalled: bool,
+        mut on_cut: Option<F>,
+    ) -> impl Future<Output = ()> + use<F> {
+        let streams = self.clone();
         let mut open = self.0.open.subscribe();
         async move {
             loop {
                 if open.wait_for(|count| count.open > 0).await.is_err() {
                     return std::future::pending().await;
                 }
-                let check_again = match look(Instant::now()) {
-                    Ok(at) => at,
-                    Err(done) => return done,
-                };
+                let now = Instant::now();
+                // A stream that starts waiting from now on cannot have waited
+                // `timeout` before now + timeout.
+                let mut check_again = instant_after(now, timeout);
+                if close_when_stalled {
+                    match streams.stalled_at(timeout) {
+                        Some(at) if at <= now => return,
+                        Some(at) => check_again = check_again.min(at),
+                        None => {}
+                    }
+                }
+                if let Some(on_cut) = on_cut.as_mut() {
+                    let (cut, at) = streams.cut_due(timeout, now);
+                    for _ in 0..cut {
+                        on_cut();
+                    }
+                    check_again = check_again.min(at);
+                }
                 tokio::select! {
                     () = tokio::time::sleep_until(check_again) => {}
                     _ = open.changed() => {}
@@ -252,28 +291,6 @@ impl OpenStreams {
             .iter()
             .map(|waiting| waiting_since(origin, waiting.since.load(Ordering::Relaxed)));
         stalled_until(since, timeout)
-    }
-
-    /// Cuts each open stream once it has waited for the client for `timeout`, and
-    /// calls `on_cut` for each: drops the stream's response body (which cancels the
-    /// upstream request behind it), so that hyper's next poll of the stream, if the
-    /// client ever releases window, is an error and resets it. A stream waiting for
-    /// its provider is never cut. Never resolves.
-    pub(crate) fn cut_unread<F: FnMut()>(
-        &self,
-        timeout: Duration,
-        mut on_cut: F,
-    ) -> impl Future<Output = Infallible> + use<F> {
-        let streams = self.clone();
-        // A stream that opens needs no look before `check_again` (at most `timeout`
-        // from now), nor one that starts waiting.
-        self.watch(move |now| {
-            let (cut, check_again) = streams.cut_due(timeout, now);
-            for _ in 0..cut {
-                on_cut();
-            }
-            Ok(check_again)
-        })
     }
 
     /// Cuts the open streams that [`unread_due`] says are due at `now`, unless
@@ -392,7 +409,7 @@ impl std::error::Error for StreamCut {}
 /// or hyper drops it, and marked waiting for the client between handing hyper a
 /// frame and being asked for the next. The inner body is shared with the
 /// connection, which drops it once the stream has waited for the client for the
-/// write timeout ([`OpenStreams::cut_unread`]); the next poll is then an error.
+/// write timeout ([`OpenStreams::watch_client`]); the next poll is then an error.
 pub(crate) struct StreamBody<B> {
     /// `None` once cut. Locked for each poll: uncontended but for a cut.
     inner: Arc<Mutex<Option<B>>>,
@@ -530,7 +547,7 @@ mod tests {
     /// The instants at which `streams`' cutter (on a `TIMEOUT`) cuts a stream.
     type Cuts = Arc<Mutex<Vec<Instant>>>;
 
-    fn cutter(streams: &OpenStreams) -> (impl Future<Output = Infallible> + use<>, Cuts) {
+    fn cutter(streams: &OpenStreams) -> (impl Future<Output = ()> + use<>, Cuts) {
         let cuts = Cuts::default();
         let seen = cuts.clone();
         let cutter = streams.cut_unread(TIMEOUT, move || {
@@ -540,7 +557,7 @@ mod tests {
     }
 
     /// Runs `cutter` (which never ends) for `time`.
-    async fn run_for(cutter: Pin<&mut impl Future<Output = Infallible>>, time: Duration) {
+    async fn run_for(cutter: Pin<&mut impl Future<Output = ()>>, time: Duration) {
         assert!(tokio::time::timeout(time, cutter).await.is_err());
     }
 
@@ -740,6 +757,73 @@ mod tests {
         streams.stalled_for(TIMEOUT).await;
         assert_eq!(closed.elapsed(), Duration::ZERO);
         drop(unread);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_left_unread_alone_stalls_its_connection_and_is_not_cut() {
+        // The connection's watcher: a stream due to be cut at the instant its
+        // connection stalls is not cut; the connection's close is what happens.
+        let streams = OpenStreams::default();
+        let cuts = Cuts::default();
+        let seen = cuts.clone();
+        let watcher = streams.watch_client(TIMEOUT, move || {
+            seen.lock().unwrap().push(Instant::now());
+        });
+        let mut watcher = std::pin::pin!(watcher);
+        let (mut unread, provider) = stream(&streams);
+        provider
+            .send(Bytes::from_static(
+                b"data: 1
+
+",
+            ))
+            .unwrap();
+        let handed = Instant::now();
+        assert_eq!(ask(&mut unread), Some(true));
+        assert!(
+            tokio::time::timeout(TIMEOUT - Duration::from_millis(1), watcher.as_mut())
+                .await
+                .is_err()
+        );
+        watcher.await;
+        assert_eq!(handed.elapsed(), TIMEOUT);
+        assert_eq!(cuts.lock().unwrap().len(), 0);
+        // Not cut: its body is still there (the provider's next frame goes through
+        // once hyper asks).
+        provider
+            .send(Bytes::from_static(
+                b"data: 2
+
+",
+            ))
+            .unwrap();
+        assert_eq!(ask(&mut unread), Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connections_watcher_cuts_a_stream_left_unread_beside_one_read() {
+        let streams = OpenStreams::default();
+        let cuts = Cuts::default();
+        let seen = cuts.clone();
+        let watcher = streams.watch_client(TIMEOUT, move || {
+            seen.lock().unwrap().push(Instant::now());
+        });
+        let mut watcher = std::pin::pin!(watcher);
+        let (mut unread, provider) = stream(&streams);
+        // The other stream waits for its provider: not for the client.
+        let (_read, _read_provider) = stream(&streams);
+        provider
+            .send(Bytes::from_static(
+                b"data: 1
+
+",
+            ))
+            .unwrap();
+        let handed = Instant::now();
+        assert_eq!(ask(&mut unread), Some(true));
+        run_for(watcher.as_mut(), TEN_MINUTES).await;
+        assert_eq!(cuts.lock().unwrap().clone(), vec![handed + TIMEOUT]);
+        assert!(ask_for_an_error(&mut unread).contains("unread"));
     }
 
     /// Whether `stalled` resolves within ten minutes.

@@ -298,13 +298,13 @@ async fn serve_connection(
         Protocol::Http2 => {
             let streams = OpenStreams::default();
             let idle = streams.idle_for(protocols.idle_timeout);
-            let stalled = streams.stalled_for(protocols.write_timeout);
-            // One stream the client left unread for the write timeout, beside
-            // others it reads: its upstream request is dropped, and hyper resets
-            // the stream if the client ever asks for more of it.
+            // The client stopped taking data on every open stream: the connection
+            // is closed. One stream the client left unread for the write timeout,
+            // beside others it reads: its upstream request is dropped, and hyper
+            // resets the stream if the client ever asks for more of it.
             let cut_counters = shared.clone();
             let after = protocols.write_timeout;
-            let cutting = streams.cut_unread(protocols.write_timeout, move || {
+            let stalled = streams.watch_client(protocols.write_timeout, move || {
                 cut_counters.counters.unread_stream_cut();
                 let after = humantime::format_duration(after);
                 tracing::info!(target: "backstop::proxy", %peer, %after, "the client left an HTTP/2 stream unread; dropping its upstream request");
@@ -324,14 +324,9 @@ async fn serve_connection(
             let mut connection = pin!(protocols.http2.serve_connection(io, service));
             let mut idle = pin!(idle);
             let mut stalled = pin!(stalled);
-            let mut cutting = pin!(cutting);
             let mut closing = false;
             loop {
                 tokio::select! {
-                    // In this order: a stream left unread alone on its connection is
-                    // due to be cut when the connection is stalled, and the
-                    // connection's close wins.
-                    biased;
                     served = connection.as_mut() => break served,
                     // The client's HTTP/2 stack reads the socket but has taken no
                     // data for the write timeout: closed at once, since its streams
@@ -340,7 +335,6 @@ async fn serve_connection(
                         on_stall(WriteStalled { after: protocols.write_timeout });
                         break Ok(());
                     }
-                    never = &mut cutting => match never {},
                     () = &mut idle, if !closing => {
                         tracing::debug!(target: "backstop::proxy", %peer, "HTTP/2 connection idle; closing it");
                         closing = true;
