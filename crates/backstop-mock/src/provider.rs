@@ -233,10 +233,7 @@ impl MockProvider {
     /// Lets a test gather many requests at the provider at once, check them with
     /// [`wait_for`](Self::wait_for), then let them all go.
     pub fn hold_answers(&self) -> AnswersHeld {
-        self.shared.holds.send_modify(|holds| *holds += 1);
-        AnswersHeld {
-            shared: Arc::clone(&self.shared),
-        }
+        AnswersHeld(Hold::take(&self.shared, |shared| &shared.holds))
     }
 
     /// Holds every streamed answer after its first event until the returned guard,
@@ -250,10 +247,7 @@ impl MockProvider {
     /// first event reached the client while the provider's stream was still in
     /// flight, say), then let it finish.
     pub fn hold_streams(&self) -> StreamsHeld {
-        self.shared.stream_holds.send_modify(|holds| *holds += 1);
-        StreamsHeld {
-            shared: Arc::clone(&self.shared),
-        }
+        StreamsHeld(Hold::take(&self.shared, |shared| &shared.stream_holds))
     }
 
     /// Returns once no [`AnswersHeld`] guard is alive.
@@ -446,42 +440,50 @@ impl MockProvider {
 /// Holds the provider's answers while alive (see [`MockProvider::hold_answers`]);
 /// dropping it lets them go.
 #[must_use = "answers are held only while the guard is alive"]
-pub struct AnswersHeld {
-    shared: Arc<Shared>,
-}
-
-impl Drop for AnswersHeld {
-    fn drop(&mut self) {
-        self.shared.holds.send_modify(|holds| *holds -= 1);
-    }
-}
-
-impl fmt::Debug for AnswersHeld {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AnswersHeld")
-            .field("holds", &*self.shared.holds.borrow())
-            .finish()
-    }
-}
+pub struct AnswersHeld(Hold);
 
 /// Holds the provider's streams after their first event while alive (see
 /// [`MockProvider::hold_streams`]); dropping it lets them go on.
 #[must_use = "streams are held only while the guard is alive"]
-pub struct StreamsHeld {
-    shared: Arc<Shared>,
-}
+pub struct StreamsHeld(Hold);
 
-impl Drop for StreamsHeld {
-    fn drop(&mut self) {
-        self.shared.stream_holds.send_modify(|holds| *holds -= 1);
+impl fmt::Debug for AnswersHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt("AnswersHeld", f)
     }
 }
 
 impl fmt::Debug for StreamsHeld {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StreamsHeld")
-            .field("holds", &*self.shared.stream_holds.borrow())
+        self.0.fmt("StreamsHeld", f)
+    }
+}
+
+/// One hold of either kind: counted in its `count` while alive.
+struct Hold {
+    shared: Arc<Shared>,
+    count: fn(&Shared) -> &watch::Sender<usize>,
+}
+
+impl Hold {
+    fn take(shared: &Arc<Shared>, count: fn(&Shared) -> &watch::Sender<usize>) -> Self {
+        count(shared).send_modify(|holds| *holds += 1);
+        Hold {
+            shared: Arc::clone(shared),
+            count,
+        }
+    }
+
+    fn fmt(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(name)
+            .field("holds", &*(self.count)(&self.shared).borrow())
             .finish()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        (self.count)(&self.shared).send_modify(|holds| *holds -= 1);
     }
 }
 
@@ -787,5 +789,19 @@ mod tests {
         assert_eq!(start.elapsed(), secs(63));
         assert_eq!(got, expected);
         assert_eq!(mock.in_flight("stream"), 0);
+    }
+
+    #[test]
+    fn each_kind_of_hold_shows_how_many_of_its_kind_are_alive() {
+        let mock = mock();
+        let answers = mock.hold_answers();
+        let streams = [mock.hold_streams(), mock.hold_streams()];
+        assert_eq!(format!("{answers:?}"), "AnswersHeld { holds: 1 }");
+        assert_eq!(format!("{:?}", streams[0]), "StreamsHeld { holds: 2 }");
+        drop(streams);
+        assert_eq!(*mock.shared.stream_holds.borrow(), 0);
+        assert_eq!(*mock.shared.holds.borrow(), 1);
+        drop(answers);
+        assert_eq!(*mock.shared.holds.borrow(), 0);
     }
 }

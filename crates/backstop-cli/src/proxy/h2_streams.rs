@@ -224,16 +224,6 @@ impl OpenStreams {
         self.watch(timeout, true, None::<fn()>)
     }
 
-    /// [`watch_client`](Self::watch_client) without the stall: never resolves.
-    #[cfg(test)]
-    fn cut_unread<F: FnMut()>(
-        &self,
-        timeout: Duration,
-        on_cut: F,
-    ) -> impl Future<Output = ()> + use<F> {
-        self.watch(timeout, false, Some(on_cut))
-    }
-
     /// The watcher's loop while a stream is open: look at the streams now, then
     /// again when the next stream is due to stall the connection or be cut, or
     /// sooner if a stream opens or closes (one that closes may leave only waiting
@@ -548,12 +538,23 @@ mod tests {
     type Cuts = Arc<Mutex<Vec<Instant>>>;
 
     fn cutter(streams: &OpenStreams) -> (impl Future<Output = ()> + use<>, Cuts) {
+        watching(streams, false)
+    }
+
+    /// The connection's watcher on `streams` (`close_when_stalled`, as
+    /// [`OpenStreams::watch_client`]; otherwise it only cuts, and never ends), and
+    /// the instants of its cuts.
+    fn watching(
+        streams: &OpenStreams,
+        close_when_stalled: bool,
+    ) -> (impl Future<Output = ()> + use<>, Cuts) {
         let cuts = Cuts::default();
         let seen = cuts.clone();
-        let cutter = streams.cut_unread(TIMEOUT, move || {
-            seen.lock().unwrap().push(Instant::now());
-        });
-        (cutter, cuts)
+        let on_cut = move || seen.lock().unwrap().push(Instant::now());
+        (
+            streams.watch(TIMEOUT, close_when_stalled, Some(on_cut)),
+            cuts,
+        )
     }
 
     /// Runs `cutter` (which never ends) for `time`.
@@ -764,11 +765,7 @@ mod tests {
         // The connection's watcher: a stream due to be cut at the instant its
         // connection stalls is not cut; the connection's close is what happens.
         let streams = OpenStreams::default();
-        let cuts = Cuts::default();
-        let seen = cuts.clone();
-        let watcher = streams.watch_client(TIMEOUT, move || {
-            seen.lock().unwrap().push(Instant::now());
-        });
+        let (watcher, cuts) = watching(&streams, true);
         let mut watcher = std::pin::pin!(watcher);
         let (mut unread, provider) = stream(&streams);
         provider
@@ -803,11 +800,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_connections_watcher_cuts_a_stream_left_unread_beside_one_read() {
         let streams = OpenStreams::default();
-        let cuts = Cuts::default();
-        let seen = cuts.clone();
-        let watcher = streams.watch_client(TIMEOUT, move || {
-            seen.lock().unwrap().push(Instant::now());
-        });
+        let (watcher, cuts) = watching(&streams, true);
         let mut watcher = std::pin::pin!(watcher);
         let (mut unread, provider) = stream(&streams);
         // The other stream waits for its provider: not for the client.
