@@ -232,11 +232,13 @@ impl KeyCell {
 /// there). So routes a caller made up once (junk model names, answered 404 or
 /// served) cannot keep later routes from being tracked. The key forgotten is the
 /// first at rest in the shard's order (by the seeded hash, so not one an outsider
-/// can pick): how long a key has been idle is not known without a clock read on the
-/// hot path, which a closed key's admission does without, and which key at rest
-/// goes changes only whose successes are forgotten. The search looks at the keys of
-/// that one shard (about `max_keys / 16`) and happens only when the table is full
-/// and the route is new; a call for a tracked key does no extra work.
+/// can pick), not the one idle longest: finding that would scan the whole shard
+/// under its write lock, which blocks the shard's lookups, for every new route
+/// once the table is full, where the first found usually ends the scan early;
+/// and which key at rest goes changes only whose successes are forgotten. The
+/// search looks at the keys of that one shard (about `max_keys / 16` at most) and
+/// happens only when the table is full and the route is new; a call for a tracked
+/// key does no extra work.
 ///
 /// When no key in the shard is at rest, the first **stale** one goes
 /// ([`KeyState::is_stale`]): no outcome for the idle horizon (the longer of `window`
