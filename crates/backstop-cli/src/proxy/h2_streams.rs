@@ -768,13 +768,7 @@ mod tests {
         let (watcher, cuts) = watching(&streams, true);
         let mut watcher = std::pin::pin!(watcher);
         let (mut unread, provider) = stream(&streams);
-        provider
-            .send(Bytes::from_static(
-                b"data: 1
-
-",
-            ))
-            .unwrap();
+        provider.send(Bytes::from_static(b"data: 1\n\n")).unwrap();
         let handed = Instant::now();
         assert_eq!(ask(&mut unread), Some(true));
         assert!(
@@ -787,13 +781,7 @@ mod tests {
         assert_eq!(cuts.lock().unwrap().len(), 0);
         // Not cut: its body is still there (the provider's next frame goes through
         // once hyper asks).
-        provider
-            .send(Bytes::from_static(
-                b"data: 2
-
-",
-            ))
-            .unwrap();
+        provider.send(Bytes::from_static(b"data: 2\n\n")).unwrap();
         assert_eq!(ask(&mut unread), Some(true));
     }
 
@@ -805,13 +793,7 @@ mod tests {
         let (mut unread, provider) = stream(&streams);
         // The other stream waits for its provider: not for the client.
         let (_read, _read_provider) = stream(&streams);
-        provider
-            .send(Bytes::from_static(
-                b"data: 1
-
-",
-            ))
-            .unwrap();
+        provider.send(Bytes::from_static(b"data: 1\n\n")).unwrap();
         let handed = Instant::now();
         assert_eq!(ask(&mut unread), Some(true));
         run_for(watcher.as_mut(), TEN_MINUTES).await;
